@@ -1,0 +1,43 @@
+//! Project automation: `cargo xtask <command>`.
+//!
+//! - `kernel`: build (or find in the cache) the guest `vmlinux`.
+//! - `testbed -- CMD...`: run CMD as root inside an emulated nested-KVM host.
+//! - `test`: everything CI runs.
+//! - `demo`: the README's main command.
+//! - `bench boot`: boot-time and overhead figures.
+
+mod kernel;
+mod testbed;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "microvm project automation")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the guest kernel (cached outside the checkout) and print the path of its vmlinux.
+    Kernel(kernel::KernelArgs),
+    /// Run a command as root inside the emulated nested-KVM host (QEMU TCG with AMD SVM).
+    Testbed(testbed::TestbedArgs),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Kernel(args) => {
+            let path = kernel::build(&args)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Cmd::Testbed(args) => {
+            let code = testbed::run(&args)?;
+            std::process::exit(code);
+        }
+    }
+}
