@@ -1,1 +1,3 @@
-pub fn placeholder() {}
+//! microvm's virtual machine monitor.
+
+pub mod devices;
