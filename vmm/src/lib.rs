@@ -1,3 +1,4 @@
 //! microvm's virtual machine monitor.
 
+pub mod arch;
 pub mod devices;
