@@ -1,4 +1,15 @@
-//! microvm's virtual machine monitor.
+//! microvm's virtual machine monitor: a KVM VMM on the rust-vmm crates.
+//!
+//! The path through the code, in the order a VM is built (see [`vm::run`]):
+//! [`host`] (can guests boot here?) → [`arch`] (memory layout, kernel loading, boot structures,
+//! vCPU registers) → [`devices`] (legacy devices on port I/O, virtio devices on virtio-mmio) →
+//! [`vcpu`] (one thread per vCPU) and the event loop in [`vm`] (one thread for all devices).
 
 pub mod arch;
 pub mod devices;
+pub mod host;
+pub mod timing;
+pub mod vcpu;
+pub mod vm;
+
+pub use vm::{run, DiskConfig, VmConfig, VmmError, VsockConfig, DEFAULT_CMDLINE};

@@ -81,8 +81,8 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         source,
     };
     if is_elf {
-        let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-            .map_err(kernel_err)?;
+        let r =
+            Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(kernel_err)?;
         let entry = match r.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(addr) => BootEntry::Pvh(addr),
             _ => BootEntry::Linux64(r.kernel_load),
@@ -274,7 +274,10 @@ mod tests {
     fn pvh_start_info_layout() {
         let m = mem();
         let map = memory_map(64 << 20);
-        let initrd = LoadedInitrd { addr: 0x300_0000, size: 1234 };
+        let initrd = LoadedInitrd {
+            addr: 0x300_0000,
+            size: 1234,
+        };
         write_pvh_start_info(&m, &map, Some(initrd)).unwrap();
         let magic: u32 = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(magic, PVH_MAGIC);
@@ -299,7 +302,10 @@ mod tests {
             end: 0x200_0000,
             setup_header: None,
         };
-        let initrd = LoadedInitrd { addr: 0x300_0000, size: 99 };
+        let initrd = LoadedInitrd {
+            addr: 0x300_0000,
+            size: 99,
+        };
         write_boot_params(&m, &kernel, &map, 42, Some(initrd)).unwrap();
         let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!(p.e820_entries, 2);

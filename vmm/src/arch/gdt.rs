@@ -54,7 +54,10 @@ mod tests {
         assert_eq!(e, 0x00af_9b00_0000_ffff);
         let s = segment_from_gdt(e, 1);
         assert_eq!(s.selector, 8);
-        assert_eq!((s.l, s.db, s.g, s.present, s.s, s.type_), (1, 0, 1, 1, 1, 0xb));
+        assert_eq!(
+            (s.l, s.db, s.g, s.present, s.s, s.type_),
+            (1, 0, 1, 1, 1, 0xb)
+        );
         assert_eq!(s.limit, 0xffff_ffff);
         assert_eq!(s.unusable, 0);
     }

@@ -109,10 +109,21 @@ mod tests {
         assert_eq!(ram_ranges(128 << 20), vec![(GuestAddress(0), 128 << 20)]);
         let map = memory_map(128 << 20);
         assert_eq!(map.len(), 2);
-        assert_eq!(map[0], MemoryMapEntry { addr: 0, size: 0x9fc00, ram: true });
+        assert_eq!(
+            map[0],
+            MemoryMapEntry {
+                addr: 0,
+                size: 0x9fc00,
+                ram: true
+            }
+        );
         assert_eq!(
             map[1],
-            MemoryMapEntry { addr: 0x10_0000, size: (128 << 20) - 0x10_0000, ram: true }
+            MemoryMapEntry {
+                addr: 0x10_0000,
+                size: (128 << 20) - 0x10_0000,
+                ram: true
+            }
         );
     }
 

@@ -60,7 +60,16 @@ fn config_table(cpus: u8) -> Vec<u8> {
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 1;
     for pin in 0..=IRQ_MAX as u8 {
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, pin, ioapic_id, pin]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            pin,
+            ioapic_id,
+            pin,
+        ]);
         count += 1;
     }
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, 0, 0, 0, 0, 0]);
@@ -144,7 +153,10 @@ mod tests {
         let ioapic = &table[44 + 80 + 8..44 + 80 + 16];
         assert_eq!(ioapic[0], ENTRY_IOAPIC);
         assert_eq!(ioapic[1], 4);
-        assert_eq!(u32::from_le_bytes(ioapic[4..8].try_into().unwrap()), 0xfec0_0000);
+        assert_eq!(
+            u32::from_le_bytes(ioapic[4..8].try_into().unwrap()),
+            0xfec0_0000
+        );
     }
 
     #[test]

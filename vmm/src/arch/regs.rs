@@ -107,7 +107,10 @@ fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
     mem.write_obj(PDPTE_START | PRESENT_RW, GuestAddress(PML4_START))?;
     mem.write_obj(PDE_START | PRESENT_RW, GuestAddress(PDPTE_START))?;
     for i in 0..512u64 {
-        mem.write_obj((i << 21) | PRESENT_RW | HUGE, GuestAddress(PDE_START + i * 8))?;
+        mem.write_obj(
+            (i << 21) | PRESENT_RW | HUGE,
+            GuestAddress(PDE_START + i * 8),
+        )?;
     }
     Ok(())
 }
@@ -178,8 +181,12 @@ mod tests {
     #[test]
     fn long_mode_sregs_and_page_tables() {
         let m = mem();
-        let s = boot_sregs(&m, BootEntry::Linux64(GuestAddress(0x100_0200)), Default::default())
-            .unwrap();
+        let s = boot_sregs(
+            &m,
+            BootEntry::Linux64(GuestAddress(0x100_0200)),
+            Default::default(),
+        )
+        .unwrap();
         assert_eq!(s.cr3, PML4_START);
         assert_ne!(s.cr0 & X86_CR0_PG, 0);
         assert_ne!(s.cr4 & X86_CR4_PAE, 0);
@@ -198,8 +205,12 @@ mod tests {
     #[test]
     fn pvh_sregs_are_flat_protected_mode() {
         let m = mem();
-        let s = boot_sregs(&m, BootEntry::Pvh(GuestAddress(0x100_0000)), Default::default())
-            .unwrap();
+        let s = boot_sregs(
+            &m,
+            BootEntry::Pvh(GuestAddress(0x100_0000)),
+            Default::default(),
+        )
+        .unwrap();
         assert_eq!(s.cr0, X86_CR0_PE);
         assert_eq!(s.efer, 0);
         assert_eq!((s.cs.db, s.cs.l, s.cs.limit), (1, 0, 0xffff_ffff));

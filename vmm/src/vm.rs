@@ -1,0 +1,456 @@
+//! Building and running a VM: the one walk from a [`VmConfig`] to the guest's exit.
+//!
+//! # Thread model
+//!
+//! - The calling thread becomes the **VMM event thread**: it runs the `event-manager` loop that
+//!   serves virtio queues (woken by ioeventfds), vsock host sockets, and the exit signal.
+//! - One **vCPU thread** per vCPU (`vcpuN`) runs `KVM_RUN` and handles port I/O and MMIO exits:
+//!   legacy devices and virtio-mmio register accesses, under the device's mutex.
+//!
+//! No other threads exist, so each kind can later get its own seccomp filter. The event thread
+//! never blocks on guest-controlled work, and nothing polls: every wakeup is an fd event.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use linux_loader::loader::Cmdline;
+use tracing::{debug, info, warn};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::arch::{self, boot, cpuid, layout, mptable, regs};
+use crate::devices::legacy::{
+    BootMarker, ConsoleWriter, EventFdTrigger, SerialConsole, BOOT_MARKER_PORT, I8042, I8042_PORT,
+    SERIAL_PORT,
+};
+use crate::devices::virtio::{block::Block, rng::Rng, vsock::Vsock, MmioTransport, VirtioDevice};
+use crate::devices::virtio::{MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use crate::devices::{lock, Bus};
+use crate::vcpu::{ExitSignal, Vcpu};
+
+/// The guest command line used when the caller gives none: serial console, reset through the
+/// i8042 on reboot, reboot at once on panic, and no boot chatter (each console byte is a VM exit).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+
+/// A virtio block device backed by a host file.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// A virtio-vsock device whose host side is the unix socket `uds_path`.
+#[derive(Debug, Clone)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+}
+
+/// Everything needed to boot a VM.
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The guest command line; virtio-mmio device entries are appended to it.
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub disks: Vec<DiskConfig>,
+    pub vsock: Option<VsockConfig>,
+    pub rng: bool,
+    /// Where the serial console's output goes.
+    pub console: Box<dyn Write + Send>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("KVM: {0}")]
+    Kvm(#[from] kvm_ioctls::Error),
+    #[error("{0}")]
+    Host(#[from] crate::host::HostError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot allocate {mib} MiB of guest memory: {source}")]
+    Memory {
+        mib: u64,
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("{0}")]
+    Boot(#[from] boot::BootError),
+    #[error("{0}")]
+    Regs(#[from] regs::RegsError),
+    #[error("{0}")]
+    Mptable(#[from] mptable::MptableError),
+    #[error("disk {path}: {source}")]
+    Disk {
+        path: String,
+        source: crate::devices::virtio::block::BlockError,
+    },
+    #[error("vsock: {0}")]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    #[error("too many devices: IRQ lines {first} to {max} are all taken")]
+    TooManyDevices { first: u32, max: u32 },
+    #[error("event manager: {0}")]
+    EventManager(#[from] event_manager::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("kernel command line: {0}")]
+    Cmdline(linux_loader::cmdline::Error),
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Boots the VM described by `config` and serves it until the guest resets or fails. Returns
+/// the VMM's exit code: 0 when the guest reset the machine, 1 on a VM error.
+pub fn run(config: VmConfig) -> Result<i32, VmmError> {
+    validate(&config)?;
+    let kvm = Kvm::new()?;
+    crate::host::check_capabilities(&kvm)?;
+    let vm = kvm.create_vm()?;
+    let mem = create_memory(&vm, config.memory_mib)?;
+    // The TSS lives in the three pages below the BIOS ROM area, outside guest RAM.
+    vm.set_tss_address(0xfffb_d000)?;
+    vm.create_irq_chip()?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })?;
+
+    let exit = Arc::new(ExitSignal::new()?);
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let mut subscribers: Vec<Subscriber> = vec![Arc::new(Mutex::new(ExitWatcher(exit.clone())))];
+
+    // Legacy devices.
+    let serial_irq = EventFd::new(EFD_NONBLOCK)?;
+    vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)?;
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        EventFdTrigger(serial_irq),
+        ConsoleWriter::new(config.console),
+    )));
+    insert(&mut pio, serial.clone(), SERIAL_PORT, 8)?;
+    let reset_evt = EventFd::new(EFD_NONBLOCK)?;
+    subscribers.push(Arc::new(Mutex::new(ResetWatcher {
+        evt: reset_evt.try_clone()?,
+        exit: exit.clone(),
+    })));
+    insert(
+        &mut pio,
+        Arc::new(Mutex::new(I8042::new(EventFdTrigger(reset_evt)))),
+        I8042_PORT,
+        5,
+    )?;
+    insert(
+        &mut pio,
+        Arc::new(Mutex::new(BootMarker::default())),
+        BOOT_MARKER_PORT,
+        1,
+    )?;
+
+    // Virtio devices, in a fixed order so guest device names are stable: disks (vda, vdb, ...),
+    // then vsock, then rng.
+    let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(VmmError::Cmdline)?;
+    cmdline
+        .insert_str(&config.cmdline)
+        .map_err(VmmError::Cmdline)?;
+    let mut virtio = VirtioAttacher {
+        vm: &vm,
+        mem: &mem,
+        mmio: &mut mmio,
+        cmdline: &mut cmdline,
+        subscribers: &mut subscribers,
+        next: 0,
+    };
+    for disk in &config.disks {
+        let block = Block::new(&disk.path, disk.read_only).map_err(|source| VmmError::Disk {
+            path: disk.path.display().to_string(),
+            source,
+        })?;
+        virtio.attach(Arc::new(Mutex::new(block)))?;
+    }
+    if let Some(vsock) = &config.vsock {
+        virtio.attach(Arc::new(Mutex::new(Vsock::new(
+            vsock.guest_cid,
+            &vsock.uds_path,
+        )?)))?;
+    }
+    if config.rng {
+        virtio.attach(Arc::new(Mutex::new(Rng::new()?)))?;
+    }
+
+    // Kernel, initrd, command line, boot structures.
+    let kernel = boot::load_kernel(&mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(
+            &mem,
+            path,
+            kernel.end,
+            boot::initrd_addr_max(&kernel),
+        )?),
+        None => None,
+    };
+    let cmdline_len = boot::write_cmdline(&mem, &cmdline)?;
+    let map = arch::memory_map(config.memory_mib << 20);
+    match kernel.entry {
+        regs::BootEntry::Pvh(_) => boot::write_pvh_start_info(&mem, &map, initrd)?,
+        regs::BootEntry::Linux64(_) => {
+            boot::write_boot_params(&mem, &kernel, &map, cmdline_len, initrd)?
+        }
+    }
+    mptable::setup_mptable(&mem, config.cpus)?;
+    debug!(
+        "kernel entry {:?}, command line {:?}",
+        kernel.entry,
+        cmdline.as_cstring()
+    );
+
+    // vCPUs.
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(mmio);
+    let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+    let mut vcpus = Vec::with_capacity(config.cpus as usize);
+    for index in 0..config.cpus {
+        let fd = vm.create_vcpu(u64::from(index))?;
+        let mut cpuid = supported_cpuid.clone();
+        cpuid::filter(cpuid.as_mut_slice(), index, config.cpus);
+        fd.set_cpuid2(&cpuid)?;
+        regs::setup_lapic(&fd)?;
+        regs::setup_fpu(&fd)?;
+        if index == 0 {
+            let sregs = regs::boot_sregs(&mem, kernel.entry, fd.get_sregs()?)?;
+            fd.set_sregs(&sregs)?;
+            fd.set_regs(&regs::boot_regs(kernel.entry))?;
+        }
+        vcpus.push(Vcpu::new(
+            index,
+            fd,
+            pio.clone(),
+            mmio.clone(),
+            exit.clone(),
+        ));
+    }
+
+    // The event thread's loop, then the vCPUs.
+    let mut events = EventManager::<Subscriber>::new()?;
+    for s in subscribers {
+        events.add_subscriber(s);
+    }
+    install_kick_handler()?;
+    let handles = vcpus
+        .into_iter()
+        .map(|vcpu| {
+            std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.index))
+                .spawn(move || vcpu.run())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    info!(
+        "VM running: {} vCPUs, {} MiB, setup took {:.3} ms since VMM start",
+        config.cpus,
+        config.memory_mib,
+        crate::timing::since_start().as_secs_f64() * 1000.0
+    );
+
+    let code = loop {
+        events.run()?;
+        if let Some(code) = exit.code() {
+            break code;
+        }
+    };
+    stop_vcpus(handles);
+    lock(&serial).flush();
+    drop(mem);
+    Ok(code)
+}
+
+fn validate(config: &VmConfig) -> Result<(), VmmError> {
+    if config.cpus == 0 || config.cpus > mptable::MAX_CPUS {
+        return Err(VmmError::Config(format!(
+            "--cpus must be 1 to {}, not {}",
+            mptable::MAX_CPUS,
+            config.cpus
+        )));
+    }
+    if config.memory_mib < 16 {
+        return Err(VmmError::Config(format!(
+            "--memory must be at least 16 MiB, not {}",
+            config.memory_mib
+        )));
+    }
+    let host_max = host_memory_mib();
+    if config.memory_mib > host_max {
+        return Err(VmmError::Config(format!(
+            "--memory {} MiB is more than this host has ({host_max} MiB)",
+            config.memory_mib
+        )));
+    }
+    Ok(())
+}
+
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kb| kb / 1024)
+}
+
+/// Allocates guest RAM (anonymous, private, not reserved: untouched pages cost nothing) and
+/// registers it with KVM.
+fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, VmmError> {
+    let mem = GuestMemoryMmap::from_ranges(&arch::ram_ranges(mib << 20))
+        .map_err(|source| VmmError::Memory { mib, source })?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| VmmError::Config(format!("guest memory region: {e}")))?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM's use of
+        // it: `run` keeps `mem` until after the vCPU threads have stopped.
+        unsafe { vm.set_user_memory_region(region)? };
+    }
+    Ok(mem)
+}
+
+fn insert(
+    bus: &mut Bus,
+    dev: Arc<Mutex<dyn crate::devices::BusDevice>>,
+    base: u64,
+    len: u64,
+) -> Result<(), VmmError> {
+    bus.insert(dev, base, len)
+        .map_err(|e| VmmError::Config(format!("device layout: {e}")))
+}
+
+/// Attaches virtio devices: an MMIO window, an IRQ line (irqfd), one ioeventfd per queue, an
+/// entry on the guest command line, and the device's event handler.
+struct VirtioAttacher<'a> {
+    vm: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
+    mmio: &'a mut Bus,
+    cmdline: &'a mut Cmdline,
+    subscribers: &'a mut Vec<Subscriber>,
+    next: u32,
+}
+
+impl VirtioAttacher<'_> {
+    fn attach<D>(&mut self, device: Arc<Mutex<D>>) -> Result<(), VmmError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let irq = layout::VIRTIO_IRQ_FIRST + self.next;
+        if irq > layout::IRQ_MAX {
+            return Err(VmmError::TooManyDevices {
+                first: layout::VIRTIO_IRQ_FIRST,
+                max: layout::IRQ_MAX,
+            });
+        }
+        let base = layout::VIRTIO_MMIO_START + u64::from(self.next) * MMIO_WINDOW_SIZE;
+        self.next += 1;
+        let transport = MmioTransport::new(self.mem.clone(), device.clone())?;
+        self.vm.register_irqfd(transport.irq().eventfd(), irq)?;
+        for (i, evt) in lock(&device).queue_events().iter().enumerate() {
+            self.vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                i as u32,
+            )?;
+        }
+        insert(
+            self.mmio,
+            Arc::new(Mutex::new(transport)),
+            base,
+            MMIO_WINDOW_SIZE,
+        )?;
+        self.cmdline
+            .add_virtio_mmio_device(MMIO_WINDOW_SIZE, GuestAddress(base), irq, None)
+            .map_err(VmmError::Cmdline)?;
+        self.subscribers.push(device);
+        Ok(())
+    }
+}
+
+/// Wakes the event loop when a vCPU reports the VM's end.
+struct ExitWatcher(Arc<ExitSignal>);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.eventfd(), EventSet::IN)) {
+            warn!("cannot watch the exit event: {e}");
+        }
+    }
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.eventfd().read();
+    }
+}
+
+/// Turns the i8042 reset line into the VM's clean end.
+struct ResetWatcher {
+    evt: EventFd,
+    exit: Arc<ExitSignal>,
+}
+
+impl MutEventSubscriber for ResetWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            warn!("cannot watch the reset line: {e}");
+        }
+    }
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        info!("guest reset the VM");
+        self.exit.report(crate::vcpu::VmExit::GuestReset);
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// A no-op handler for the signal that interrupts `KVM_RUN` (it returns EINTR).
+fn install_kick_handler() -> Result<(), VmmError> {
+    register_signal_handler(SIGRTMIN(), kick_handler)
+        .map_err(|e| VmmError::Io(std::io::Error::from_raw_os_error(e.errno())))
+}
+
+/// Interrupts every vCPU thread until it has left its loop, then joins it.
+fn stop_vcpus(handles: Vec<JoinHandle<()>>) {
+    for handle in handles {
+        for _ in 0..1000 {
+            if handle.is_finished() {
+                break;
+            }
+            let _ = handle.kill(SIGRTMIN());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if handle.is_finished() {
+            let _ = handle.join();
+        } else {
+            warn!("a vCPU thread did not stop within a second");
+        }
+    }
+}
+
+/// Whether `path` names a usable kernel image, for early, friendly errors in front ends.
+pub fn kernel_exists(path: &Path) -> bool {
+    path.is_file()
+}
