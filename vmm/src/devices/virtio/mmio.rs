@@ -299,7 +299,7 @@ impl BusDevice for MmioTransport {
             lock(&self.device).read_config(offset - reg::CONFIG, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             warn!(
                 "virtio-mmio: {}-byte read at {offset:#x}; registers are 32-bit",
                 data.len()
@@ -322,7 +322,7 @@ impl BusDevice for MmioTransport {
             );
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             warn!("virtio-mmio: unaligned write at {offset:#x}");
             return;
         }

@@ -1,15 +1,10 @@
-//! Placeholder until the virtio-block device lands.
-use std::path::Path;
-#[derive(Debug, thiserror::Error)]
-#[error("virtio-block is not built yet")]
-pub struct BlockError;
-pub struct Block;
-impl Block {
-    #[allow(clippy::new_ret_no_self)]
-    pub fn new(
-        _path: &Path,
-        _read_only: bool,
-    ) -> Result<crate::devices::virtio::rng::Rng, BlockError> {
-        Err(BlockError)
-    }
-}
+//! virtio-blk (virtio 1.x, 5.2): one request queue backed by a raw disk image file.
+//!
+//! Requests are served synchronously in the event thread with one `preadv`/`pwritev` each,
+//! straight between the file and guest memory: no bounce buffer, no heap allocation per request.
+//! The image's host page cache is the device's volatile write cache, hence `VIRTIO_BLK_F_FLUSH`.
+
+mod device;
+mod event_handler;
+
+pub use device::{Block, BlockError};
