@@ -56,7 +56,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The CPU model L1 gets unless `MICROVM_TESTBED_CPU` or [`Testbed::cpu`] says otherwise.
 pub const DEFAULT_CPU: &str = "qemu64,+svm,+npt";
@@ -157,6 +157,8 @@ pub struct Testbed {
     timeout: Duration,
     env: Vec<(String, OsString)>,
     shares: Vec<PathBuf>,
+    /// Echo the raw console to stderr (`MICROVM_TESTBED_VERBOSE=1`).
+    verbose: bool,
     /// A bad `MICROVM_TESTBED_*` value, reported by `run`.
     env_error: Option<String>,
 }
@@ -170,6 +172,8 @@ impl Default for Testbed {
 impl Testbed {
     /// The defaults ([`DEFAULT_CPU`], [`DEFAULT_MEMORY_MIB`], [`DEFAULT_SMP`], [`DEFAULT_TIMEOUT`]),
     /// overridden by `MICROVM_TESTBED_CPU`, `MICROVM_TESTBED_MEM` (MiB) and `MICROVM_TESTBED_SMP`.
+    /// With `MICROVM_TESTBED_VERBOSE=1`, L1's whole console is also copied to stderr, each line
+    /// prefixed with the seconds since QEMU started (to debug L1 or see where its time goes).
     pub fn new() -> Self {
         let mut tb = Testbed {
             cpu: DEFAULT_CPU.to_string(),
@@ -178,6 +182,7 @@ impl Testbed {
             timeout: DEFAULT_TIMEOUT,
             env: Vec::new(),
             shares: Vec::new(),
+            verbose: std::env::var_os("MICROVM_TESTBED_VERBOSE").is_some_and(|v| v == "1"),
             env_error: None,
         };
         if let Some(cpu) = std::env::var_os("MICROVM_TESTBED_CPU") {
@@ -260,8 +265,9 @@ impl Testbed {
             .map_err(|e| Error::io(format!("cannot start {QEMU}"), e))?;
         let stdout = child.stdout.take().expect("QEMU's stdout is piped");
         let (done_tx, done_rx) = mpsc::channel();
+        let verbose = self.verbose.then(Instant::now);
         let reader = std::thread::spawn(move || {
-            let console = relay_console(stdout, &nonce);
+            let console = relay_console(stdout, &nonce, verbose);
             let _ = done_tx.send(());
             console
         });
@@ -379,7 +385,7 @@ impl Testbed {
             .args(["-accel", "tcg,thread=multi", "-cpu", &self.cpu])
             .args(["-smp", &self.smp.to_string(), "-m", &self.memory_mib.to_string()])
             .arg("-kernel")
-            .arg(kernel.vmlinuz())
+            .arg(kernel.image())
             .arg("-initrd")
             .arg(initrd)
             .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=1"])
@@ -411,7 +417,8 @@ struct Plan {
 }
 
 /// Copies CMD's output from the console to stdout as it arrives; returns the parsed console.
-fn relay_console(stdout: impl Read, nonce: &str) -> console::Console {
+/// With `verbose`, also copies every raw line to stderr with the time since `verbose`.
+fn relay_console(stdout: impl Read, nonce: &str, verbose: Option<Instant>) -> console::Console {
     let mut console = console::Console::new(nonce);
     let mut reader = BufReader::new(stdout);
     let mut line = Vec::new();
@@ -420,6 +427,10 @@ fn relay_console(stdout: impl Read, nonce: &str) -> console::Console {
         match reader.read_until(b'\n', &mut line) {
             Ok(0) | Err(_) => break,
             Ok(_) => {
+                if let Some(start) = verbose {
+                    let raw = String::from_utf8_lossy(&line);
+                    eprintln!("[L1 +{:7.3}s] {}", start.elapsed().as_secs_f64(), raw.trim_end_matches(['\r', '\n']));
+                }
                 if let Some(out) = console.feed(&line) {
                     let mut stdout = io::stdout().lock();
                     let _ = stdout.write_all(&out);

@@ -6,7 +6,9 @@
 //! - `demo`: the README's main command.
 //! - `bench boot`: boot-time and overhead figures.
 
+mod bench;
 mod kernel;
+mod test;
 mod testbed;
 mod util;
 
@@ -26,6 +28,10 @@ enum Cmd {
     Kernel(kernel::KernelArgs),
     /// Run a command as root inside the emulated nested-KVM host (QEMU TCG with AMD SVM).
     Testbed(testbed::TestbedArgs),
+    /// Run everything CI runs: lints, unit tests, guest-booting tests (in the testbed if needed).
+    Test(test::TestArgs),
+    /// Print benchmark figures (`boot`: setup time, boot to init vs QEMU microvm, RSS).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -39,5 +45,7 @@ fn main() -> Result<()> {
             let code = testbed::run(&args)?;
             std::process::exit(code);
         }
+        Cmd::Test(args) => test::run_tests(&args),
+        Cmd::Bench(args) => bench::bench(&args),
     }
 }

@@ -1,0 +1,228 @@
+//! Running `microvm boot` on a test guest and collecting what it printed.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binaries and kernels the guest tests use.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    pub microvm: PathBuf,
+    pub guest_tool: PathBuf,
+    /// ELF vmlinux (PVH entry).
+    pub vmlinux: PathBuf,
+    /// bzImage of the same kernel (64-bit boot protocol).
+    pub bzimage: PathBuf,
+}
+
+impl Artifacts {
+    /// From `MICROVM_KERNEL` (a vmlinux, with `bzImage` beside it) and the binaries next to the
+    /// running test executable (`target/<profile>/`), or `MICROVM_BIN_DIR`.
+    pub fn from_env() -> Result<Self, String> {
+        let kernel = std::env::var_os("MICROVM_KERNEL").map(PathBuf::from).ok_or(
+            "MICROVM_KERNEL is not set: build the guest kernel with `cargo xtask kernel` and \
+             point MICROVM_KERNEL at it, or run the tests with `cargo xtask test`",
+        )?;
+        let bin_dir = match std::env::var_os("MICROVM_BIN_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => {
+                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+                // target/<profile>/deps/guest-<hash> -> target/<profile>
+                exe.parent()
+                    .and_then(Path::parent)
+                    .ok_or("cannot locate the target directory")?
+                    .to_path_buf()
+            }
+        };
+        let a = Self {
+            microvm: bin_dir.join("microvm"),
+            guest_tool: bin_dir.join("guest-tool"),
+            bzimage: kernel.with_file_name("bzImage"),
+            vmlinux: kernel,
+        };
+        for p in [&a.microvm, &a.guest_tool, &a.vmlinux, &a.bzimage] {
+            if !p.is_file() {
+                return Err(format!(
+                    "{} is missing (run `cargo build --workspace` and `cargo xtask kernel`)",
+                    p.display()
+                ));
+            }
+        }
+        Ok(a)
+    }
+}
+
+/// What a finished guest run left.
+#[derive(Debug)]
+pub struct GuestOutput {
+    /// The VMM's exit code; `None` if it was killed (timeout or signal).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl GuestOutput {
+    /// Panics with the whole output unless the VMM exited 0 and stdout contains each marker.
+    pub fn expect_ok(&self, markers: &[&str]) -> &Self {
+        let missing: Vec<&&str> = markers.iter().filter(|m| !self.stdout.contains(**m)).collect();
+        assert!(
+            self.code == Some(0) && missing.is_empty(),
+            "guest run failed: code {:?}, missing {missing:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// A `microvm boot` invocation.
+pub struct Boot {
+    cmd: Command,
+    timeout: Duration,
+}
+
+/// The guest command line for tests: quiet, reset on reboot and panic.
+pub const TEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+
+impl Boot {
+    pub fn new(art: &Artifacts, initrd: &Path) -> Self {
+        let mut cmd = Command::new(&art.microvm);
+        cmd.arg("boot")
+            .arg("--kernel")
+            .arg(&art.vmlinux)
+            .arg("--initrd")
+            .arg(initrd)
+            .arg("--cmdline")
+            .arg(TEST_CMDLINE);
+        Self {
+            cmd,
+            timeout: Duration::from_secs(120),
+        }
+    }
+
+    pub fn arg(mut self, a: impl Into<OsString>) -> Self {
+        self.cmd.arg(a.into());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, args: I) -> Self {
+        for a in args {
+            self.cmd.arg(a.into());
+        }
+        self
+    }
+
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Starts the VMM; use [`Running::wait`] to collect its output.
+    pub fn spawn(mut self) -> Running {
+        let started = Instant::now();
+        let mut child = self
+            .cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start microvm");
+        let out = reader(child.stdout.take().unwrap());
+        let err = reader(child.stderr.take().unwrap());
+        Running {
+            child,
+            out,
+            err,
+            started,
+            timeout: self.timeout,
+        }
+    }
+
+    pub fn run(self) -> GuestOutput {
+        self.spawn().wait()
+    }
+}
+
+fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+/// A VMM process that is running.
+pub struct Running {
+    child: Child,
+    out: std::thread::JoinHandle<String>,
+    err: std::thread::JoinHandle<String>,
+    started: Instant,
+    timeout: Duration,
+}
+
+impl Running {
+    /// Waits for the VMM to exit (killing it after the timeout).
+    pub fn wait(mut self) -> GuestOutput {
+        let code = loop {
+            match self.child.try_wait().expect("waitpid") {
+                Some(status) => break status.code(),
+                None if self.started.elapsed() > self.timeout => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break None;
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        GuestOutput {
+            code,
+            stdout: self.out.join().unwrap_or_default(),
+            stderr: self.err.join().unwrap_or_default(),
+            elapsed: self.started.elapsed(),
+        }
+    }
+}
+
+/// An `/init` for busybox: mounts the kernel filesystems, runs `body`, prints its status, and
+/// resets the VM (`reboot -f` with `reboot=k` on the command line).
+pub fn init_script(body: &str) -> String {
+    format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox --install -s /bin\n\
+         mount -t proc proc /proc\n\
+         mount -t sysfs sys /sys\n\
+         mount -t devtmpfs dev /dev\n\
+         echo GUEST-BEGIN\n\
+         ( {body}\n ) 2>&1\n\
+         echo \"GUEST-END rc=$?\"\n\
+         sync\n\
+         reboot -f\n"
+    )
+}
+
+/// FNV-1a, the checksum both ends of the vsock tests compute.
+pub fn fnv1a(hash: u64, data: &[u8]) -> u64 {
+    data.iter()
+        .fold(hash, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// FNV-1a's initial value.
+pub const FNV_INIT: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The deterministic byte stream the vsock tests send: byte `i` of the stream.
+pub fn pattern_byte(i: u64) -> u8 {
+    (i.wrapping_mul(31) ^ (i >> 9)) as u8
+}
+
+impl Boot {
+    /// Like [`Boot::new`] with another kernel image.
+    pub fn with_kernel(art: &Artifacts, kernel: &Path, initrd: &Path) -> Self {
+        let mut art = art.clone();
+        art.vmlinux = kernel.to_path_buf();
+        Self::new(&art, initrd)
+    }
+}

@@ -1,0 +1,276 @@
+//! Tests that boot the real guest kernel with `microvm boot`.
+//!
+//! On a host whose KVM cannot boot an unmodified guest (this project's PVM development
+//! machines), the test binary re-runs itself inside the testbed, an emulated nested-KVM host
+//! (see `testbed/`), with the same arguments; on a host with hardware KVM it runs directly.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use microvm_tests::guest::{fnv1a, init_script, pattern_byte, Artifacts, Boot, FNV_INIT};
+use microvm_tests::initramfs::Initramfs;
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    if !args.list && !testbed::in_testbed() {
+        if let Err(why) = vmm::host::check_can_boot_guests() {
+            return relay_to_testbed(&why.to_string());
+        }
+    }
+    let trials = vec![
+        trial("boot_vmlinux_pvh_prints_and_resets", boot_vmlinux_pvh),
+        trial("boot_bzimage_linux64_prints_and_resets", boot_bzimage),
+        trial("smp_and_memory_are_visible", smp_and_memory),
+        trial("block_ro_and_rw_disks", block_disks),
+        trial("vsock_1mib_both_ways", vsock_both_ways),
+        trial("hwrng_yields_bytes", hwrng),
+        trial("hostile_queue_scribbling_does_not_crash_vmm", hostile_scribble),
+    ];
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
+fn trial(name: &'static str, f: fn(&Artifacts, &Path)) -> Trial {
+    Trial::test(name, move || {
+        let art = Artifacts::from_env().map_err(Failed::from)?;
+        let dir = tempfile::tempdir().map_err(|e| Failed::from(e.to_string()))?;
+        f(&art, dir.path());
+        Ok(())
+    })
+}
+
+/// Runs this test binary, with the same arguments, inside the testbed.
+fn relay_to_testbed(why: &str) -> ExitCode {
+    eprintln!("guest tests: {why}");
+    eprintln!("guest tests: running them inside the testbed (an emulated nested-KVM host)");
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut argv = vec![exe.into_os_string()];
+    argv.extend(std::env::args_os().skip(1));
+    let mut tb = testbed::Testbed::new();
+    for key in ["MICROVM_KERNEL", "MICROVM_BIN_DIR", "RUST_LOG", "RUST_BACKTRACE"] {
+        if let Some(v) = std::env::var_os(key) {
+            tb = tb.env(key, v);
+        }
+    }
+    let cwd = std::env::current_dir().expect("cwd");
+    match tb.run(&argv, &cwd) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("guest tests: the testbed failed: {e}");
+            ExitCode::from(101)
+        }
+    }
+}
+
+/// An initramfs with busybox, the guest tool, and `/init` running `body`.
+fn initramfs(art: &Artifacts, dir: &Path, body: &str) -> PathBuf {
+    let mut i = Initramfs::new();
+    i.busybox().expect("busybox");
+    i.host_program("bin/guest-tool", &art.guest_tool)
+        .expect("guest-tool");
+    i.file("init", init_script(body), 0o755);
+    i.write_file(&dir.join("initramfs.cpio")).expect("write initramfs")
+}
+
+/// The value after `key=` on the line of `stdout` that has it.
+fn value_of(stdout: &str, key: &str) -> String {
+    stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in guest output:\n{stdout}"))
+        .to_string()
+}
+
+const HELLO_BODY: &str = "echo HELLO-FROM-GUEST; uname -r; \
+    printf '\\001' | dd of=/dev/port bs=1 seek=1008 count=1 2>/dev/null; echo MARKER-WRITTEN";
+
+fn boot_vmlinux_pvh(art: &Artifacts, dir: &Path) {
+    let initrd = initramfs(art, dir, HELLO_BODY);
+    let out = Boot::new(art, &initrd).run();
+    out.expect_ok(&["HELLO-FROM-GUEST", "MARKER-WRITTEN", "GUEST-END rc=0"]);
+    assert!(
+        out.stderr.contains("guest boot marker 1 at"),
+        "the boot marker was not logged:\n{}",
+        out.stderr
+    );
+    eprintln!("pvh boot: {:.2} s wall", out.elapsed.as_secs_f64());
+}
+
+fn boot_bzimage(art: &Artifacts, dir: &Path) {
+    let initrd = initramfs(art, dir, HELLO_BODY);
+    let out = Boot::with_kernel(art, &art.bzimage, &initrd).run();
+    out.expect_ok(&["HELLO-FROM-GUEST", "GUEST-END rc=0"]);
+}
+
+fn smp_and_memory(art: &Artifacts, dir: &Path) {
+    let body = "echo CPUS=$(grep -c ^processor /proc/cpuinfo); \
+                echo ONLINE=$(cat /sys/devices/system/cpu/online); \
+                echo MEMKB=$(awk '/MemTotal/ {print $2}' /proc/meminfo)";
+    let initrd = initramfs(art, dir, body);
+    let out = Boot::new(art, &initrd)
+        .args(["--cpus", "2", "--memory", "256"])
+        .run();
+    out.expect_ok(&["GUEST-END rc=0"]);
+    assert_eq!(value_of(&out.stdout, "CPUS"), "2");
+    assert_eq!(value_of(&out.stdout, "ONLINE"), "0-1");
+    let kb: u64 = value_of(&out.stdout, "MEMKB").parse().unwrap();
+    // The kernel keeps some memory for itself; what it reports must be near 256 MiB.
+    assert!((200 * 1024..=256 * 1024).contains(&kb), "MemTotal {kb} kB");
+}
+
+fn mkfs_ext4(image: &Path, contents: Option<&Path>) {
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args(["-q", "-F", "-b", "4096"]);
+    if let Some(dir) = contents {
+        cmd.arg("-d").arg(dir);
+    }
+    let status = cmd.arg(image).arg("16M").status().expect("mkfs.ext4 (e2fsprogs)");
+    assert!(status.success(), "mkfs.ext4 failed");
+}
+
+fn block_disks(art: &Artifacts, dir: &Path) {
+    let src = dir.join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("hello.txt"), "written-by-host\n").unwrap();
+    let ro = dir.join("ro.img");
+    let rw = dir.join("rw.img");
+    mkfs_ext4(&ro, Some(&src));
+    mkfs_ext4(&rw, None);
+    let ro_before = std::fs::read(&ro).unwrap();
+    let body = "mkdir -p /mnt/ro /mnt/rw; \
+        mount -t ext4 -o ro /dev/vda /mnt/ro && cat /mnt/ro/hello.txt; \
+        echo SERIAL=$(cat /sys/block/vda/serial); \
+        echo RO_FLAG=$(cat /sys/block/vda/ro); \
+        if dd if=/dev/zero of=/dev/vda bs=4096 count=1 conv=fsync 2>/dev/null; \
+           then echo RO-WRITE-SUCCEEDED; else echo RO-WRITE-FAILED; fi; \
+        mount -t ext4 /dev/vdb /mnt/rw && echo written-by-guest > /mnt/rw/out.txt && sync; \
+        umount /mnt/rw && echo RW-UNMOUNTED; umount /mnt/ro";
+    let initrd = initramfs(art, dir, body);
+    let out = Boot::new(art, &initrd)
+        .arg("--disk")
+        .arg(format!("{},ro", ro.display()))
+        .arg("--disk")
+        .arg(&rw)
+        .run();
+    out.expect_ok(&["written-by-host", "RO-WRITE-FAILED", "RW-UNMOUNTED", "GUEST-END rc=0"]);
+    assert_eq!(value_of(&out.stdout, "RO_FLAG"), "1");
+    assert!(!value_of(&out.stdout, "SERIAL").is_empty(), "GET_ID gave no serial");
+    assert!(std::fs::read(&ro).unwrap() == ro_before, "the read-only image changed");
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /out.txt"])
+        .arg(&rw)
+        .output()
+        .expect("debugfs (e2fsprogs)");
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "written-by-guest\n");
+}
+
+const VSOCK_BYTES: u64 = 1 << 20;
+
+/// Echoes one connection back to its sender; returns (bytes, checksum).
+fn echo_stream(mut s: UnixStream) -> (u64, u64) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut total, mut hash) = (0u64, FNV_INIT);
+    loop {
+        let n = s.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        hash = fnv1a(hash, &buf[..n]);
+        s.write_all(&buf[..n]).expect("write");
+        total += n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    (total, hash)
+}
+
+fn expected_hash(bytes: u64) -> u64 {
+    let data: Vec<u8> = (0..bytes).map(pattern_byte).collect();
+    fnv1a(FNV_INIT, &data)
+}
+
+fn vsock_both_ways(art: &Artifacts, dir: &Path) {
+    let uds = dir.join("vsock.sock");
+    // Guest -> host: the guest connects to host port 5000; we echo.
+    let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    let host_echo = std::thread::spawn(move || echo_stream(listener.accept().unwrap().0));
+    let body = format!(
+        "guest-tool vsock-echo 6000 & ECHO=$!; \
+         guest-tool vsock-send 2 5000 {VSOCK_BYTES}; wait $ECHO"
+    );
+    let initrd = initramfs(art, dir, &body);
+    let vm = Boot::new(art, &initrd)
+        .arg("--vsock")
+        .arg(format!("3,{}", uds.display()))
+        .spawn();
+    // Host -> guest: connect to guest port 6000 once the guest listens.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let stream = loop {
+        assert!(Instant::now() < deadline, "guest port 6000 never accepted");
+        if let Ok(mut s) = UnixStream::connect(&uds) {
+            s.write_all(b"CONNECT 6000\n").unwrap();
+            let mut line = String::new();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            if r.read_line(&mut line).is_ok() && line.starts_with("OK ") {
+                break (s, r);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (mut s, mut r) = stream;
+    let writer = std::thread::spawn(move || {
+        let data: Vec<u8> = (0..VSOCK_BYTES).map(pattern_byte).collect();
+        s.write_all(&data).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut echoed = Vec::new();
+    r.read_to_end(&mut echoed).unwrap();
+    writer.join().unwrap();
+    let out = vm.wait();
+    out.expect_ok(&["VSOCK-SEND-OK", "VSOCK-ECHO-DONE", "GUEST-END rc=0"]);
+    let want = expected_hash(VSOCK_BYTES);
+    // Host -> guest -> host.
+    assert_eq!(echoed.len() as u64, VSOCK_BYTES);
+    assert_eq!(fnv1a(FNV_INIT, &echoed), want, "host->guest echo corrupted");
+    // Guest -> host -> guest, checked on both ends.
+    let (n, hash) = host_echo.join().unwrap();
+    assert_eq!((n, hash), (VSOCK_BYTES, want), "guest->host stream corrupted");
+    assert_eq!(value_of(&out.stdout, "fnv"), format!("{want:016x}"));
+}
+
+fn hwrng(art: &Artifacts, dir: &Path) {
+    let body = "echo CURRENT=$(cat /sys/class/misc/hw_random/rng_current); \
+        dd if=/dev/hwrng of=/tmp/a bs=1024 count=1 2>/dev/null; \
+        dd if=/dev/hwrng of=/tmp/b bs=1024 count=1 2>/dev/null; \
+        echo SIZE=$(wc -c < /tmp/a); \
+        echo SUM_A=$(md5sum /tmp/a | cut -d' ' -f1); echo SUM_B=$(md5sum /tmp/b | cut -d' ' -f1)";
+    let initrd = initramfs(art, dir, body);
+    let out = Boot::new(art, &initrd).arg("--rng").run();
+    out.expect_ok(&["GUEST-END rc=0"]);
+    assert!(value_of(&out.stdout, "CURRENT").starts_with("virtio_rng"));
+    assert_eq!(value_of(&out.stdout, "SIZE"), "1024");
+    assert_ne!(value_of(&out.stdout, "SUM_A"), value_of(&out.stdout, "SUM_B"));
+}
+
+fn hostile_scribble(art: &Artifacts, dir: &Path) {
+    let disk = dir.join("scratch.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let uds = dir.join("v.sock");
+    let initrd = initramfs(art, dir, "guest-tool scribble 40");
+    let out = Boot::new(art, &initrd)
+        .arg("--rng")
+        .arg("--disk")
+        .arg(&disk)
+        .arg("--vsock")
+        .arg(format!("3,{}", uds.display()))
+        .run();
+    // The VMM survived: the guest's reset still ended it cleanly.
+    out.expect_ok(&["SCRIBBLE windows=3", "SCRIBBLE-DONE"]);
+    assert!(
+        out.stderr.contains("virtio"),
+        "expected the VMM to log the garbage it refused:\n{}",
+        out.stderr
+    );
+}

@@ -1,0 +1,60 @@
+//! `cargo xtask test`: everything CI checks, in one command.
+//!
+//! 1. Debian packages the tests use (e2fsprogs for disk images, busybox for guest userspace).
+//! 2. The guest kernel (cached outside the checkout).
+//! 3. Formatting and clippy with warnings as errors.
+//! 4. `cargo test --workspace`: unit tests here, guest-booting tests inside the testbed when
+//!    this host's KVM cannot boot guests (the test binary relays itself).
+
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::kernel::{self, KernelArgs};
+use crate::util::{ensure_debs, run, workspace_root};
+
+#[derive(clap::Args)]
+pub struct TestArgs {
+    /// Skip `cargo fmt --check` and clippy.
+    #[arg(long)]
+    no_lint: bool,
+    /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+    #[arg(last = true)]
+    cargo_args: Vec<String>,
+}
+
+/// Packages the guest tests need on the host (or, through the shared root, in the testbed).
+pub const TEST_DEBS: &[&str] = &["e2fsprogs", "busybox-static", "cpio"];
+
+pub fn run_tests(args: &TestArgs) -> Result<()> {
+    ensure_debs(TEST_DEBS)?;
+    testbed::ensure_prerequisites()?;
+    let vmlinux = kernel::build(&KernelArgs::default())?;
+    let root = workspace_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    if !args.no_lint {
+        step("cargo fmt --check");
+        run(Command::new(&cargo)
+            .args(["fmt", "--all", "--", "--check"])
+            .current_dir(&root))?;
+        step("cargo clippy");
+        run(Command::new(&cargo)
+            .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+            .current_dir(&root))?;
+    }
+    step("cargo build");
+    run(Command::new(&cargo)
+        .args(["build", "--workspace", "--bins"])
+        .current_dir(&root))?;
+    step("cargo test");
+    run(Command::new(&cargo)
+        .args(["test", "--workspace"])
+        .args(&args.cargo_args)
+        .env("MICROVM_KERNEL", &vmlinux)
+        .current_dir(&root))?;
+    Ok(())
+}
+
+fn step(name: &str) {
+    eprintln!("xtask test: {name}");
+}
