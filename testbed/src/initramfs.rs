@@ -70,11 +70,14 @@ pub(crate) fn init_script(spec: &InitSpec) -> Vec<u8> {
     line(&[b"$B mount -t proc proc /proc"]);
     line(&[b"$B mount -t sysfs sysfs /sys"]);
     line(&[b"$B mount -t devtmpfs devtmpfs /dev"]);
+    // Progress lines: shown with MICROVM_TESTBED_VERBOSE=1, with their times.
+    line(&[b"echo 'testbed-init: loading modules'"]);
     for m in spec.modules {
         let q = sh_quote(format!("/modules/{m}").as_bytes());
         line(&[b"$B insmod ", &q, b" || echo \"testbed-init: insmod ", m.as_bytes(), b" failed\""]);
     }
     line(&[b"[ -c /dev/kvm ] || echo 'testbed-init: warning: no /dev/kvm (does the CPU model have svm?)'"]);
+    line(&[b"echo 'testbed-init: mounting the host root'"]);
     line(&[b"$B mkdir -p /host /rw /new"]);
     // The host's root, read-only; `cache=loose` because it does not change under us (much).
     line(&[b"$B mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroot /host || die 'cannot mount the host root over 9p'"]);
@@ -105,6 +108,7 @@ pub(crate) fn init_script(spec: &InitSpec) -> Vec<u8> {
         let t = sh_quote(tag.as_bytes());
         line(&[b"$B mkdir -p $N", &p, b" && $B mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=mmap ", &t, b" $N", &p, b" || die 'cannot mount the read-write share '", &p]);
     }
+    line(&[b"echo 'testbed-init: mounted'"]);
     line(&[b"$B hostname testbed"]);
     line(&[b"echo '127.0.1.1 testbed' >>$N/etc/hosts"]);
     line(&[b"$B ip link set lo up"]);

@@ -7,6 +7,7 @@
 //! - `bench boot`: boot-time and overhead figures.
 
 mod bench;
+mod demo;
 mod kernel;
 mod test;
 mod testbed;
@@ -32,6 +33,8 @@ enum Cmd {
     Test(test::TestArgs),
     /// Print benchmark figures (`boot`: setup time, boot to init vs QEMU microvm, RSS).
     Bench(bench::BenchArgs),
+    /// Build everything and boot a microVM that greets (through the testbed where needed).
+    Demo,
 }
 
 fn main() -> Result<()> {
@@ -47,5 +50,6 @@ fn main() -> Result<()> {
         }
         Cmd::Test(args) => test::run_tests(&args),
         Cmd::Bench(args) => bench::bench(&args),
+        Cmd::Demo => demo::demo(),
     }
 }
