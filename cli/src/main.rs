@@ -123,6 +123,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| EnvFilter::new("warn,boot_marker=info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .init();

@@ -220,7 +220,9 @@ mod tests {
 
     #[test]
     fn begin_marker_may_follow_other_text() {
-        let transcript = format!("[    1.0] x\r\ngarbageTESTBED-BEGIN {NONCE}\r\nout\r\nTESTBED-EXIT=255 {NONCE}\r\n");
+        let transcript = format!(
+            "[    1.0] x\r\ngarbageTESTBED-BEGIN {NONCE}\r\nout\r\nTESTBED-EXIT=255 {NONCE}\r\n"
+        );
         assert_eq!(parse(&transcript), ("out\n".to_string(), Some(255)));
     }
 
@@ -249,7 +251,8 @@ mod tests {
 
     #[test]
     fn died_without_exit_marker() {
-        let transcript = format!("TESTBED-BEGIN {NONCE}\npartial output\n[    5.000000] Kernel panic\n");
+        let transcript =
+            format!("TESTBED-BEGIN {NONCE}\npartial output\n[    5.000000] Kernel panic\n");
         assert_eq!(parse(&transcript), ("partial output\n".to_string(), None));
     }
 

@@ -38,8 +38,8 @@ pub(crate) fn valid_env_key(key: &str) -> bool {
 
 /// What `/init` needs to know about one run.
 pub(crate) struct InitSpec<'a> {
-    /// File names under `/modules` in the initramfs, in load order.
-    pub modules: &'a [String],
+    /// File names under `/modules` in the initramfs: groups that load in parallel, each in order.
+    pub modules: &'a [Vec<String>],
     /// The L1 kernel's release and where its unpacked modules are on this host, so that
     /// `modprobe` works inside L1 (`/lib/modules/<release>` is linked there).
     pub kernel_release: &'a str,
@@ -71,12 +71,29 @@ pub(crate) fn init_script(spec: &InitSpec) -> Vec<u8> {
     line(&[b"$B mount -t sysfs sysfs /sys"]);
     line(&[b"$B mount -t devtmpfs devtmpfs /dev"]);
     // Progress lines: shown with MICROVM_TESTBED_VERBOSE=1, with their times.
+    // Independent groups load in parallel (kvm's chain takes as long as all of 9p's): all but the
+    // last in the background, waited for before CMD starts.
     line(&[b"echo 'testbed-init: loading modules'"]);
-    for m in spec.modules {
-        let q = sh_quote(format!("/modules/{m}").as_bytes());
-        line(&[b"$B insmod ", &q, b" || echo \"testbed-init: insmod ", m.as_bytes(), b" failed\""]);
+    let groups = spec.modules.len();
+    for (i, group) in spec.modules.iter().enumerate() {
+        let background = i + 1 < groups;
+        if background {
+            line(&[b"("]);
+        }
+        for m in group {
+            let q = sh_quote(format!("/modules/{m}").as_bytes());
+            line(&[
+                b"$B insmod ",
+                &q,
+                b" || echo \"testbed-init: insmod ",
+                m.as_bytes(),
+                b" failed\"",
+            ]);
+        }
+        if background {
+            line(&[b") &"]);
+        }
     }
-    line(&[b"[ -c /dev/kvm ] || echo 'testbed-init: warning: no /dev/kvm (does the CPU model have svm?)'"]);
     line(&[b"echo 'testbed-init: mounting the host root'"]);
     line(&[b"$B mkdir -p /host /rw /new"]);
     // The host's root, read-only; `cache=loose` because it does not change under us (much).
@@ -98,16 +115,37 @@ pub(crate) fn init_script(spec: &InitSpec) -> Vec<u8> {
     line(&[b"$B ln -sfn /proc/self/fd/2 $N/dev/stderr"]);
     line(&[b"$B mount -t tmpfs -o mode=0755 tmpfs $N/run"]);
     line(&[b"$B mount -t tmpfs -o mode=1777 tmpfs $N/tmp"]);
-    line(&[b"$B mount -t cgroup2 cgroup2 $N/sys/fs/cgroup || echo 'testbed-init: warning: no cgroup2'"]);
+    line(&[
+        b"$B mount -t cgroup2 cgroup2 $N/sys/fs/cgroup || echo 'testbed-init: warning: no cgroup2'",
+    ]);
     // `modprobe` inside L1 finds the L1 kernel's modules (the host's /lib/modules has the host's).
     let release = sh_quote(spec.kernel_release.as_bytes());
     let host_modules = sh_quote(spec.host_modules_dir.as_os_str().as_bytes());
-    line(&[b"[ -e $N/lib/modules/", &release, b" ] || { $B mkdir -p $N/lib/modules && $B ln -s ", &host_modules, b" $N/lib/modules/", &release, b"; }"]);
+    line(&[
+        b"[ -e $N/lib/modules/",
+        &release,
+        b" ] || { $B mkdir -p $N/lib/modules && $B ln -s ",
+        &host_modules,
+        b" $N/lib/modules/",
+        &release,
+        b"; }",
+    ]);
     for (tag, path) in spec.shares {
         let p = sh_quote(path.as_os_str().as_bytes());
         let t = sh_quote(tag.as_bytes());
-        line(&[b"$B mkdir -p $N", &p, b" && $B mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=mmap ", &t, b" $N", &p, b" || die 'cannot mount the read-write share '", &p]);
+        line(&[
+            b"$B mkdir -p $N",
+            &p,
+            b" && $B mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=mmap ",
+            &t,
+            b" $N",
+            &p,
+            b" || die 'cannot mount the read-write share '",
+            &p,
+        ]);
     }
+    line(&[b"wait"]);
+    line(&[b"[ -c /dev/kvm ] || echo 'testbed-init: warning: no /dev/kvm (does the CPU model have svm?)'"]);
     line(&[b"echo 'testbed-init: mounted'"]);
     line(&[b"$B hostname testbed"]);
     line(&[b"echo '127.0.1.1 testbed' >>$N/etc/hosts"]);
@@ -131,7 +169,10 @@ pub(crate) fn init_script(spec: &InitSpec) -> Vec<u8> {
         env_cmd.push(b' ');
         env_cmd.extend(sh_quote(&kv));
     }
-    line(&[&env_cmd, b" $B chroot $N /bin/sh /run/testbed/cmd.sh </dev/null >/dev/console 2>&1"]);
+    line(&[
+        &env_cmd,
+        b" $B chroot $N /bin/sh /run/testbed/cmd.sh </dev/null >/dev/console 2>&1",
+    ]);
     line(&[b"rc=$?"]);
     line(&[b"echo \"TESTBED-EXIT=$rc ", spec.nonce.as_bytes(), b"\""]);
     line(&[b"$B sync"]);
@@ -182,7 +223,13 @@ impl<W: Write> Cpio<W> {
         self.entry(name, S_IFREG | perm, 1, (0, 0), data)
     }
 
-    pub(crate) fn char_dev(&mut self, name: &str, perm: u32, major: u32, minor: u32) -> io::Result<()> {
+    pub(crate) fn char_dev(
+        &mut self,
+        name: &str,
+        perm: u32,
+        major: u32,
+        minor: u32,
+    ) -> io::Result<()> {
         self.entry(name, S_IFCHR | perm, 1, (major, minor), &[])
     }
 
@@ -193,13 +240,31 @@ impl<W: Write> Cpio<W> {
         Ok(self.out)
     }
 
-    fn entry(&mut self, name: &str, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) -> io::Result<()> {
+    fn entry(
+        &mut self,
+        name: &str,
+        mode: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> io::Result<()> {
         let size = u32::try_from(data.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large for cpio"))?;
         self.ino += 1;
         let fields = [
-            self.ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1,
-            name.len() as u32 + 1, 0,
+            self.ino,
+            mode,
+            0,
+            0,
+            nlink,
+            0,
+            size,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
         ];
         let mut header = String::with_capacity(110);
         header.push_str("070701");
@@ -321,7 +386,9 @@ mod tests {
             .output()
             .unwrap();
         assert!(out.status.success());
-        let (pwd, rest) = out.stdout.split_at(out.stdout.iter().position(|&b| b == b'\n').unwrap());
+        let (pwd, rest) = out
+            .stdout
+            .split_at(out.stdout.iter().position(|&b| b == b'\n').unwrap());
         assert_eq!(OsStr::from_bytes(pwd), cwd.as_os_str());
         let mut got: Vec<Vec<u8>> = rest[1..].split(|&b| b == 0).map(<[u8]>::to_vec).collect();
         got.pop();
@@ -348,19 +415,25 @@ mod tests {
             eprintln!("no /bin/busybox: skipped");
             return;
         }
-        let modules = ["001-kvm.ko".to_string(), "002-kvm-amd.ko".to_string()];
+        let modules = [
+            vec!["001-kvm.ko".to_string(), "002-kvm-amd.ko".to_string()],
+            vec!["003-9p.ko".to_string()],
+        ];
         let share = Path::new("/tmp/it's shared");
         let env_val = OsStr::new("x'y $z");
         let script = init_script(&InitSpec {
             modules: &modules,
             kernel_release: "6.1.0-56-amd64",
-            host_modules_dir: Path::new("/root/.cache/microvm/testbed/x/lib/modules/6.1.0-56-amd64"),
+            host_modules_dir: Path::new(
+                "/root/.cache/microvm/testbed/x/lib/modules/6.1.0-56-amd64",
+            ),
             shares: &[("rw0".to_string(), share)],
             env: &[("RUST_LOG", env_val)],
             nonce: "0123456789abcdef",
         });
         let text = String::from_utf8(script.clone()).unwrap();
-        assert!(text.contains("insmod '/modules/001-kvm.ko'"));
+        assert!(text.contains("(\n$B insmod '/modules/001-kvm.ko'"));
+        assert!(text.contains("kvm-amd.ko failed\"\n) &\n$B insmod '/modules/003-9p.ko'"));
         assert!(text.contains("'RUST_LOG=x'\\''y $z'"));
         assert!(text.contains("'MICROVM_IN_TESTBED=1' $B chroot"));
         assert!(text.contains("echo 'TESTBED-BEGIN 0123456789abcdef'"));
@@ -383,7 +456,7 @@ mod tests {
         assert_eq!(bytes.len() % 4, 0);
         assert!(bytes.starts_with(b"070701"));
         // The file's header: mode 0100755, size 5, name "bin/x" + NUL, data padded to 4.
-        let second = &bytes[112..];
+        let second = &bytes[116..]; // 110-byte header + "bin\0", padded to 4
         assert!(second.starts_with(b"070701"));
         assert_eq!(&second[14..22], b"000081ED");
         assert_eq!(&second[54..62], b"00000005");
@@ -413,6 +486,9 @@ mod tests {
         child.stdin.take().unwrap().write_all(&bytes).unwrap();
         assert!(child.wait().unwrap().success());
         assert_eq!(std::fs::read(dir.path().join("bin/odd")).unwrap(), b"abc");
-        assert_eq!(std::fs::read(dir.path().join("init")).unwrap(), b"#!/bin/sh\n");
+        assert_eq!(
+            std::fs::read(dir.path().join("init")).unwrap(),
+            b"#!/bin/sh\n"
+        );
     }
 }

@@ -8,9 +8,12 @@ use std::process::Command;
 
 /// Modules `/init` loads, named as `modprobe` knows them; `modprobe --show-depends` adds their
 /// dependencies in load order. `kvm-amd` gives `/dev/kvm` (real SVM, emulated by TCG); virtio-pci,
-/// 9p and overlay let L1 mount this host's root. `vhost_vsock` is deliberately absent: this
-/// project's VMM implements vsock itself.
-pub(crate) const MODULES: &[&str] = &["kvm-amd", "virtio_pci", "9pnet_virtio", "9p", "overlay"];
+/// 9p and overlay let L1 mount this host's root. The two groups are independent and load in
+/// parallel. `vhost_vsock` is deliberately absent: this project's VMM implements vsock itself.
+pub(crate) const MODULES: &[&[&str]] = &[
+    &["kvm-amd"],
+    &["virtio_pci", "9pnet_virtio", "9p", "overlay"],
+];
 
 /// An unpacked kernel package in the cache.
 #[derive(Debug)]
@@ -34,15 +37,43 @@ impl L1Kernel {
     }
 
     fn vmlinuz(&self) -> PathBuf {
-        self.root.join("boot").join(format!("vmlinuz-{}", self.release))
+        self.root
+            .join("boot")
+            .join(format!("vmlinuz-{}", self.release))
     }
 
     pub(crate) fn modules_dir(&self) -> PathBuf {
         self.root.join("lib/modules").join(&self.release)
     }
 
-    /// The `.ko` files to load, dependencies first, each once.
-    pub(crate) fn module_chain(&self) -> Result<Vec<PathBuf>, Error> {
+    /// The `.ko` files to load, in groups of [`MODULES`] that can load in parallel, each group
+    /// dependencies first; every file once.
+    pub(crate) fn module_groups(&self) -> Result<Vec<Vec<PathBuf>>, Error> {
+        let mut groups: Vec<Vec<PathBuf>> = Vec::new();
+        for names in MODULES {
+            let chain = self.show_depends(names)?;
+            if chain.is_empty() {
+                return Err(Error::Prerequisites(format!(
+                    "modprobe found none of {names:?} for {}",
+                    self.release
+                )));
+            }
+            // A group that needs a module of an earlier group must wait for it: load it after them.
+            let seen: Vec<&PathBuf> = groups.iter().flatten().collect();
+            if chain.iter().any(|ko| seen.contains(&ko)) {
+                let rest: Vec<PathBuf> =
+                    chain.into_iter().filter(|ko| !seen.contains(&ko)).collect();
+                let mut all: Vec<PathBuf> = groups.drain(..).flatten().collect();
+                all.extend(rest);
+                groups.push(all);
+            } else {
+                groups.push(chain);
+            }
+        }
+        Ok(groups)
+    }
+
+    fn show_depends(&self, names: &[&str]) -> Result<Vec<PathBuf>, Error> {
         let out = command_output(
             Command::new("modprobe")
                 // An empty configuration: the host's /etc/modprobe.d is about the host's kernel.
@@ -53,23 +84,16 @@ impl L1Kernel {
                 .arg("-S")
                 .arg(&self.release)
                 .args(["--show-depends", "-a"])
-                .args(MODULES),
+                .args(names),
         )?;
-        let chain = parse_show_depends(&out);
-        if chain.is_empty() {
-            return Err(Error::Prerequisites(format!(
-                "modprobe found none of {MODULES:?} for {}",
-                self.release
-            )));
-        }
-        Ok(chain)
+        Ok(parse_show_depends(&out))
     }
 }
 
 /// The cache entry of the current kernel package, fetched if missing.
 pub(crate) fn ensure(cache: &Path) -> Result<L1Kernel, Error> {
     let dir = cache.join("testbed");
-    let pkg = match current_package() {
+    let pkg = match current_package(&dir) {
         Ok(pkg) => pkg,
         Err(err) => match newest_cached(&dir) {
             Some(pkg) => {
@@ -79,7 +103,7 @@ pub(crate) fn ensure(cache: &Path) -> Result<L1Kernel, Error> {
             None => {
                 // Perhaps the package lists were never downloaded.
                 crate::apt_update()?;
-                current_package()?
+                current_package(&dir)?
             }
         },
     };
@@ -142,8 +166,12 @@ fn decompress_bzimage(bzimage: &Path, dir: &Path) -> Result<(), String> {
     let unpacked = tmp.path().join("vmlinux");
     fs::write(&packed, payload).map_err(|e| format!("cannot write {}: {e}", packed.display()))?;
     let open = |p: &Path, create: bool| {
-        if create { fs::File::create(p) } else { fs::File::open(p) }
-            .map_err(|e| format!("cannot open {}: {e}", p.display()))
+        if create {
+            fs::File::create(p)
+        } else {
+            fs::File::open(p)
+        }
+        .map_err(|e| format!("cannot open {}: {e}", p.display()))
     };
     // The exit status is not checked: the payload ends with the kernel's 4-byte size, which gzip
     // calls "trailing garbage". The result is checked instead.
@@ -161,14 +189,16 @@ fn decompress_bzimage(bzimage: &Path, dir: &Path) -> Result<(), String> {
     if magic != *b"\x7fELF" {
         return Err(format!("{} did not produce an ELF file", tool[0]));
     }
-    fs::rename(&unpacked, dir.join(VMLINUX)).map_err(|e| format!("cannot rename {}: {e}", unpacked.display()))
+    fs::rename(&unpacked, dir.join(VMLINUX))
+        .map_err(|e| format!("cannot rename {}: {e}", unpacked.display()))
 }
 
 /// The compressed kernel inside a bzImage: the boot protocol header (at 0x1f1) gives the size of
 /// the real-mode setup, and `payload_offset`/`payload_length` (0x248/0x24c) locate the payload in
 /// the protected-mode part that follows it.
 pub(crate) fn bzimage_payload(image: &[u8]) -> Option<&[u8]> {
-    let u32_at = |off: usize| Some(u32::from_le_bytes(image.get(off..off + 4)?.try_into().ok()?) as usize);
+    let u32_at =
+        |off: usize| Some(u32::from_le_bytes(image.get(off..off + 4)?.try_into().ok()?) as usize);
     if image.get(0x202..0x206)? != b"HdrS" {
         return None;
     }
@@ -181,12 +211,42 @@ pub(crate) fn bzimage_payload(image: &[u8]) -> Option<&[u8]> {
 }
 
 /// The package `linux-image-amd64` depends on, e.g. `linux-image-6.1.0-56-amd64`.
-fn current_package() -> Result<String, Error> {
+///
+/// `apt-cache` takes about 2 s here (Debian's container images keep no `pkgcache.bin`), so the
+/// answer is remembered in `dir/current-package` until apt's package lists change.
+fn current_package(dir: &Path) -> Result<String, Error> {
+    let record = dir.join("current-package");
+    let lists_changed = fs::metadata(APT_LISTS).and_then(|m| m.modified()).ok();
+    let recorded = fs::metadata(&record).and_then(|m| m.modified()).ok();
+    if let (Some(lists), Some(recorded)) = (lists_changed, recorded) {
+        if recorded >= lists {
+            if let Ok(pkg) = fs::read_to_string(&record) {
+                let pkg = pkg.trim();
+                if pkg.starts_with("linux-image-") && dir.join(pkg).is_dir() {
+                    return Ok(pkg.to_string());
+                }
+            }
+        }
+    }
     let out = command_output(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
-    parse_depends(&out).ok_or_else(|| {
-        Error::Prerequisites("`apt-cache depends linux-image-amd64` names no linux-image-<version> package".into())
-    })
+    let pkg = parse_depends(&out).ok_or_else(|| {
+        Error::Prerequisites(
+            "`apt-cache depends linux-image-amd64` names no linux-image-<version> package".into(),
+        )
+    })?;
+    // Best effort, written atomically: a missing record only costs the next run 2 s.
+    if fs::create_dir_all(dir).is_ok() {
+        if let Ok(mut tmp) = tempfile::NamedTempFile::new_in(dir) {
+            if std::io::Write::write_all(&mut tmp, pkg.as_bytes()).is_ok() {
+                let _ = tmp.persist(&record);
+            }
+        }
+    }
+    Ok(pkg)
 }
+
+/// apt's package lists: `apt-get update` replaces files in it, which changes its mtime.
+const APT_LISTS: &str = "/var/lib/apt/lists";
 
 /// Picks the `Depends: linux-image-<digit>...` line of `apt-cache depends` output.
 pub(crate) fn parse_depends(out: &str) -> Option<String> {
@@ -247,12 +307,21 @@ fn release_of(root: &Path) -> Result<String, Error> {
 /// Downloads and unpacks `pkg` into `dir/pkg`. Works in a temporary folder beside it and renames
 /// at the end, so an interrupted fetch leaves no half-unpacked kernel behind.
 fn fetch(dir: &Path, pkg: &str) -> Result<(), Error> {
-    fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-    eprintln!("testbed: fetching the L1 kernel {pkg} into {}", dir.display());
+    fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    eprintln!(
+        "testbed: fetching the L1 kernel {pkg} into {}",
+        dir.display()
+    );
     let tmp = tempfile::Builder::new()
         .prefix(".fetch-")
         .tempdir_in(dir)
-        .map_err(|e| Error::io(format!("cannot create a temporary folder in {}", dir.display()), e))?;
+        .map_err(|e| {
+            Error::io(
+                format!("cannot create a temporary folder in {}", dir.display()),
+                e,
+            )
+        })?;
     let download = || {
         let mut cmd = Command::new("apt-get");
         // apt drops privileges to `_apt` for downloads, which cannot write into a folder under
@@ -277,15 +346,28 @@ fn fetch(dir: &Path, pkg: &str) -> Result<(), Error> {
     command_output(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
     let release = release_of(&unpacked)?;
     // The package has no modules.dep (its postinst makes one); modprobe needs it.
-    if !unpacked.join("lib/modules").join(&release).join("modules.dep").exists() {
-        command_output(Command::new("depmod").arg("-b").arg(&unpacked).arg(&release))?;
+    if !unpacked
+        .join("lib/modules")
+        .join(&release)
+        .join("modules.dep")
+        .exists()
+    {
+        command_output(
+            Command::new("depmod")
+                .arg("-b")
+                .arg(&unpacked)
+                .arg(&release),
+        )?;
     }
     extract_vmlinux(&unpacked, &release);
     let dest = dir.join(pkg);
     if let Err(err) = fs::rename(&unpacked, &dest) {
         // Another run may have finished the same fetch first.
         if !dest.is_dir() {
-            return Err(Error::io(format!("cannot move the kernel to {}", dest.display()), err));
+            return Err(Error::io(
+                format!("cannot move the kernel to {}", dest.display()),
+                err,
+            ));
         }
     }
     Ok(())
@@ -298,10 +380,19 @@ mod tests {
     #[test]
     fn depends_names_the_versioned_package() {
         let out = "linux-image-amd64\n  Depends: linux-image-6.1.0-56-amd64\n";
-        assert_eq!(parse_depends(out).as_deref(), Some("linux-image-6.1.0-56-amd64"));
+        assert_eq!(
+            parse_depends(out).as_deref(),
+            Some("linux-image-6.1.0-56-amd64")
+        );
         let alternatives = "linux-image-amd64\n |Depends: linux-image-6.1.0-57-amd64\n  Depends: linux-image-6.1.0-57-amd64-unsigned\n";
-        assert_eq!(parse_depends(alternatives).as_deref(), Some("linux-image-6.1.0-57-amd64"));
-        assert_eq!(parse_depends("linux-image-amd64\n  Depends: linux-base\n"), None);
+        assert_eq!(
+            parse_depends(alternatives).as_deref(),
+            Some("linux-image-6.1.0-57-amd64")
+        );
+        assert_eq!(
+            parse_depends("linux-image-amd64\n  Depends: linux-base\n"),
+            None
+        );
         assert_eq!(parse_depends(""), None);
     }
 
@@ -330,7 +421,11 @@ mod tests {
         let root = crate::cache_dir().join("testbed").join(pkg);
         let release = release_of(&root).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        decompress_bzimage(&root.join("boot").join(format!("vmlinuz-{release}")), dir.path()).unwrap();
+        decompress_bzimage(
+            &root.join("boot").join(format!("vmlinuz-{release}")),
+            dir.path(),
+        )
+        .unwrap();
         let elf = fs::read(dir.path().join(VMLINUX)).unwrap();
         assert!(elf.starts_with(b"\x7fELF") && elf.len() > 10 << 20);
     }
@@ -349,6 +444,9 @@ insmod /c/lib/modules/6.1.0/kernel/arch/x86/kvm/kvm.ko \n";
             .iter()
             .map(|p| p.file_name().unwrap().to_str().unwrap())
             .collect();
-        assert_eq!(names, ["irqbypass.ko", "kvm.ko", "kvm-amd.ko", "virtio_ring.ko"]);
+        assert_eq!(
+            names,
+            ["irqbypass.ko", "kvm.ko", "kvm-amd.ko", "virtio_ring.ko"]
+        );
     }
 }

@@ -304,7 +304,9 @@ impl Testbed {
             return Err(Error::Config("no command to run".into()));
         }
         if let Some((key, _)) = self.env.iter().find(|(k, _)| !initramfs::valid_env_key(k)) {
-            return Err(Error::Config(format!("{key:?} is not a valid variable name")));
+            return Err(Error::Config(format!(
+                "{key:?} is not a valid variable name"
+            )));
         }
         if self.memory_mib < 256 || self.smp == 0 {
             return Err(Error::Config(format!(
@@ -315,7 +317,10 @@ impl Testbed {
         let cwd = std::path::absolute(cwd)
             .map_err(|e| Error::io(format!("cannot make {} absolute", cwd.display()), e))?;
         if !cwd.is_dir() {
-            return Err(Error::Config(format!("{} is not a directory", cwd.display())));
+            return Err(Error::Config(format!(
+                "{} is not a directory",
+                cwd.display()
+            )));
         }
         let mut shares = Vec::new();
         for path in &self.shares {
@@ -339,16 +344,32 @@ impl Testbed {
         plan: &Plan,
         nonce: &str,
     ) -> Result<(), Error> {
-        let busybox = fs::read(BUSYBOX).map_err(|e| Error::io(format!("cannot read {BUSYBOX}"), e))?;
-        let mut modules = Vec::new();
+        let busybox =
+            fs::read(BUSYBOX).map_err(|e| Error::io(format!("cannot read {BUSYBOX}"), e))?;
+        let mut modules: Vec<Vec<String>> = Vec::new();
         let mut module_data = Vec::new();
-        for (i, ko) in kernel.module_chain()?.iter().enumerate() {
-            let name = ko.file_name().unwrap_or_default().to_string_lossy();
-            modules.push(format!("{:03}-{name}", i + 1));
-            module_data.push(fs::read(ko).map_err(|e| Error::io(format!("cannot read {}", ko.display()), e))?);
+        for group in kernel.module_groups()? {
+            let mut names = Vec::new();
+            for ko in group {
+                let name = ko.file_name().unwrap_or_default().to_string_lossy();
+                names.push(format!("{:03}-{name}", module_data.len() + 1));
+                module_data.push(
+                    fs::read(&ko)
+                        .map_err(|e| Error::io(format!("cannot read {}", ko.display()), e))?,
+                );
+            }
+            modules.push(names);
         }
-        let env: Vec<(&str, &OsStr)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_os_str())).collect();
-        let shares: Vec<(String, &Path)> = plan.shares.iter().map(|(t, p)| (t.clone(), p.as_path())).collect();
+        let env: Vec<(&str, &OsStr)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_os_str()))
+            .collect();
+        let shares: Vec<(String, &Path)> = plan
+            .shares
+            .iter()
+            .map(|(t, p)| (t.clone(), p.as_path()))
+            .collect();
         let modules_dir = kernel.modules_dir();
         let init = initramfs::init_script(&initramfs::InitSpec {
             modules: &modules,
@@ -369,32 +390,53 @@ impl Testbed {
             // The kernel opens /dev/console for /init's stdio before /init mounts devtmpfs.
             cpio.char_dev("dev/console", 0o600, 5, 1)?;
             cpio.file("bin/busybox", 0o755, &busybox)?;
-            for (name, data) in modules.iter().zip(&module_data) {
+            for (name, data) in modules.iter().flatten().zip(&module_data) {
                 cpio.file(&format!("modules/{name}"), 0o644, data)?;
             }
             cpio.file("testbed/cmd.sh", 0o644, &cmd)?;
             cpio.file("init", 0o755, &init)?;
-            cpio.finish()?.into_inner().map_err(|e| e.into_error())?.sync_all()
+            cpio.finish()?
+                .into_inner()
+                .map_err(|e| e.into_error())?
+                .sync_all()
         };
         write().map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
     }
 
-    fn qemu_command(&self, kernel: &kernel::L1Kernel, initrd: &Path, shares: &[(String, PathBuf)]) -> Command {
+    fn qemu_command(
+        &self,
+        kernel: &kernel::L1Kernel,
+        initrd: &Path,
+        shares: &[(String, PathBuf)],
+    ) -> Command {
         let mut qemu = Command::new(QEMU);
-        qemu.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-            .args(["-accel", "tcg,thread=multi", "-cpu", &self.cpu])
-            .args(["-smp", &self.smp.to_string(), "-m", &self.memory_mib.to_string()])
-            .arg("-kernel")
-            .arg(kernel.image())
-            .arg("-initrd")
-            .arg(initrd)
-            .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=1"])
-            // The console, and with it CMD's output, on QEMU's stdout.
-            .args(["-serial", "stdio"]);
+        qemu.args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-accel", "tcg,thread=multi", "-cpu", &self.cpu])
+        .args([
+            "-smp",
+            &self.smp.to_string(),
+            "-m",
+            &self.memory_mib.to_string(),
+        ])
+        .arg("-kernel")
+        .arg(kernel.image())
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=1"])
+        // The console, and with it CMD's output, on QEMU's stdout.
+        .args(["-serial", "stdio"]);
         let mut virtfs = |path: &Path, tag: &str, readonly: bool| {
             let mut opt = OsString::from("local,path=");
             opt.push(qemu_escape(path.as_os_str()));
-            opt.push(format!(",mount_tag={tag},security_model=none,multidevs=remap"));
+            opt.push(format!(
+                ",mount_tag={tag},security_model=none,multidevs=remap"
+            ));
             if readonly {
                 opt.push(",readonly=on");
             }
@@ -405,7 +447,9 @@ impl Testbed {
             virtfs(path, tag, false);
         }
         // Stdin: nothing (QEMU would put a terminal in raw mode). Stderr: QEMU's own complaints.
-        qemu.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        qemu.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         qemu
     }
 }
@@ -429,7 +473,11 @@ fn relay_console(stdout: impl Read, nonce: &str, verbose: Option<Instant>) -> co
             Ok(_) => {
                 if let Some(start) = verbose {
                     let raw = String::from_utf8_lossy(&line);
-                    eprintln!("[L1 +{:7.3}s] {}", start.elapsed().as_secs_f64(), raw.trim_end_matches(['\r', '\n']));
+                    eprintln!(
+                        "[L1 +{:7.3}s] {}",
+                        start.elapsed().as_secs_f64(),
+                        raw.trim_end_matches(['\r', '\n'])
+                    );
                 }
                 if let Some(out) = console.feed(&line) {
                     let mut stdout = io::stdout().lock();
@@ -443,7 +491,10 @@ fn relay_console(stdout: impl Read, nonce: &str, verbose: Option<Instant>) -> co
 }
 
 fn print_tail(console: &console::Console) {
-    let mut text = format!("testbed: the last lines of L1's console (up to {}):\n", console::TAIL_LINES);
+    let mut text = format!(
+        "testbed: the last lines of L1's console (up to {}):\n",
+        console::TAIL_LINES
+    );
     for line in console.tail() {
         let _ = writeln!(text, "  | {}", String::from_utf8_lossy(line));
     }
@@ -554,7 +605,10 @@ mod tests {
 
     #[test]
     fn qemu_option_commas_are_doubled() {
-        assert_eq!(qemu_escape(OsStr::new("/a,b,,c")), OsString::from("/a,,b,,,,c"));
+        assert_eq!(
+            qemu_escape(OsStr::new("/a,b,,c")),
+            OsString::from("/a,,b,,,,c")
+        );
         assert_eq!(qemu_escape(OsStr::new("/plain")), OsString::from("/plain"));
     }
 
@@ -596,9 +650,15 @@ mod tests {
             .env("FOO", "x y")
             .share_rw(dir.path())
             .timeout(Duration::from_secs(600))
-            .run(&["sh", "-c", script, "sh", "a b", "c'd", "$HOME"], dir.path())
+            .run(
+                &["sh", "-c", script, "sh", "a b", "c'd", "$HOME"],
+                dir.path(),
+            )
             .unwrap();
         assert_eq!(code, 3);
-        assert_eq!(fs::read_to_string(dir.path().join("out.txt")).unwrap(), "a b|c'd|$HOME|");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("out.txt")).unwrap(),
+            "a b|c'd|$HOME|"
+        );
     }
 }

@@ -86,7 +86,7 @@ pub struct Boot {
 }
 
 /// The guest command line for tests: quiet, reset on reboot and panic.
-pub const TEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+pub const TEST_CMDLINE: &str = vmm::DEFAULT_CMDLINE;
 
 impl Boot {
     pub fn new(art: &Artifacts, initrd: &Path) -> Self {

@@ -226,7 +226,7 @@ fn boot_inner(runs: usize) -> Result<()> {
             .arg(&initrd)
             .arg("--cmdline")
             .arg(format!(
-                "console=ttyS0 reboot=k panic=-1 quiet{}",
+                "console=ttyS0 reboot=k panic=-1 pci=off quiet{}",
                 if sleep { " SLEEP=1" } else { "" }
             ));
         c
@@ -257,7 +257,7 @@ fn boot_inner(runs: usize) -> Result<()> {
         // QEMU's microvm has no i8042: it resets by triple fault, which -no-reboot turns into exit.
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 reboot=t panic=-1 quiet{}",
+            "console=ttyS0 reboot=t panic=-1 pci=off quiet{}",
             if sleep { " SLEEP=1" } else { "" }
         ));
         c
