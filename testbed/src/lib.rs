@@ -18,10 +18,15 @@
 //! - **Kernel**: Debian's current `linux-image-<release>-amd64`, downloaded with `apt-get download`
 //!   and unpacked with `dpkg-deb -x` into the cache (`$MICROVM_CACHE`, `$XDG_CACHE_HOME/microvm`
 //!   or `~/.cache/microvm`, under `testbed/<package>/`), never installed on this host. A stock
-//!   distribution kernel has every module a test may want (`modprobe` works inside L1).
+//!   distribution kernel has every module a test may want (`modprobe` works inside L1). Its
+//!   compressed payload is unpacked once into an ELF `vmlinux`, which QEMU boots through the PVH
+//!   entry point: that skips the firmware's and the kernel's own XZ decompression under TCG, about
+//!   5 s of every boot.
 //! - **Initramfs**: a static busybox, the modules needed to reach this host's files (`kvm-amd`,
-//!   virtio-pci, 9p, overlay, with their dependencies in `modprobe --show-depends` order) and a
-//!   generated `/init`. It is rebuilt per run (milliseconds) in a temporary folder.
+//!   virtio-pci, 9p, overlay, with their dependencies in `modprobe --show-depends` order; the
+//!   kvm and the file-system chains load in parallel) and a generated `/init`. It is written per
+//!   run (milliseconds, uncompressed: gunzip under TCG costs more than the bytes) in a temporary
+//!   folder.
 //! - **Files**: QEMU shares this host's `/` read-only over virtio-9p; `/init` mounts it, puts a
 //!   tmpfs overlay on top (writes inside L1 vanish with it) and `chroot`s into it, so host binaries
 //!   and build outputs run unchanged. `multidevs=remap` makes QEMU remap inode numbers from the
@@ -39,8 +44,12 @@
 //!   its exit status), and console lines shaped like kernel messages are dropped. Since CMD's
 //!   output goes through a tty, `\r` is removed; `TERM=dumb` keeps tools from drawing progress
 //!   bars.
+//! - **Command**: CMD runs with a clean environment (see [`Testbed::env`]) under the host's own
+//!   `/bin/sh`, every argument single-quoted, so arguments arrive byte for byte.
 //! - **Exit**: `/init` reboots when CMD is done; QEMU runs with `-no-reboot` and the kernel with
 //!   `panic=-1`, so both a normal end and a kernel panic end QEMU at once.
+//!
+//! `MICROVM_TESTBED_VERBOSE=1` copies L1's whole console, with times, to stderr.
 //!
 //! Timings under TCG are not comparable to real hardware: compare ratios measured in one L1.
 

@@ -21,10 +21,12 @@ impl Artifacts {
     /// From `MICROVM_KERNEL` (a vmlinux, with `bzImage` beside it) and the binaries next to the
     /// running test executable (`target/<profile>/`), or `MICROVM_BIN_DIR`.
     pub fn from_env() -> Result<Self, String> {
-        let kernel = std::env::var_os("MICROVM_KERNEL").map(PathBuf::from).ok_or(
-            "MICROVM_KERNEL is not set: build the guest kernel with `cargo xtask kernel` and \
+        let kernel = std::env::var_os("MICROVM_KERNEL")
+            .map(PathBuf::from)
+            .ok_or(
+                "MICROVM_KERNEL is not set: build the guest kernel with `cargo xtask kernel` and \
              point MICROVM_KERNEL at it, or run the tests with `cargo xtask test`",
-        )?;
+            )?;
         let bin_dir = match std::env::var_os("MICROVM_BIN_DIR") {
             Some(d) => PathBuf::from(d),
             None => {
@@ -67,7 +69,10 @@ pub struct GuestOutput {
 impl GuestOutput {
     /// Panics with the whole output unless the VMM exited 0 and stdout contains each marker.
     pub fn expect_ok(&self, markers: &[&str]) -> &Self {
-        let missing: Vec<&&str> = markers.iter().filter(|m| !self.stdout.contains(**m)).collect();
+        let missing: Vec<&&str> = markers
+            .iter()
+            .filter(|m| !self.stdout.contains(**m))
+            .collect();
         assert!(
             self.code == Some(0) && missing.is_empty(),
             "guest run failed: code {:?}, missing {missing:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
@@ -206,8 +211,9 @@ pub fn init_script(body: &str) -> String {
 
 /// FNV-1a, the checksum both ends of the vsock tests compute.
 pub fn fnv1a(hash: u64, data: &[u8]) -> u64 {
-    data.iter()
-        .fold(hash, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+    data.iter().fold(hash, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// FNV-1a's initial value.

@@ -127,7 +127,9 @@ impl Initramfs {
             .iter()
             .map(Path::new)
             .find(|p| p.exists())
-            .ok_or_else(|| io::Error::other("busybox not found (apt-get install busybox-static)"))?;
+            .ok_or_else(|| {
+                io::Error::other("busybox not found (apt-get install busybox-static)")
+            })?;
         self.host_file("bin/busybox", bb)?;
         self.symlink("bin/sh", "busybox");
         Ok(self)
@@ -221,7 +223,10 @@ mod tests {
         {
             let listing = String::from_utf8_lossy(&out.stdout);
             for name in ["dev/console", "etc", "etc/hello.txt", "bin/sh"] {
-                assert!(listing.lines().any(|l| l == name), "{name} missing in\n{listing}");
+                assert!(
+                    listing.lines().any(|l| l == name),
+                    "{name} missing in\n{listing}"
+                );
             }
         }
         let bytes = std::fs::read(&img).unwrap();

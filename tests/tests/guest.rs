@@ -28,7 +28,10 @@ fn main() -> ExitCode {
         trial("block_ro_and_rw_disks", block_disks),
         trial("vsock_1mib_both_ways", vsock_both_ways),
         trial("hwrng_yields_bytes", hwrng),
-        trial("hostile_queue_scribbling_does_not_crash_vmm", hostile_scribble),
+        trial(
+            "hostile_queue_scribbling_does_not_crash_vmm",
+            hostile_scribble,
+        ),
     ];
     libtest_mimic::run(&args, trials).exit_code()
 }
@@ -50,7 +53,12 @@ fn relay_to_testbed(why: &str) -> ExitCode {
     let mut argv = vec![exe.into_os_string()];
     argv.extend(std::env::args_os().skip(1));
     let mut tb = testbed::Testbed::new();
-    for key in ["MICROVM_KERNEL", "MICROVM_BIN_DIR", "RUST_LOG", "RUST_BACKTRACE"] {
+    for key in [
+        "MICROVM_KERNEL",
+        "MICROVM_BIN_DIR",
+        "RUST_LOG",
+        "RUST_BACKTRACE",
+    ] {
         if let Some(v) = std::env::var_os(key) {
             tb = tb.env(key, v);
         }
@@ -72,7 +80,8 @@ fn initramfs(art: &Artifacts, dir: &Path, body: &str) -> PathBuf {
     i.host_program("bin/guest-tool", &art.guest_tool)
         .expect("guest-tool");
     i.file("init", init_script(body), 0o755);
-    i.write_file(&dir.join("initramfs.cpio")).expect("write initramfs")
+    i.write_file(&dir.join("initramfs.cpio"))
+        .expect("write initramfs")
 }
 
 /// The value after `key=` on the line of `stdout` that has it.
@@ -127,7 +136,11 @@ fn mkfs_ext4(image: &Path, contents: Option<&Path>) {
     if let Some(dir) = contents {
         cmd.arg("-d").arg(dir);
     }
-    let status = cmd.arg(image).arg("16M").status().expect("mkfs.ext4 (e2fsprogs)");
+    let status = cmd
+        .arg(image)
+        .arg("16M")
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs)");
     assert!(status.success(), "mkfs.ext4 failed");
 }
 
@@ -155,10 +168,21 @@ fn block_disks(art: &Artifacts, dir: &Path) {
         .arg("--disk")
         .arg(&rw)
         .run();
-    out.expect_ok(&["written-by-host", "RO-WRITE-FAILED", "RW-UNMOUNTED", "GUEST-END rc=0"]);
+    out.expect_ok(&[
+        "written-by-host",
+        "RO-WRITE-FAILED",
+        "RW-UNMOUNTED",
+        "GUEST-END rc=0",
+    ]);
     assert_eq!(value_of(&out.stdout, "RO_FLAG"), "1");
-    assert!(!value_of(&out.stdout, "SERIAL").is_empty(), "GET_ID gave no serial");
-    assert!(std::fs::read(&ro).unwrap() == ro_before, "the read-only image changed");
+    assert!(
+        !value_of(&out.stdout, "SERIAL").is_empty(),
+        "GET_ID gave no serial"
+    );
+    assert!(
+        std::fs::read(&ro).unwrap() == ro_before,
+        "the read-only image changed"
+    );
     let cat = Command::new("debugfs")
         .args(["-R", "cat /out.txt"])
         .arg(&rw)
@@ -209,8 +233,13 @@ fn vsock_both_ways(art: &Artifacts, dir: &Path) {
     let deadline = Instant::now() + Duration::from_secs(90);
     let stream = loop {
         assert!(Instant::now() < deadline, "guest port 6000 never accepted");
+        // Until the guest's driver is up and its listener bound, the VMM closes the connection
+        // (EPIPE on write, EOF on read): retry.
         if let Ok(mut s) = UnixStream::connect(&uds) {
-            s.write_all(b"CONNECT 6000\n").unwrap();
+            if s.write_all(b"CONNECT 6000\n").is_err() {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
             let mut line = String::new();
             let mut r = BufReader::new(s.try_clone().unwrap());
             if r.read_line(&mut line).is_ok() && line.starts_with("OK ") {
@@ -236,7 +265,11 @@ fn vsock_both_ways(art: &Artifacts, dir: &Path) {
     assert_eq!(fnv1a(FNV_INIT, &echoed), want, "host->guest echo corrupted");
     // Guest -> host -> guest, checked on both ends.
     let (n, hash) = host_echo.join().unwrap();
-    assert_eq!((n, hash), (VSOCK_BYTES, want), "guest->host stream corrupted");
+    assert_eq!(
+        (n, hash),
+        (VSOCK_BYTES, want),
+        "guest->host stream corrupted"
+    );
     assert_eq!(value_of(&out.stdout, "fnv"), format!("{want:016x}"));
 }
 
@@ -251,7 +284,10 @@ fn hwrng(art: &Artifacts, dir: &Path) {
     out.expect_ok(&["GUEST-END rc=0"]);
     assert!(value_of(&out.stdout, "CURRENT").starts_with("virtio_rng"));
     assert_eq!(value_of(&out.stdout, "SIZE"), "1024");
-    assert_ne!(value_of(&out.stdout, "SUM_A"), value_of(&out.stdout, "SUM_B"));
+    assert_ne!(
+        value_of(&out.stdout, "SUM_A"),
+        value_of(&out.stdout, "SUM_B")
+    );
 }
 
 fn hostile_scribble(art: &Artifacts, dir: &Path) {

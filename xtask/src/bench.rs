@@ -98,7 +98,13 @@ fn boot(runs: usize) -> Result<()> {
 /// it (on a PVM host the guest would only crawl).
 fn first_kvm_run_ms(microvm: &Path, kernel: &Path, initrd: &Path) -> Result<f64> {
     let mut child = Command::new(microvm)
-        .args(["boot", "--force", "--memory", &GUEST_MIB.to_string(), "--kernel"])
+        .args([
+            "boot",
+            "--force",
+            "--memory",
+            &GUEST_MIB.to_string(),
+            "--kernel",
+        ])
         .arg(kernel)
         .arg("--initrd")
         .arg(initrd)
@@ -272,9 +278,18 @@ fn boot_inner(runs: usize) -> Result<()> {
         q_init.push(s.to_init_ms);
         q_wall.push(s.wall_ms);
     }
-    println!("microvm    spawn to /init output: {}", summary(&ours_init, "ms"));
-    println!("qemu -M microvm spawn to /init output: {}", summary(&q_init, "ms"));
-    println!("microvm    whole run (boot + reset + exit): {}", summary(&ours_wall, "ms"));
+    println!(
+        "microvm    spawn to /init output: {}",
+        summary(&ours_init, "ms")
+    );
+    println!(
+        "qemu -M microvm spawn to /init output: {}",
+        summary(&q_init, "ms")
+    );
+    println!(
+        "microvm    whole run (boot + reset + exit): {}",
+        summary(&ours_wall, "ms")
+    );
     println!("qemu -M microvm whole run: {}", summary(&q_wall, "ms"));
     println!(
         "ratio microvm/qemu (spawn to /init, medians): {:.2}",

@@ -42,7 +42,11 @@ pub fn demo() -> Result<()> {
     let argv = boot_argv(&microvm, &vmlinux, &initrd);
     let code = if vmm::host::check_can_boot_guests().is_ok() {
         eprintln!("demo: booting a microVM on this host");
-        Command::new(&argv[0]).args(&argv[1..]).status()?.code().unwrap_or(1)
+        Command::new(&argv[0])
+            .args(&argv[1..])
+            .status()?
+            .code()
+            .unwrap_or(1)
     } else {
         eprintln!(
             "demo: this host cannot boot guests; booting the microVM inside the testbed \

@@ -39,7 +39,14 @@ pub fn run_tests(args: &TestArgs) -> Result<()> {
             .current_dir(&root))?;
         step("cargo clippy");
         run(Command::new(&cargo)
-            .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+            .args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
             .current_dir(&root))?;
     }
     step("cargo build");

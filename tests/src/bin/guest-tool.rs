@@ -24,9 +24,7 @@ fn main() {
 }
 
 fn usage() -> ! {
-    eprintln!(
-        "usage: guest-tool vsock-send CID PORT BYTES | vsock-echo PORT | scribble ROUNDS"
-    );
+    eprintln!("usage: guest-tool vsock-send CID PORT BYTES | vsock-echo PORT | scribble ROUNDS");
     std::process::exit(2)
 }
 
@@ -49,7 +47,10 @@ fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
 
 fn vsock_socket() -> libc::c_int {
     // SAFETY: plain socket(2) call.
-    check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0) }, "socket")
+    check(
+        unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0) },
+        "socket",
+    )
 }
 
 /// Connects to CID:PORT, sends BYTES of the test pattern while reading back the peer's echo,
