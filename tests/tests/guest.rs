@@ -32,6 +32,7 @@ fn main() -> ExitCode {
             "hostile_queue_scribbling_does_not_crash_vmm",
             hostile_scribble,
         ),
+        trial("guest_triple_fault_ends_vmm_with_error", triple_fault),
     ];
     libtest_mimic::run(&args, trials).exit_code()
 }
@@ -309,4 +310,55 @@ fn hostile_scribble(art: &Artifacts, dir: &Path) {
         "expected the VMM to log the garbage it refused:\n{}",
         out.stderr
     );
+}
+
+/// A minimal ELF "kernel": one segment at 1 MiB holding `ud2`, no PVH note (so it is entered
+/// in long mode). With no IDT the #UD escalates to a triple fault.
+fn ud2_kernel(path: &Path) {
+    let mut elf = vec![0u8; 0x1002];
+    elf[..16].copy_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    let put = |elf: &mut Vec<u8>, off: usize, bytes: &[u8]| {
+        elf[off..off + bytes.len()].copy_from_slice(bytes)
+    };
+    put(&mut elf, 16, &2u16.to_le_bytes()); // ET_EXEC
+    put(&mut elf, 18, &0x3eu16.to_le_bytes()); // x86-64
+    put(&mut elf, 20, &1u32.to_le_bytes());
+    put(&mut elf, 24, &0x10_0000u64.to_le_bytes()); // entry
+    put(&mut elf, 32, &64u64.to_le_bytes()); // program headers
+    put(&mut elf, 52, &64u16.to_le_bytes());
+    put(&mut elf, 54, &56u16.to_le_bytes());
+    put(&mut elf, 56, &1u16.to_le_bytes());
+    let ph = 64;
+    put(&mut elf, ph, &1u32.to_le_bytes()); // PT_LOAD
+    put(&mut elf, ph + 4, &5u32.to_le_bytes()); // R+X
+    put(&mut elf, ph + 8, &0x1000u64.to_le_bytes()); // offset
+    put(&mut elf, ph + 16, &0x10_0000u64.to_le_bytes()); // vaddr
+    put(&mut elf, ph + 24, &0x10_0000u64.to_le_bytes()); // paddr
+    put(&mut elf, ph + 32, &2u64.to_le_bytes()); // filesz
+    put(&mut elf, ph + 40, &2u64.to_le_bytes()); // memsz
+    put(&mut elf, ph + 48, &0x1000u64.to_le_bytes()); // align
+    put(&mut elf, 0x1000, &[0x0f, 0x0b]); // ud2
+    std::fs::write(path, elf).unwrap();
+}
+
+fn triple_fault(art: &Artifacts, dir: &Path) {
+    let kernel = dir.join("ud2.elf");
+    ud2_kernel(&kernel);
+    let initrd = initramfs(art, dir, "true");
+    let out = Boot::with_kernel(art, &kernel, &initrd)
+        .timeout(Duration::from_secs(60))
+        .run();
+    assert_eq!(
+        out.code,
+        Some(1),
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
+    let errors: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("triple-fault"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one clear line expected:\n{}", out.stderr);
 }
