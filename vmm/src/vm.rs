@@ -117,6 +117,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     crate::host::check_capabilities(&kvm)?;
     let vm = kvm.create_vm()?;
     let mem = create_memory(&vm, config.memory_mib)?;
+    phase("VM and guest memory created");
     // The TSS lives in the three pages below the BIOS ROM area, outside guest RAM.
     vm.set_tss_address(0xfffb_d000)?;
     vm.create_irq_chip()?;
@@ -155,6 +156,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
         BOOT_MARKER_PORT,
         1,
     )?;
+    phase("legacy devices");
 
     // Virtio devices, in a fixed order so guest device names are stable: disks (vda, vdb, ...),
     // then vsock, then rng.
@@ -184,8 +186,10 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
         virtio.attach(Arc::new(Mutex::new(Rng::new()?)))?;
     }
 
+    phase("virtio devices");
     // Kernel, initrd, command line, boot structures.
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
+    phase("kernel loaded");
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(
             &mem,
@@ -204,6 +208,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
         }
     }
     mptable::setup_mptable(&mem, config.cpus)?;
+    phase("initrd and boot structures");
     debug!(
         "kernel entry {:?}, command line {:?}",
         kernel.entry,
@@ -236,6 +241,8 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
         ));
     }
 
+    phase("vCPUs configured");
+
     // The event thread's loop, then the vCPUs.
     let mut events = EventManager::<Subscriber>::new()?;
     for s in subscribers {
@@ -267,6 +274,14 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     lock(&serial).flush();
     drop(mem);
     Ok(code)
+}
+
+/// A debug line with the time since VMM start, to see where setup time goes.
+fn phase(name: &str) {
+    debug!(
+        "{name} at {:.3} ms",
+        crate::timing::since_start().as_secs_f64() * 1000.0
+    );
 }
 
 fn validate(config: &VmConfig) -> Result<(), VmmError> {

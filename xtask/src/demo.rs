@@ -50,7 +50,7 @@ pub fn demo() -> Result<()> {
     } else {
         eprintln!(
             "demo: this host cannot boot guests; booting the microVM inside the testbed \
-             (an emulated nested-KVM host, about 20 s)"
+             (an emulated nested-KVM host; under a minute)"
         );
         testbed::ensure_prerequisites()?;
         testbed::Testbed::new().run(&argv, &root)?

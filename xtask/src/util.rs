@@ -12,17 +12,10 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The cache folder outside the checkout: `$MICROVM_CACHE`, else `$XDG_CACHE_HOME/microvm`,
-/// else `~/.cache/microvm`.
+/// The cache folder outside the checkout (`$MICROVM_CACHE`, else `$XDG_CACHE_HOME/microvm`,
+/// else `~/.cache/microvm`), shared with the testbed.
 pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("MICROVM_CACHE") {
-        return PathBuf::from(dir);
-    }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(dir).join("microvm");
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(".cache/microvm")
+    testbed::cache_dir()
 }
 
 /// Runs a command, failing with its command line if it does not exit 0.

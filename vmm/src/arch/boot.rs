@@ -93,6 +93,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             setup_header: None,
         })
     } else {
+        if let Ok(meta) = file.metadata() {
+            populate(mem, HIMEM_START, meta.len());
+        }
         let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
             .map_err(kernel_err)?;
         Ok(LoadedKernel {
@@ -131,12 +134,60 @@ pub fn load_initrd(
             size,
         });
     };
+    populate(mem, addr, size);
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|e| BootError::Initrd {
             path: display,
             source: std::io::Error::other(e.to_string()),
         })?;
     Ok(LoadedInitrd { addr, size })
+}
+
+/// `MADV_POPULATE_WRITE` (Linux 5.14), not yet in the libc crate.
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
+/// Faults in guest memory for `[addr, addr + len)` with one `madvise` instead of one page fault
+/// per page during the copy that follows: on a nested or loaded host each fault is a costly
+/// exception round trip, and this is most of the VMM's setup time. Best effort: on failure
+/// (older kernels) the copy simply faults as usual.
+fn populate(mem: &GuestMemoryMmap, addr: u64, len: u64) {
+    use vm_memory::GuestMemoryBackend;
+    let Some(host) = mem.get_host_address(GuestAddress(addr)).ok() else {
+        return;
+    };
+    // Stay inside the region that holds `addr`.
+    let Some(region) = mem.find_region(GuestAddress(addr)) else {
+        return;
+    };
+    let region_end = vm_memory::GuestMemoryRegion::start_addr(region).0
+        + vm_memory::GuestMemoryRegion::len(region);
+    let start = host as usize & !0xfff;
+    let end = (host as usize + len.min(region_end - addr) as usize + 0xfff) & !0xfff;
+    // SAFETY: [start, end) lies inside one guest memory mapping that we own; populating it only
+    // allocates zero pages there, it changes no contents.
+    unsafe { libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE) };
+}
+
+/// The (physical address, memory size) of each PT_LOAD segment of an ELF64 file.
+fn elf_load_ranges(file: &mut File) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut ehdr = [0u8; 64];
+    file.read_exact(&mut ehdr)?;
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    let (phoff, phentsize, phnum) = (u64_at(&ehdr, 32), u16_at(&ehdr, 54), u16_at(&ehdr, 56));
+    if phentsize < 56 || phnum > 64 {
+        return Ok(Vec::new());
+    }
+    let mut ranges = Vec::new();
+    for i in 0..u64::from(phnum) {
+        let mut ph = [0u8; 56];
+        file.seek(SeekFrom::Start(phoff + i * u64::from(phentsize)))?;
+        file.read_exact(&mut ph)?;
+        if u32::from_le_bytes(ph[0..4].try_into().unwrap()) == 1 {
+            ranges.push((u64_at(&ph, 24), u64_at(&ph, 40)));
+        }
+    }
+    Ok(ranges)
 }
 
 /// Writes the command line at [`CMDLINE_START`].
