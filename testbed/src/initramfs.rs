@@ -195,7 +195,7 @@ fn fill(template: &str, values: &[(&str, &[u8])]) -> Vec<u8> {
     let mut out = Vec::with_capacity(template.len() * 2);
     let mut rest = template;
     while let Some(start) = rest.find('@') {
-        out.extend_from_slice(rest[..start].as_bytes());
+        out.extend_from_slice(&rest.as_bytes()[..start]);
         let after = &rest[start + 1..];
         match after.find('@').and_then(|end| {
             let name = &after[..end];

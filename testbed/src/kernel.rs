@@ -114,7 +114,7 @@ pub(crate) fn ensure(cache: &Path) -> Result<L1Kernel, Error> {
     let release = release_of(&root)?;
     let kernel = L1Kernel { root, release };
     if !kernel.root.join(VMLINUX).exists() && !kernel.root.join(NO_VMLINUX).exists() {
-        // A cache entry from before this step existed.
+        // An entry unpacked by an older version of this code, or an interrupted extraction.
         extract_vmlinux(&kernel.root, &kernel.release);
     }
     Ok(kernel)
@@ -129,9 +129,9 @@ const NO_VMLINUX: &str = "vmlinux-pvh.failed";
 /// `root/vmlinux-pvh`, if the kernel has a PVH entry point (`CONFIG_PVH`, which Debian enables).
 ///
 /// Why: booting the bzImage, SeaBIOS and the kernel's own decompressor (XZ, in Debian's case) run
-/// under TCG, which takes about 6 s of every L1 boot. QEMU boots an ELF kernel with a PVH note
-/// straight at its 32-bit entry point instead: L1 comes up in about half the time. The
-/// decompression happens once, natively, here. On failure L1 simply boots the bzImage.
+/// under TCG, which takes about 5 s of every L1 boot. QEMU boots an ELF kernel with a PVH note
+/// straight at its 32-bit entry point instead (a trivial run: about 6 s instead of 12 s). The
+/// decompression happens once, natively (about 1 s), here. On failure L1 boots the bzImage.
 fn extract_vmlinux(root: &Path, release: &str) {
     let config = root.join("boot").join(format!("config-{release}"));
     let result = match fs::read_to_string(&config) {

@@ -81,6 +81,14 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         source,
     };
     if is_elf {
+        for (addr, len) in elf_load_ranges(&mut file).unwrap_or_default() {
+            populate(mem, addr, len);
+        }
+        file.seek(SeekFrom::Start(0))
+            .map_err(|source| BootError::Open {
+                path: display.clone(),
+                source,
+            })?;
         let r =
             Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(kernel_err)?;
         let entry = match r.pvh_boot_cap {
