@@ -6,7 +6,6 @@
 //! and an uncompressed archive of a few MiB is quicker to load than it is to gunzip under TCG.
 
 use std::ffi::OsStr;
-use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -233,101 +232,6 @@ pub(crate) fn cmd_script(cwd: &Path, argv: &[&OsStr]) -> Vec<u8> {
 }
 
 /// A writer of `newc` cpio archives, the format the kernel unpacks as an initramfs.
-pub(crate) struct Cpio<W: Write> {
-    out: W,
-    written: u64,
-    ino: u32,
-}
-
-const S_IFDIR: u32 = 0o040000;
-const S_IFREG: u32 = 0o100000;
-const S_IFCHR: u32 = 0o020000;
-
-impl<W: Write> Cpio<W> {
-    pub(crate) fn new(out: W) -> Self {
-        Cpio {
-            out,
-            written: 0,
-            ino: 0,
-        }
-    }
-
-    pub(crate) fn dir(&mut self, name: &str, perm: u32) -> io::Result<()> {
-        self.entry(name, S_IFDIR | perm, 2, (0, 0), &[])
-    }
-
-    pub(crate) fn file(&mut self, name: &str, perm: u32, data: &[u8]) -> io::Result<()> {
-        self.entry(name, S_IFREG | perm, 1, (0, 0), data)
-    }
-
-    pub(crate) fn char_dev(
-        &mut self,
-        name: &str,
-        perm: u32,
-        major: u32,
-        minor: u32,
-    ) -> io::Result<()> {
-        self.entry(name, S_IFCHR | perm, 1, (major, minor), &[])
-    }
-
-    /// Writes the trailer and returns the writer.
-    pub(crate) fn finish(mut self) -> io::Result<W> {
-        self.entry("TRAILER!!!", 0, 1, (0, 0), &[])?;
-        self.out.flush()?;
-        Ok(self.out)
-    }
-
-    fn entry(
-        &mut self,
-        name: &str,
-        mode: u32,
-        nlink: u32,
-        rdev: (u32, u32),
-        data: &[u8],
-    ) -> io::Result<()> {
-        let size = u32::try_from(data.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large for cpio"))?;
-        self.ino += 1;
-        let fields = [
-            self.ino,
-            mode,
-            0,
-            0,
-            nlink,
-            0,
-            size,
-            0,
-            0,
-            rdev.0,
-            rdev.1,
-            name.len() as u32 + 1,
-            0,
-        ];
-        let mut header = String::with_capacity(110);
-        header.push_str("070701");
-        for f in fields {
-            header.push_str(&format!("{f:08X}"));
-        }
-        self.put(header.as_bytes())?;
-        self.put(name.as_bytes())?;
-        self.put(&[0])?;
-        self.pad()?;
-        self.put(data)?;
-        self.pad()
-    }
-
-    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.out.write_all(bytes)?;
-        self.written += bytes.len() as u64;
-        Ok(())
-    }
-
-    fn pad(&mut self) -> io::Result<()> {
-        let n = (4 - self.written % 4) % 4;
-        self.put(&[0; 3][..n as usize])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,51 +398,5 @@ mod tests {
             &[("X", b"1"), ("Y", b"'2'")],
         );
         assert_eq!(out, b"a 1 b'2' me@example.com 1");
-    }
-
-    #[test]
-    fn cpio_layout() {
-        let mut cpio = Cpio::new(Vec::new());
-        cpio.dir("bin", 0o755).unwrap();
-        cpio.file("bin/x", 0o755, b"hello").unwrap();
-        cpio.char_dev("console", 0o600, 5, 1).unwrap();
-        let bytes = cpio.finish().unwrap();
-        assert_eq!(bytes.len() % 4, 0);
-        assert!(bytes.starts_with(b"070701"));
-        // The file's header: mode 0100755, size 5, name "bin/x" + NUL, data padded to 4.
-        let second = &bytes[116..]; // 110-byte header + "bin\0", padded to 4
-        assert!(second.starts_with(b"070701"));
-        assert_eq!(&second[14..22], b"000081ED");
-        assert_eq!(&second[54..62], b"00000005");
-        assert_eq!(&second[110..116], b"bin/x\0");
-        assert_eq!(&second[116..121], b"hello");
-        assert!(bytes.ends_with(b"TRAILER!!!\0\0\0\0"));
-    }
-
-    #[test]
-    fn cpio_is_read_by_gnu_cpio() {
-        if Command::new("cpio").arg("--version").output().is_err() {
-            eprintln!("no cpio: skipped");
-            return;
-        }
-        let mut cpio = Cpio::new(Vec::new());
-        cpio.dir("bin", 0o755).unwrap();
-        cpio.file("bin/odd", 0o644, b"abc").unwrap();
-        cpio.file("init", 0o755, b"#!/bin/sh\n").unwrap();
-        let bytes = cpio.finish().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new("cpio")
-            .args(["-i", "--quiet", "--make-directories"])
-            .current_dir(dir.path())
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(&bytes).unwrap();
-        assert!(child.wait().unwrap().success());
-        assert_eq!(std::fs::read(dir.path().join("bin/odd")).unwrap(), b"abc");
-        assert_eq!(
-            std::fs::read(dir.path().join("init")).unwrap(),
-            b"#!/bin/sh\n"
-        );
     }
 }

@@ -392,7 +392,7 @@ impl Testbed {
 
         let write = || -> io::Result<()> {
             let file = io::BufWriter::new(fs::File::create(path)?);
-            let mut cpio = initramfs::Cpio::new(file);
+            let mut cpio = ::initramfs::Cpio::new(file);
             for dir in ["bin", "dev", "proc", "sys", "modules", "testbed"] {
                 cpio.dir(dir, 0o755)?;
             }

@@ -2,4 +2,4 @@
 //! relay into the testbed for hosts whose KVM cannot boot guests.
 
 pub mod guest;
-pub mod initramfs;
+pub use initramfs;

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
+use initramfs::Initramfs;
 use libtest_mimic::{Arguments, Failed, Trial};
 use microvm_tests::guest::{fnv1a, init_script, pattern_byte, Artifacts, Boot, FNV_INIT};
-use microvm_tests::initramfs::Initramfs;
 
 fn main() -> ExitCode {
     let args = Arguments::from_args();

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use microvm_tests::initramfs::Initramfs;
+use initramfs::Initramfs;
 
 use crate::kernel::{self, KernelArgs};
 use crate::util::{ensure_debs, run, workspace_root};

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Result};
-use microvm_tests::initramfs::Initramfs;
+use initramfs::Initramfs;
 
 use crate::kernel::{self, KernelArgs};
 use crate::util::{ensure_debs, run, workspace_root};

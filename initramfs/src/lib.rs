@@ -1,5 +1,9 @@
-//! Builds initramfs images (cpio "newc" archives, uncompressed: the kernel takes them as is)
-//! in-process, so tests need no `cpio` tool and no root for device nodes.
+//! Initramfs images (cpio "newc" archives, uncompressed: the kernel takes them as is) written
+//! in-process: no `cpio` tool (whose `find | cpio` pipeline silently yields an empty archive
+//! when it is missing) and no root for device nodes.
+//!
+//! [`Cpio`] streams entries to a writer; [`Initramfs`] collects a tree (parents created
+//! automatically, host programs with their shared libraries) and writes it through `Cpio`.
 
 use std::collections::BTreeSet;
 use std::io::{self, Write};
@@ -20,10 +24,10 @@ struct Entry {
     data: Vec<u8>,
 }
 
-const S_IFDIR: u32 = 0o040000;
-const S_IFREG: u32 = 0o100000;
-const S_IFLNK: u32 = 0o120000;
-const S_IFCHR: u32 = 0o020000;
+pub const S_IFDIR: u32 = 0o040000;
+pub const S_IFREG: u32 = 0o100000;
+pub const S_IFLNK: u32 = 0o120000;
+pub const S_IFCHR: u32 = 0o020000;
 
 impl Initramfs {
     /// A skeleton with /dev/console (so init has stdio before devtmpfs is mounted) and the
@@ -136,21 +140,12 @@ impl Initramfs {
     }
 
     /// Writes the archive.
-    pub fn write_to(&self, mut out: impl Write) -> io::Result<()> {
-        let mut offset = 0usize;
-        for (ino, e) in self.entries.iter().enumerate() {
-            offset += write_entry(&mut out, ino as u32 + 1, e)?;
+    pub fn write_to(&self, out: impl Write) -> io::Result<()> {
+        let mut cpio = Cpio::new(out);
+        for e in &self.entries {
+            cpio.entry(&e.name, e.mode, e.rdev, &e.data)?;
         }
-        let trailer = Entry {
-            name: "TRAILER!!!".into(),
-            mode: 0,
-            rdev: (0, 0),
-            data: Vec::new(),
-        };
-        offset += write_entry(&mut out, 0, &trailer)?;
-        // Pad to a 512-byte boundary like cpio(1) does.
-        let pad = (512 - offset % 512) % 512;
-        out.write_all(&vec![0; pad])?;
+        cpio.finish()?;
         Ok(())
     }
 
@@ -161,34 +156,91 @@ impl Initramfs {
     }
 }
 
-fn write_entry(out: &mut impl Write, ino: u32, e: &Entry) -> io::Result<usize> {
-    let nlink = if e.mode & S_IFDIR != 0 { 2 } else { 1 };
-    let name_len = e.name.len() + 1;
-    let header = format!(
-        "070701{ino:08x}{:08x}{:08x}{:08x}{nlink:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{name_len:08x}{:08x}",
-        e.mode,
-        0, // uid
-        0, // gid
-        0, // mtime
-        e.data.len(),
-        0, // dev major
-        0, // dev minor
-        e.rdev.0,
-        e.rdev.1,
-        0, // check
-    );
-    out.write_all(header.as_bytes())?;
-    out.write_all(e.name.as_bytes())?;
-    out.write_all(&[0])?;
-    let mut n = header.len() + name_len;
-    let pad = (4 - n % 4) % 4;
-    out.write_all(&[0; 3][..pad])?;
-    n += pad;
-    out.write_all(&e.data)?;
-    n += e.data.len();
-    let pad = (4 - n % 4) % 4;
-    out.write_all(&[0; 3][..pad])?;
-    Ok(n + pad)
+/// A streaming writer of `newc` cpio archives.
+pub struct Cpio<W: Write> {
+    out: W,
+    written: u64,
+    ino: u32,
+}
+
+impl<W: Write> Cpio<W> {
+    pub fn new(out: W) -> Self {
+        Cpio {
+            out,
+            written: 0,
+            ino: 0,
+        }
+    }
+
+    pub fn dir(&mut self, name: &str, perm: u32) -> io::Result<()> {
+        self.entry(name, S_IFDIR | perm, (0, 0), &[])
+    }
+
+    pub fn file(&mut self, name: &str, perm: u32, data: &[u8]) -> io::Result<()> {
+        self.entry(name, S_IFREG | perm, (0, 0), data)
+    }
+
+    pub fn char_dev(&mut self, name: &str, perm: u32, major: u32, minor: u32) -> io::Result<()> {
+        self.entry(name, S_IFCHR | perm, (major, minor), &[])
+    }
+
+    /// Writes the trailer and returns the writer.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.entry("TRAILER!!!", 0, (0, 0), &[])?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
+
+    /// Writes one entry of any type (`mode` includes the `S_IF*` type bits).
+    pub fn entry(
+        &mut self,
+        name: &str,
+        mode: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> io::Result<()> {
+        let nlink = if mode & S_IFDIR != 0 { 2 } else { 1 };
+        let size = u32::try_from(data.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large for cpio"))?;
+        self.ino += 1;
+        let fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            nlink,
+            0,
+            size,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
+        let mut header = String::with_capacity(110);
+        header.push_str("070701");
+        for f in fields {
+            header.push_str(&format!("{f:08X}"));
+        }
+        self.put(header.as_bytes())?;
+        self.put(name.as_bytes())?;
+        self.put(&[0])?;
+        self.pad()?;
+        self.put(data)?;
+        self.pad()
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.out.write_all(bytes)?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn pad(&mut self) -> io::Result<()> {
+        let n = (4 - self.written % 4) % 4;
+        self.put(&[0; 3][..n as usize])
+    }
 }
 
 /// The shared libraries a host program needs (absolute paths, dynamic loader included).
@@ -205,6 +257,7 @@ fn shared_libraries(program: &Path) -> io::Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Stdio;
 
     #[test]
     fn archive_round_trips_through_cpio() {
@@ -214,7 +267,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = i.write_file(&dir.path().join("i.cpio")).unwrap();
         let len = std::fs::metadata(&img).unwrap().len();
-        assert_eq!(len % 512, 0);
+        assert_eq!(len % 4, 0, "newc entries are 4-byte aligned");
         // When cpio(1) is installed, it must list exactly what we put in.
         if let Ok(out) = Command::new("cpio")
             .args(["-t", "--quiet", "-F"])
@@ -242,5 +295,51 @@ mod tests {
         i.file("a/b/d.txt", "y", 0o644);
         let names: Vec<&str> = i.entries.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, vec!["a", "a/b", "a/b/c.txt", "a/b/d.txt"]);
+    }
+
+    #[test]
+    fn cpio_layout() {
+        let mut cpio = Cpio::new(Vec::new());
+        cpio.dir("bin", 0o755).unwrap();
+        cpio.file("bin/x", 0o755, b"hello").unwrap();
+        cpio.char_dev("console", 0o600, 5, 1).unwrap();
+        let bytes = cpio.finish().unwrap();
+        assert_eq!(bytes.len() % 4, 0);
+        assert!(bytes.starts_with(b"070701"));
+        // The file's header: mode 0100755, size 5, name "bin/x" + NUL, data padded to 4.
+        let second = &bytes[116..]; // 110-byte header + "bin\0", padded to 4
+        assert!(second.starts_with(b"070701"));
+        assert_eq!(&second[14..22], b"000081ED");
+        assert_eq!(&second[54..62], b"00000005");
+        assert_eq!(&second[110..116], b"bin/x\0");
+        assert_eq!(&second[116..121], b"hello");
+        assert!(bytes.ends_with(b"TRAILER!!!\0\0\0\0"));
+    }
+
+    #[test]
+    fn cpio_is_read_by_gnu_cpio() {
+        if Command::new("cpio").arg("--version").output().is_err() {
+            eprintln!("no cpio: skipped");
+            return;
+        }
+        let mut cpio = Cpio::new(Vec::new());
+        cpio.dir("bin", 0o755).unwrap();
+        cpio.file("bin/odd", 0o644, b"abc").unwrap();
+        cpio.file("init", 0o755, b"#!/bin/sh\n").unwrap();
+        let bytes = cpio.finish().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new("cpio")
+            .args(["-i", "--quiet", "--make-directories"])
+            .current_dir(dir.path())
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&bytes).unwrap();
+        assert!(child.wait().unwrap().success());
+        assert_eq!(std::fs::read(dir.path().join("bin/odd")).unwrap(), b"abc");
+        assert_eq!(
+            std::fs::read(dir.path().join("init")).unwrap(),
+            b"#!/bin/sh\n"
+        );
     }
 }
