@@ -91,6 +91,23 @@ pub enum ActivateError {
     Backend(String),
 }
 
+/// The driver's queues as exactly `N` queues that are valid in `mem`: what every device's
+/// `activate` checks first.
+pub(crate) fn take_queues<const N: usize>(
+    mem: &GuestMemoryMmap,
+    queues: Vec<Queue>,
+) -> Result<[Queue; N], ActivateError> {
+    use virtio_queue::QueueT;
+    let got = queues.len();
+    let queues: [Queue; N] = queues
+        .try_into()
+        .map_err(|_| ActivateError::QueueCount { want: N, got })?;
+    if let Some(i) = queues.iter().position(|q| !q.is_valid(mem)) {
+        return Err(ActivateError::InvalidQueue(i));
+    }
+    Ok(queues)
+}
+
 /// What the MMIO transport needs from a device. The device keeps its own queue-notification
 /// eventfds (created with it, registered with KVM as ioeventfds by the transport and with the
 /// event manager by the device's `MutEventSubscriber::init`), so activation needs no event

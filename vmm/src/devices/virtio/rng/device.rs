@@ -8,7 +8,8 @@ use vm_memory::{Bytes, GuestMemoryMmap, ReadVolatile, VolatileMemoryError, Volat
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::virtio::{
-    device_type, ActivateError, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
+    device_type, take_queues, ActivateError, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_MMIO_INT_VRING,
 };
 
 const QUEUE_SIZES: &[u16] = &[256];
@@ -133,19 +134,10 @@ impl VirtioDevice for Rng {
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         irq: Arc<IrqTrigger>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                want: 1,
-                got: queues.len(),
-            });
-        }
-        let queue = queues.remove(0);
-        if !queue.is_valid(&mem) {
-            return Err(ActivateError::InvalidQueue(0));
-        }
+        let [queue] = take_queues::<1>(&mem, queues)?;
         self.active = Some(Active { mem, queue, irq });
         // Requests may have been queued before DRIVER_OK.
         self.process_queue();

@@ -12,7 +12,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::muxer::{GuestRx, VsockMuxer};
 use super::VsockError;
 use crate::devices::virtio::{
-    device_type, ActivateError, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
+    device_type, take_queues, ActivateError, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_MMIO_INT_VRING,
 };
 
 /// Queue sizes: rx (host → guest), tx (guest → host), event.
@@ -212,13 +213,7 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         irq: Arc<IrqTrigger>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let queues: [Queue; 3] = queues
-            .try_into()
-            .map_err(|_| ActivateError::QueueCount { want: 3, got })?;
-        if let Some(i) = queues.iter().position(|q| !q.is_valid(&mem)) {
-            return Err(ActivateError::InvalidQueue(i));
-        }
+        let queues = take_queues::<3>(&mem, queues)?;
         self.active = Some(Active { mem, queues, irq });
         self.muxer.set_guest_active(true);
         // Packets and buffers may have been queued before DRIVER_OK.
