@@ -108,6 +108,17 @@ pub(crate) fn take_queues<const N: usize>(
     Ok(queues)
 }
 
+/// Copies the part of a device's configuration space `config` that `[offset, offset + len)`
+/// covers into `data`; bytes past the end stay as the transport zeroed them.
+pub(crate) fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    let src = usize::try_from(offset)
+        .ok()
+        .and_then(|o| config.get(o..))
+        .unwrap_or_default();
+    let n = src.len().min(data.len());
+    data[..n].copy_from_slice(&src[..n]);
+}
+
 /// What the MMIO transport needs from a device. The device keeps its own queue-notification
 /// eventfds (created with it, registered with KVM as ioeventfds by the transport and with the
 /// event manager by the device's `MutEventSubscriber::init`), so activation needs no event

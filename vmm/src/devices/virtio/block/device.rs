@@ -27,8 +27,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::virtio::{
-    device_type, take_queues, ActivateError, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_MMIO_INT_VRING,
+    device_type, read_config_space, take_queues, ActivateError, IrqTrigger, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
 };
 
 const QUEUE_SIZES: &[u16] = &[256];
@@ -489,12 +489,7 @@ impl VirtioDevice for Block {
         let mut config = [0u8; CONFIG_SIZE];
         config[..8].copy_from_slice(&(self.disk.size / SECTOR_SIZE).to_le_bytes());
         config[12..].copy_from_slice(&(SEG_MAX as u32).to_le_bytes());
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|o| config.get(o..))
-            .unwrap_or_default();
-        let n = src.len().min(data.len());
-        data[..n].copy_from_slice(&src[..n]);
+        read_config_space(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

@@ -12,8 +12,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::muxer::{GuestRx, VsockMuxer};
 use super::VsockError;
 use crate::devices::virtio::{
-    device_type, take_queues, ActivateError, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_MMIO_INT_VRING,
+    device_type, read_config_space, take_queues, ActivateError, IrqTrigger, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
 };
 
 /// Queue sizes: rx (host → guest), tx (guest → host), event.
@@ -186,17 +186,7 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
-        let config = self.guest_cid.to_le_bytes();
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|start| config.get(start..start.checked_add(data.len())?));
-        match src {
-            Some(src) => data.copy_from_slice(src),
-            None => warn!(
-                "vsock: config read of {} bytes at {offset:#x} out of range",
-                data.len()
-            ),
-        }
+        read_config_space(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
