@@ -62,11 +62,19 @@ fn boot(runs: usize) -> Result<()> {
     let initrd = bench_initramfs(work.path())?;
 
     println!("== host-side setup: process start to first KVM_RUN (this host, {runs} runs) ==");
-    let mut setup = Vec::new();
+    let (mut setup, mut overhead) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        setup.push(first_kvm_run_ms(&microvm, &vmlinux, &initrd)?);
+        let (ms, rss) = first_kvm_run(&microvm, &vmlinux, &initrd)?;
+        setup.push(ms);
+        overhead.extend(rss.map(|(total, guest)| total - guest));
     }
     println!("microvm setup to first KVM_RUN: {}", summary(&setup, "ms"));
+    if !overhead.is_empty() {
+        println!(
+            "microvm RSS beyond guest memory, just after first KVM_RUN: {}",
+            summary(&overhead, "MiB")
+        );
+    }
 
     let code = if vmm::host::check_can_boot_guests().is_ok() {
         boot_inner(runs).map(|_| 0)?
@@ -94,9 +102,14 @@ fn boot(runs: usize) -> Result<()> {
     Ok(())
 }
 
-/// Starts `microvm boot --force` and returns the VMM's own "first KVM_RUN at X ms", then kills
-/// it (on a PVM host the guest would only crawl).
-fn first_kvm_run_ms(microvm: &Path, kernel: &Path, initrd: &Path) -> Result<f64> {
+/// Starts `microvm boot --force` and returns the VMM's own "first KVM_RUN at X ms" and its RSS
+/// split (total, guest memory) just after, then kills it (on a PVM host the guest would only
+/// crawl).
+fn first_kvm_run(
+    microvm: &Path,
+    kernel: &Path,
+    initrd: &Path,
+) -> Result<(f64, Option<(f64, f64)>)> {
     let mut child = Command::new(microvm)
         .args([
             "boot",
@@ -120,9 +133,11 @@ fn first_kvm_run_ms(microvm: &Path, kernel: &Path, initrd: &Path) -> Result<f64>
             break;
         }
     }
+    std::thread::sleep(Duration::from_millis(100));
+    let rss = rss_split(child.id(), GUEST_MIB << 20).ok();
     let _ = child.kill();
     let _ = child.wait();
-    found.context("the VMM never reached KVM_RUN")
+    Ok((found.context("the VMM never reached KVM_RUN")?, rss))
 }
 
 fn number_after(line: &str, prefix: &str) -> Option<f64> {
