@@ -90,7 +90,8 @@ $B ln -sfn /proc/self/fd/0 $N/dev/stdin
 $B ln -sfn /proc/self/fd/1 $N/dev/stdout
 $B ln -sfn /proc/self/fd/2 $N/dev/stderr
 $B mount -t tmpfs -o mode=0755 tmpfs $N/run
-$B mount -t tmpfs -o mode=1777 tmpfs $N/tmp
+# /tmp stays the overlay's (writable, tmpfs-backed): a fresh tmpfs there would hide a checkout
+# or test files that live under the host's /tmp.
 # containerd and runc want cgroup v2.
 $B mount -t cgroup2 cgroup2 $N/sys/fs/cgroup || echo 'testbed-init: warning: no cgroup2'
 # So that modprobe inside L1 finds the L1 kernel's modules (the host's /lib/modules has the host's).

@@ -653,10 +653,16 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
+        // A host file under /tmp that is not shared read-write must be visible too (CI may
+        // check the project out under /tmp).
+        let unshared = tempfile::tempdir().unwrap();
+        std::fs::write(unshared.path().join("mark"), "m").unwrap();
         let script = r#"true && printf '%s|' "$@" >out.txt && [ -c /dev/kvm ] && grep -q svm /proc/cpuinfo \
-            && [ "$MICROVM_IN_TESTBED" = 1 ] && [ "$FOO" = 'x y' ] && [ "$(hostname)" = testbed ] && exit 3"#;
+            && [ "$MICROVM_IN_TESTBED" = 1 ] && [ "$FOO" = 'x y' ] && [ "$(hostname)" = testbed ] \
+            && [ "$(cat "$MARK")" = m ] && exit 3"#;
         let code = Testbed::new()
             .env("FOO", "x y")
+            .env("MARK", unshared.path().join("mark"))
             .share_rw(dir.path())
             .timeout(Duration::from_secs(600))
             .run(
