@@ -424,9 +424,18 @@ async fn run(
 
 async fn boot(env: &Env) -> Sandbox {
     let started = Instant::now();
-    let sb = Sandbox::start(env.cfg.clone())
-        .await
-        .unwrap_or_else(|e| panic!("the sandbox did not start: {e}"));
+    // Known open bug (see the README): in the emulated testbed, a guest occasionally
+    // triple-faults during early boot. One retry, announced, keeps that from hiding the
+    // behaviour under test; a second failure fails the test.
+    let sb = match Sandbox::start(env.cfg.clone()).await {
+        Ok(sb) => sb,
+        Err(e) => {
+            eprintln!("WARNING: the sandbox did not start ({e}); retrying once");
+            Sandbox::start(env.cfg.clone())
+                .await
+                .unwrap_or_else(|e| panic!("the sandbox did not start: {e}"))
+        }
+    };
     eprintln!(
         "agent answered {:.2} s after the VMM started",
         started.elapsed().as_secs_f64()

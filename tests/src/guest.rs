@@ -150,6 +150,29 @@ impl Boot {
     pub fn run(self) -> GuestOutput {
         self.spawn().wait()
     }
+
+    /// Like [`Boot::run`], but retries once, announced, when the guest triple-faulted before
+    /// printing anything: a known open bug seen in the emulated testbed (see the README), which
+    /// must not hide the behaviour a test checks. Tests of the error path use [`Boot::run`].
+    pub fn run_retrying_early_triple_fault(self) -> GuestOutput {
+        let program = self.cmd.get_program().to_owned();
+        let args: Vec<OsString> = self.cmd.get_args().map(|a| a.to_owned()).collect();
+        let timeout = self.timeout;
+        let first = self.run();
+        if first.code == Some(1)
+            && first.stdout.is_empty()
+            && first.stderr.contains("triple-faulted")
+        {
+            eprintln!(
+                "WARNING: early triple fault, retrying once:\n{}",
+                first.stderr
+            );
+            let mut cmd = Command::new(program);
+            cmd.args(args);
+            return Boot { cmd, timeout }.run();
+        }
+        first
+    }
 }
 
 fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {

@@ -99,7 +99,7 @@ const HELLO_BODY: &str = "echo HELLO-FROM-GUEST; uname -r; \
 
 fn boot_vmlinux_pvh(art: &Artifacts, dir: &Path) {
     let initrd = initramfs(art, dir, HELLO_BODY);
-    let out = Boot::new(art, &initrd).run();
+    let out = Boot::new(art, &initrd).run_retrying_early_triple_fault();
     out.expect_ok(&["HELLO-FROM-GUEST", "MARKER-WRITTEN", "GUEST-END rc=0"]);
     assert!(
         out.stderr.contains("guest boot marker 1 at"),
@@ -111,7 +111,7 @@ fn boot_vmlinux_pvh(art: &Artifacts, dir: &Path) {
 
 fn boot_bzimage(art: &Artifacts, dir: &Path) {
     let initrd = initramfs(art, dir, HELLO_BODY);
-    let out = Boot::with_kernel(art, &art.bzimage, &initrd).run();
+    let out = Boot::with_kernel(art, &art.bzimage, &initrd).run_retrying_early_triple_fault();
     out.expect_ok(&["HELLO-FROM-GUEST", "GUEST-END rc=0"]);
 }
 
@@ -122,7 +122,7 @@ fn smp_and_memory(art: &Artifacts, dir: &Path) {
     let initrd = initramfs(art, dir, body);
     let out = Boot::new(art, &initrd)
         .args(["--cpus", "2", "--memory", "256"])
-        .run();
+        .run_retrying_early_triple_fault();
     out.expect_ok(&["GUEST-END rc=0"]);
     assert_eq!(value_of(&out.stdout, "CPUS"), "2");
     assert_eq!(value_of(&out.stdout, "ONLINE"), "0-1");
@@ -168,7 +168,7 @@ fn block_disks(art: &Artifacts, dir: &Path) {
         .arg(format!("{},ro", ro.display()))
         .arg("--disk")
         .arg(&rw)
-        .run();
+        .run_retrying_early_triple_fault();
     out.expect_ok(&[
         "written-by-host",
         "RO-WRITE-FAILED",
@@ -281,7 +281,9 @@ fn hwrng(art: &Artifacts, dir: &Path) {
         echo SIZE=$(wc -c < /tmp/a); \
         echo SUM_A=$(md5sum /tmp/a | cut -d' ' -f1); echo SUM_B=$(md5sum /tmp/b | cut -d' ' -f1)";
     let initrd = initramfs(art, dir, body);
-    let out = Boot::new(art, &initrd).arg("--rng").run();
+    let out = Boot::new(art, &initrd)
+        .arg("--rng")
+        .run_retrying_early_triple_fault();
     out.expect_ok(&["GUEST-END rc=0"]);
     assert!(value_of(&out.stdout, "CURRENT").starts_with("virtio_rng"));
     assert_eq!(value_of(&out.stdout, "SIZE"), "1024");
@@ -302,7 +304,7 @@ fn hostile_scribble(art: &Artifacts, dir: &Path) {
         .arg(&disk)
         .arg("--vsock")
         .arg(format!("3,{}", uds.display()))
-        .run();
+        .run_retrying_early_triple_fault();
     // The VMM survived: the guest's reset still ended it cleanly.
     out.expect_ok(&["SCRIBBLE windows=3", "SCRIBBLE-DONE"]);
     assert!(

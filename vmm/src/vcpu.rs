@@ -135,6 +135,17 @@ impl Vcpu {
         }
     }
 
+    /// The registers that say where a guest died, for the one-line error.
+    fn describe_state(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer
+            ),
+            _ => "registers unavailable".into(),
+        }
+    }
+
     fn run_once(&mut self) -> State {
         let exit = match self.fd.run() {
             Ok(exit) => exit,
@@ -189,9 +200,10 @@ impl Vcpu {
                 State::Exited
             }
             VcpuExit::Shutdown => {
+                let state = self.describe_state();
                 self.exit.report(VmExit::Error(format!(
-                    "vcpu{}: the guest triple-faulted (KVM_EXIT_SHUTDOWN); boot the guest with \
-                     reboot=k to reset cleanly",
+                    "vcpu{}: the guest triple-faulted (KVM_EXIT_SHUTDOWN; {state}); boot the \
+                     guest with reboot=k to reset cleanly",
                     self.index
                 )));
                 State::Exited
