@@ -37,11 +37,18 @@ const CGROUP_ROOT_VAR: &str = "CONTAINER_TESTS_CGROUP_ROOT";
 /// How long a container process may take under the testbed's emulated CPU.
 const WAIT: Duration = Duration::from_secs(120);
 
+/// The environment variables the copy of this binary inside the testbed needs.
+const RELAY_ENV: &[&str] = &["RUST_LOG", "RUST_BACKTRACE"];
+
 fn main() -> ExitCode {
     let args = Arguments::from_args();
     let here = std::env::var_os(CGROUP_ROOT_VAR).is_some();
     if !args.list && !here && !testbed::in_testbed() && !cgroup2_at_sys_fs_cgroup() {
-        return relay_to_testbed("/sys/fs/cgroup is not cgroup v2 here");
+        return testbed::relay_current_exe(
+            "container runtime tests",
+            "/sys/fs/cgroup is not cgroup v2 here",
+            RELAY_ENV,
+        );
     }
     if !args.list && !nix::unistd::geteuid().is_root() {
         eprintln!("container runtime tests: must run as root");
@@ -99,29 +106,6 @@ fn trial(name: &'static str, f: fn() -> Result<(), Failed>) -> Trial {
 
 fn cgroup2_at_sys_fs_cgroup() -> bool {
     statfs("/sys/fs/cgroup").is_ok_and(|s| s.filesystem_type() == CGROUP2_SUPER_MAGIC)
-}
-
-/// Runs this test binary, with the same arguments, inside the testbed.
-fn relay_to_testbed(why: &str) -> ExitCode {
-    eprintln!("container runtime tests: {why}");
-    eprintln!("container runtime tests: running them inside the testbed (cgroup v2, ~20 s boot)");
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut argv = vec![exe.into_os_string()];
-    argv.extend(std::env::args_os().skip(1));
-    let mut tb = testbed::Testbed::new();
-    for key in ["RUST_LOG", "RUST_BACKTRACE"] {
-        if let Some(v) = std::env::var_os(key) {
-            tb = tb.env(key, v);
-        }
-    }
-    let cwd = std::env::current_dir().expect("cwd");
-    match tb.run(&argv, &cwd) {
-        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-        Err(e) => {
-            eprintln!("container runtime tests: the testbed failed: {e}");
-            ExitCode::from(101)
-        }
-    }
 }
 
 // ---- the agent's part: subreaper and reaper ----

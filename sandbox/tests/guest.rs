@@ -22,6 +22,19 @@ use sandbox::{
 };
 use serde_json::json;
 
+/// The environment variables the copy of this binary inside the testbed needs.
+const RELAY_ENV: &[&str] = &[
+    "MICROVM_KERNEL",
+    "MICROVM_BIN_DIR",
+    "MICROVM_AGENT",
+    "AGENT_LOG",
+    "AGENT_TEST_CONSOLE",
+    "AGENT_TEST_MIB",
+    "AGENT_TEST_TIMEOUT",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+];
+
 fn main() -> ExitCode {
     let mut args = Arguments::from_args();
     // One VM at a time unless told otherwise: the testbed has 2 emulated CPUs, and parallel
@@ -39,7 +52,7 @@ fn main() -> ExitCode {
             }
         }
         if let Err(why) = vmm::host::check_can_boot_guests() {
-            return relay_to_testbed(&why.to_string());
+            return testbed::relay_current_exe("guest tests", &why.to_string(), RELAY_ENV);
         }
     }
     let trials = vec![
@@ -255,39 +268,6 @@ fn busybox_image() -> Result<PathBuf, String> {
         return Err("mkfs.ext4 failed".into());
     }
     Ok(image)
-}
-
-/// Runs this test binary, with the same arguments, inside the testbed.
-fn relay_to_testbed(why: &str) -> ExitCode {
-    eprintln!("guest tests: {why}");
-    eprintln!("guest tests: running them inside the testbed (an emulated nested-KVM host)");
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut argv = vec![exe.into_os_string()];
-    argv.extend(std::env::args_os().skip(1));
-    let mut tb = testbed::Testbed::new();
-    for key in [
-        "MICROVM_KERNEL",
-        "MICROVM_BIN_DIR",
-        "MICROVM_AGENT",
-        "AGENT_LOG",
-        "AGENT_TEST_CONSOLE",
-        "AGENT_TEST_MIB",
-        "AGENT_TEST_TIMEOUT",
-        "RUST_LOG",
-        "RUST_BACKTRACE",
-    ] {
-        if let Some(v) = std::env::var_os(key) {
-            tb = tb.env(key, v);
-        }
-    }
-    let cwd = std::env::current_dir().expect("cwd");
-    match tb.run(&argv, &cwd) {
-        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-        Err(e) => {
-            eprintln!("guest tests: the testbed failed: {e}");
-            ExitCode::from(101)
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

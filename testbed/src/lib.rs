@@ -157,6 +157,32 @@ pub fn cache_dir() -> PathBuf {
     PathBuf::from(home).join(".cache/microvm")
 }
 
+/// Re-runs the current executable, with the same arguments and the environment variables named
+/// in `env_keys` (where set), inside L1, and returns its exit status: how a test binary that
+/// needs real KVM or cgroup v2 runs on a host without them. `label` prefixes the messages;
+/// `why` says what this host lacks.
+pub fn relay_current_exe(label: &str, why: &str, env_keys: &[&str]) -> std::process::ExitCode {
+    eprintln!("{label}: {why}");
+    eprintln!("{label}: running them inside the testbed (an emulated nested-KVM host)");
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut argv = vec![exe.into_os_string()];
+    argv.extend(std::env::args_os().skip(1));
+    let mut tb = Testbed::new();
+    for key in env_keys {
+        if let Some(v) = std::env::var_os(key) {
+            tb = tb.env(*key, v);
+        }
+    }
+    let cwd = std::env::current_dir().expect("cwd");
+    match tb.run(&argv, &cwd) {
+        Ok(code) => std::process::ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("{label}: the testbed failed: {e}");
+            std::process::ExitCode::from(101)
+        }
+    }
+}
+
 /// A configured L1: build one with [`Testbed::new`] and the builder methods, then [`Testbed::run`].
 #[derive(Debug, Clone)]
 pub struct Testbed {

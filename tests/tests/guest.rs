@@ -14,11 +14,19 @@ use initramfs::Initramfs;
 use libtest_mimic::{Arguments, Failed, Trial};
 use microvm_tests::guest::{fnv1a, init_script, pattern_byte, Artifacts, Boot, FNV_INIT};
 
+/// The environment variables the copy of this binary inside the testbed needs.
+const RELAY_ENV: &[&str] = &[
+    "MICROVM_KERNEL",
+    "MICROVM_BIN_DIR",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+];
+
 fn main() -> ExitCode {
     let args = Arguments::from_args();
     if !args.list && !testbed::in_testbed() {
         if let Err(why) = vmm::host::check_can_boot_guests() {
-            return relay_to_testbed(&why.to_string());
+            return testbed::relay_current_exe("guest tests", &why.to_string(), RELAY_ENV);
         }
     }
     let trials = vec![
@@ -44,34 +52,6 @@ fn trial(name: &'static str, f: fn(&Artifacts, &Path)) -> Trial {
         f(&art, dir.path());
         Ok(())
     })
-}
-
-/// Runs this test binary, with the same arguments, inside the testbed.
-fn relay_to_testbed(why: &str) -> ExitCode {
-    eprintln!("guest tests: {why}");
-    eprintln!("guest tests: running them inside the testbed (an emulated nested-KVM host)");
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut argv = vec![exe.into_os_string()];
-    argv.extend(std::env::args_os().skip(1));
-    let mut tb = testbed::Testbed::new();
-    for key in [
-        "MICROVM_KERNEL",
-        "MICROVM_BIN_DIR",
-        "RUST_LOG",
-        "RUST_BACKTRACE",
-    ] {
-        if let Some(v) = std::env::var_os(key) {
-            tb = tb.env(key, v);
-        }
-    }
-    let cwd = std::env::current_dir().expect("cwd");
-    match tb.run(&argv, &cwd) {
-        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-        Err(e) => {
-            eprintln!("guest tests: the testbed failed: {e}");
-            ExitCode::from(101)
-        }
-    }
 }
 
 /// An initramfs with busybox, the guest tool, and `/init` running `body`.
