@@ -14,6 +14,7 @@
 //! The API is async (tokio): the ttRPC client runs on the caller's runtime.
 
 mod io;
+pub mod locate;
 
 use std::collections::BTreeMap;
 use std::fs;

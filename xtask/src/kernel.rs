@@ -92,6 +92,7 @@ pub fn build(args: &KernelArgs) -> Result<PathBuf> {
     let key = &key[..KEY_PREFIX_LEN];
     let out = kernel_cache.join(key);
     if is_complete(&out) {
+        publish_current(&kernel_cache, key);
         return Ok(out.join("vmlinux"));
     }
     if out.exists() {
@@ -134,7 +135,24 @@ pub fn build(args: &KernelArgs) -> Result<PathBuf> {
         "xtask: guest kernel built in {:.0} s",
         started.elapsed().as_secs_f64()
     );
+    publish_current(&kernel_cache, key);
     Ok(out.join("vmlinux"))
+}
+
+/// Points `<cache>/kernel/current` at the kernel of this checkout, so `microvm run` and the
+/// shim find it without flags (`sandbox::locate::kernel`). One symlink replaced by a rename,
+/// so a reader sees the old or the new kernel, never none.
+fn publish_current(kernel_cache: &Path, key: &str) {
+    let tmp = kernel_cache.join(format!(".current-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let result = std::os::unix::fs::symlink(key, &tmp)
+        .and_then(|()| fs::rename(&tmp, kernel_cache.join("current")));
+    if let Err(e) = result {
+        eprintln!(
+            "xtask: warning: cannot update {}/current: {e}",
+            kernel_cache.display()
+        );
+    }
 }
 
 /// Every step of a build, inside `tmp`; leaves the results in `tmp/out/`.

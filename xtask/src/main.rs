@@ -1,11 +1,13 @@
 //! Project automation: `cargo xtask <command>`.
 //!
+//! - `agent`: build the static guest agent.
 //! - `kernel`: build (or find in the cache) the guest `vmlinux`.
 //! - `testbed -- CMD...`: run CMD as root inside an emulated nested-KVM host.
 //! - `test`: everything CI runs.
 //! - `demo`: the README's main command.
 //! - `bench boot`: boot-time and overhead figures.
 
+mod agent;
 mod bench;
 mod demo;
 mod kernel;
@@ -25,6 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Build the static guest agent and print its path.
+    Agent,
     /// Build the guest kernel (cached outside the checkout) and print the path of its vmlinux.
     Kernel(kernel::KernelArgs),
     /// Run a command as root inside the emulated nested-KVM host (QEMU TCG with AMD SVM).
@@ -42,6 +46,10 @@ fn main() -> Result<()> {
         Cmd::Kernel(args) => {
             let path = kernel::build(&args)?;
             println!("{}", path.display());
+            Ok(())
+        }
+        Cmd::Agent => {
+            println!("{}", agent::build()?.display());
             Ok(())
         }
         Cmd::Testbed(args) => {
