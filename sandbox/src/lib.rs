@@ -332,7 +332,8 @@ async fn wait_rpc(client: &AgentClient, container_id: &str, exec_id: &str) -> Re
     })
 }
 
-/// The VMM child process: killed, reaped and its sockets removed when dropped.
+/// The VMM child process: killed, reaped and its sockets removed when dropped. A sandbox
+/// reached through [`Sandbox::connect`] has no child and leaves the VMM and its sockets alone.
 struct Vmm {
     child: Option<Child>,
     uds: PathBuf,
@@ -343,8 +344,8 @@ impl Vmm {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            remove_sockets(&self.uds);
         }
-        remove_sockets(&self.uds);
     }
 }
 
@@ -507,6 +508,39 @@ impl Sandbox {
             console: cfg.console.clone(),
             rpc_timeout: cfg.rpc_timeout,
         })
+    }
+
+    /// Connects to the agent of a VM that another process started (for example `microvm exec`
+    /// into a detached run), through the VMM's vsock socket. Dropping the returned sandbox
+    /// closes the connection and leaves the VM running; [`Sandbox::shutdown`] still ends it.
+    pub async fn connect(vsock_path: impl Into<PathBuf>, rpc_timeout: Duration) -> Result<Sandbox> {
+        let uds = vsock_path.into();
+        let state_dir = uds.parent().map(Path::to_path_buf).unwrap_or_default();
+        let s = tokio::time::timeout(
+            rpc_timeout,
+            io::connect_port(&uds, agent_protocol::AGENT_PORT),
+        )
+        .await
+        .map_err(|_| {
+            Error::io(
+                format!("connect to {}", uds.display()),
+                std::io::ErrorKind::TimedOut.into(),
+            )
+        })?
+        .map_err(|e| Error::io(format!("connect to {}", uds.display()), e))?;
+        let client = AgentClient::new(ttrpc::r#async::Client::new(
+            ttrpc::r#async::transport::Socket::from(s),
+        ));
+        let sandbox = Sandbox {
+            vmm: Vmm { child: None, uds },
+            client,
+            state_dir,
+            _temp: None,
+            console: Console::Null,
+            rpc_timeout,
+        };
+        sandbox.health().await?;
+        Ok(sandbox)
     }
 
     /// The end of the console (when it goes to a file), to show what the guest said.
@@ -823,11 +857,23 @@ impl Sandbox {
             .shutdown(self.ctx(), &pb::ShutdownRequest::new())
             .await;
         let deadline = Instant::now() + timeout;
-        let mut child = self
-            .vmm
-            .child
-            .take()
-            .expect("the VMM child is there until shutdown");
+        let Some(mut child) = self.vmm.child.take() else {
+            // Attached: not our child. The VMM is gone once its socket stops answering.
+            sent.map_err(|e| Error::rpc("Shutdown", e))?;
+            while Instant::now() < deadline {
+                if std::os::unix::net::UnixStream::connect(&self.vmm.uds).is_err() {
+                    return Ok(std::os::unix::process::ExitStatusExt::from_raw(0));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            return Err(Error::io(
+                "shutdown",
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the VM did not end within {timeout:?}"),
+                ),
+            ));
+        };
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => return Ok(status),
