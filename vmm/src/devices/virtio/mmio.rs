@@ -5,7 +5,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use tracing::{error, warn};
+use tracing::error;
+
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -112,13 +113,13 @@ impl MmioTransport {
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         if self.status & status::DRIVER_OK != 0 {
             // Queue configuration is frozen once the device runs (4.2.3.2).
-            warn!("virtio-mmio: queue register write after DRIVER_OK ignored");
+            guest_warn!("virtio-mmio: queue register write after DRIVER_OK ignored");
             return None;
         }
         let sel = self.queue_sel as usize;
         let q = self.queues.get_mut(sel);
         if q.is_none() {
-            warn!("virtio-mmio: access to queue {sel}, which does not exist");
+            guest_warn!("virtio-mmio: access to queue {sel}, which does not exist");
         }
         q
     }
@@ -142,7 +143,7 @@ impl MmioTransport {
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
             _ => {
-                warn!("virtio-mmio: read of unknown or write-only register {offset:#x}");
+                guest_warn!("virtio-mmio: read of unknown or write-only register {offset:#x}");
                 0
             }
         }
@@ -154,7 +155,7 @@ impl MmioTransport {
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             reg::DRIVER_FEATURES => {
                 if self.status & status::FEATURES_OK != 0 {
-                    warn!("virtio-mmio: feature write after FEATURES_OK ignored");
+                    guest_warn!("virtio-mmio: feature write after FEATURES_OK ignored");
                     return;
                 }
                 match self.driver_features_sel {
@@ -163,7 +164,7 @@ impl MmioTransport {
                         self.acked_features =
                             (self.acked_features & 0xffff_ffff) | ((v as u64) << 32)
                     }
-                    sel => warn!("virtio-mmio: driver features select {sel} ignored"),
+                    sel => guest_warn!("virtio-mmio: driver features select {sel} ignored"),
                 }
             }
             reg::QUEUE_SEL => self.queue_sel = v,
@@ -203,12 +204,12 @@ impl MmioTransport {
                             error!("virtio-mmio: cannot signal queue {v}: {e}");
                         }
                     }
-                    None => warn!("virtio-mmio: notify for queue {v}, which does not exist"),
+                    None => guest_warn!("virtio-mmio: notify for queue {v}, which does not exist"),
                 }
             }
             reg::INTERRUPT_ACK => self.irq.ack(v),
             reg::STATUS => self.write_status(v),
-            _ => warn!("virtio-mmio: write of unknown or read-only register {offset:#x}"),
+            _ => guest_warn!("virtio-mmio: write of unknown or read-only register {offset:#x}"),
         }
     }
 
@@ -226,7 +227,7 @@ impl MmioTransport {
         let newly = v & !self.status;
         if v & self.status != self.status {
             // The driver may only add bits (3.1.1); anything else but a reset is a driver bug.
-            warn!(
+            guest_warn!(
                 "virtio-mmio: status {v:#x} clears bits of {:#x}; ignored",
                 self.status
             );
@@ -236,7 +237,7 @@ impl MmioTransport {
             let mut device = lock(&self.device);
             let unsupported = self.acked_features & !device.avail_features();
             if unsupported != 0 {
-                warn!("virtio-mmio: driver accepted unoffered features {unsupported:#x}");
+                guest_warn!("virtio-mmio: driver accepted unoffered features {unsupported:#x}");
                 // Leave FEATURES_OK clear: the driver reads it back and gives up (3.1.1).
                 self.status = v & !status::FEATURES_OK;
                 return;
@@ -300,7 +301,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            warn!(
+            guest_warn!(
                 "virtio-mmio: {}-byte read at {offset:#x}; registers are 32-bit",
                 data.len()
             );
@@ -316,14 +317,14 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            warn!(
+            guest_warn!(
                 "virtio-mmio: {}-byte write at {offset:#x}; registers are 32-bit",
                 data.len()
             );
             return;
         };
         if !offset.is_multiple_of(4) {
-            warn!("virtio-mmio: unaligned write at {offset:#x}");
+            guest_warn!("virtio-mmio: unaligned write at {offset:#x}");
             return;
         }
         self.write_u32(offset, u32::from_le_bytes(bytes));

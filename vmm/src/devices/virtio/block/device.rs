@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tracing::{error, warn};
+use tracing::error;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
@@ -180,7 +180,7 @@ impl Block {
                 let len = disk.serve(mem, chain);
                 match active.queue.add_used(mem, head, len) {
                     Ok(()) => used_any = true,
-                    Err(e) => error!("virtio-blk: cannot return descriptor {head}: {e}"),
+                    Err(e) => guest_warn!("virtio-blk: cannot return descriptor {head}: {e}"),
                 }
             }
             match active.queue.enable_notification(mem) {
@@ -188,7 +188,7 @@ impl Block {
                 // Chains announced but none could be popped: a corrupt available ring, which
                 // would otherwise keep this loop spinning.
                 Ok(true) => {
-                    warn!("virtio-blk: available ring index is corrupt");
+                    guest_warn!("virtio-blk: available ring index is corrupt");
                     break;
                 }
                 Ok(false) => break,
@@ -210,17 +210,17 @@ impl Disk {
     /// Serves one request; returns the used length (bytes written into guest buffers).
     fn serve(&self, mem: &GuestMemoryMmap, chain: impl Iterator<Item = Descriptor>) -> u32 {
         let Some(req) = Request::parse(chain) else {
-            warn!("virtio-blk: empty descriptor chain");
+            guest_warn!("virtio-blk: empty descriptor chain");
             return 0;
         };
         let Some(status_addr) = req.status_addr(mem) else {
-            warn!("virtio-blk: request without a device-writable status byte; dropped");
+            guest_warn!("virtio-blk: request without a device-writable status byte; dropped");
             return 0;
         };
         let (status, written) = match self.execute(mem, &req) {
             Ok(written) => (VIRTIO_BLK_S_OK, written),
             Err(e) => {
-                warn!("virtio-blk: request failed: {e}");
+                guest_warn!("virtio-blk: request failed: {e}");
                 match e {
                     RequestError::Unsupported(_) => (VIRTIO_BLK_S_UNSUPP, 0),
                     _ => (VIRTIO_BLK_S_IOERR, 0),
@@ -228,7 +228,7 @@ impl Disk {
             }
         };
         if let Err(e) = mem.write_obj(status as u8, status_addr) {
-            warn!("virtio-blk: cannot write status: {e}");
+            guest_warn!("virtio-blk: cannot write status: {e}");
             return written;
         }
         written.saturating_add(1)
@@ -493,7 +493,7 @@ impl VirtioDevice for Block {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        warn!("virtio-blk: config write at {offset:#x} ignored (read-only config space)");
+        guest_warn!("virtio-blk: config write at {offset:#x} ignored (read-only config space)");
     }
 
     fn queue_events(&self) -> &[EventFd] {

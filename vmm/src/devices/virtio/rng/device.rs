@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use tracing::{error, warn};
+use tracing::error;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap, ReadVolatile, VolatileMemoryError, VolatileSlice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -52,7 +52,7 @@ impl Rng {
             for desc in chain {
                 if !desc.is_write_only() {
                     // The request queue carries only device-writable buffers (5.4.6.1).
-                    warn!("virtio-rng: read-only descriptor in a request; skipped");
+                    guest_warn!("virtio-rng: read-only descriptor in a request; skipped");
                     continue;
                 }
                 let len = desc.len().min(MAX_BYTES_PER_REQUEST - written);
@@ -62,13 +62,13 @@ impl Rng {
                 match mem.read_volatile_from(desc.addr(), &mut HostRandom, len as usize) {
                     Ok(n) => written += n as u32,
                     Err(e) => {
-                        warn!("virtio-rng: bad buffer {:#x}+{len}: {e}", desc.addr().0);
+                        guest_warn!("virtio-rng: bad buffer {:#x}+{len}: {e}", desc.addr().0);
                         break;
                     }
                 }
             }
             if let Err(e) = active.queue.add_used(mem, head, written) {
-                error!("virtio-rng: cannot return descriptor {head}: {e}");
+                guest_warn!("virtio-rng: cannot return descriptor {head}: {e}");
                 break;
             }
             used_any = true;
@@ -124,7 +124,7 @@ impl VirtioDevice for Rng {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        warn!("virtio-rng: config write at {offset:#x} ignored (no config space)");
+        guest_warn!("virtio-rng: config write at {offset:#x} ignored (no config space)");
     }
 
     fn queue_events(&self) -> &[EventFd] {

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tracing::{error, warn};
+use tracing::error;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -112,7 +112,7 @@ impl Vsock {
             let head = chain.head_index();
             self.muxer.handle_tx_chain(mem, chain);
             if let Err(e) = txq.add_used(mem, head, 0) {
-                error!("vsock: cannot return tx descriptor {head}: {e}");
+                guest_warn!("vsock: cannot return tx descriptor {head}: {e}");
             }
             tx_used = true;
         }
@@ -190,7 +190,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        warn!("vsock: config write at {offset:#x} ignored (read-only config space)");
+        guest_warn!("vsock: config write at {offset:#x} ignored (read-only config space)");
     }
 
     fn queue_events(&self) -> &[EventFd] {

@@ -75,7 +75,7 @@ pub(super) struct GuestRx<'a> {
 impl GuestRx<'_> {
     fn add_used(&mut self, head: u16, len: u32) {
         if let Err(e) = self.queue.add_used(self.mem, head, len) {
-            error!("vsock: cannot return rx descriptor {head}: {e}");
+            guest_warn!("vsock: cannot return rx descriptor {head}: {e}");
         }
         self.used = true;
     }
