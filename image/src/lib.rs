@@ -227,8 +227,7 @@ impl ImageStore {
         };
         let id = record.id.clone();
         let by_name = record.names.iter().any(|n| n == name_or_id)
-            || index::normalize_name(name_or_id)
-                .is_some_and(|full| record.names.contains(&full));
+            || index::normalize_name(name_or_id).is_some_and(|full| record.names.contains(&full));
         let record = index
             .images
             .iter_mut()
