@@ -39,6 +39,7 @@ async fn refused(store: &ImageStore, tmp: &Path, case: &Case, canary: &Path) {
         case.what
     );
     let message = err.to_string();
+    eprintln!("{}: {message}", case.what);
     assert!(
         message.contains(&digest),
         "{}: the layer is named: {message}",
