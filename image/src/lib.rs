@@ -124,6 +124,7 @@ pub struct User {
 pub struct ImageStore {
     root: PathBuf,
     limits: UnpackLimits,
+    progress: bool,
 }
 
 impl ImageStore {
@@ -153,12 +154,20 @@ impl ImageStore {
         Ok(Self {
             root,
             limits: UnpackLimits::default(),
+            progress: false,
         })
     }
 
     /// The same store with other limits for unpacking layers.
     pub fn with_unpack_limits(mut self, limits: UnpackLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// The same store showing progress bars on stderr while it unpacks layers in
+    /// [`ImageStore::rootfs_disk`] (pulls and imports follow [`PullOptions::progress`]).
+    pub fn with_progress(mut self, progress: bool) -> Self {
+        self.progress = progress;
         self
     }
 

@@ -69,9 +69,15 @@ pub(crate) fn build_disk(
     let mut totals = Totals::default();
     for layer in &record.layers {
         let file = blob::open_blob(store, &layer.digest)?;
-        let reader = decompressor(file, &layer.digest)?;
+        let bar = crate::progress_bar(
+            store.progress,
+            layer.size,
+            format!("unpack {}", crate::short_digest(&layer.digest)),
+        );
+        let reader = decompressor(bar.wrap_read(file), &layer.digest)?;
         tracing::debug!(layer = %layer.digest, "applying layer");
         apply_layer(&root, reader, &layer.digest, &store.limits, &mut totals)?;
+        bar.finish_and_clear();
     }
     let users = user::UserFiles {
         passwd: read_in_root(&root, "etc/passwd"),
@@ -91,7 +97,7 @@ pub(crate) fn build_disk(
 }
 
 /// Gzip and zstd are told by their magic numbers (media types lie more often than magic).
-fn decompressor(file: fs::File, digest: &str) -> Result<Box<dyn Read>> {
+fn decompressor(file: impl Read + 'static, digest: &str) -> Result<Box<dyn Read>> {
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let head = reader
         .fill_buf()

@@ -132,6 +132,16 @@ async fn imports_layout_archive_and_docker_archive_then_caches() {
     assert_eq!(disk.fstype, "ext4");
     assert!(disk.path.starts_with(store.root()));
     assert_eq!(cat(&disk.path, "/etc/motd"), "second layer\n");
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&disk.path)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
     assert_eq!(
         std::fs::read(&disk.path).unwrap().len() as u64,
         std::fs::metadata(&disk.path).unwrap().len()
@@ -571,4 +581,46 @@ async fn remove_drops_names_then_blobs_and_disk_with_the_last() {
             .count(),
         0
     );
+}
+
+#[test]
+fn ext4_from_dir_fits_many_files_and_checks_clean() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir_all(tree.join("many")).unwrap();
+    for i in 0..5000 {
+        std::fs::write(
+            tree.join("many")
+                .join(format!("file-with-a-longish-name-{i:05}")),
+            b"",
+        )
+        .unwrap();
+    }
+    std::fs::write(tree.join("big"), vec![0x5a; 24 << 20]).unwrap();
+    std::os::unix::fs::symlink("big", tree.join("link")).unwrap();
+    let out = tmp.path().join("tree.ext4");
+    image::disk::ext4_from_dir(&tree, &out).unwrap();
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    assert!(stat(&out, "/many/file-with-a-longish-name-04999").is_some());
+    assert_eq!(stat(&out, "/big").unwrap().size, 24 << 20);
+    let size = std::fs::metadata(&out).unwrap().len();
+    assert!(
+        size < 64 << 20,
+        "sized to the content, not a fixed large size: {size}"
+    );
+    // Building again over an existing file replaces it.
+    image::disk::ext4_from_dir(&tree, &out).unwrap();
+
+    let err =
+        image::disk::ext4_from_dir(&tree.join("big"), &tmp.path().join("x.ext4")).unwrap_err();
+    assert!(err.to_string().contains("not a directory"), "{err}");
 }
