@@ -211,7 +211,7 @@ async fn absurd_sizes_are_refused_by_the_limits() {
     let (tmp, store) = store();
     let store = store.with_unpack_limits(UnpackLimits {
         max_entries: 50,
-        max_total_bytes: 10 << 20,
+        max_total_bytes: 8 << 20,
         max_entry_bytes: 4 << 20,
     });
     let canary = tempfile::tempdir().unwrap();
