@@ -63,21 +63,27 @@ impl Index {
     /// By exact name, by name with `:latest` added, by normalized registry name, by id, or
     /// by unambiguous id prefix (with or without `sha256:`, at least 4 hex digits).
     pub(crate) fn find(&self, key: &str) -> Result<Option<&ImageRecord>> {
+        Ok(self.find_match(key)?.map(|(record, _)| record))
+    }
+
+    /// As [`Index::find`], also saying which name matched (None when the key was an id).
+    pub(crate) fn find_match(&self, key: &str) -> Result<Option<(&ImageRecord, Option<String>)>> {
         let by_name = |name: &str| {
             self.images
                 .iter()
                 .find(|r| r.names.iter().any(|n| n == name))
+                .map(|r| (r, Some(name.to_string())))
         };
-        if let Some(r) = by_name(key) {
-            return Ok(Some(r));
+        if let Some(found) = by_name(key) {
+            return Ok(Some(found));
         }
         if !key.contains(':') && !key.contains('@') {
-            if let Some(r) = by_name(&format!("{key}:latest")) {
-                return Ok(Some(r));
+            if let Some(found) = by_name(&format!("{key}:latest")) {
+                return Ok(Some(found));
             }
         }
-        if let Some(r) = normalize_name(key).as_deref().and_then(by_name) {
-            return Ok(Some(r));
+        if let Some(found) = normalize_name(key).as_deref().and_then(by_name) {
+            return Ok(Some(found));
         }
         let hex = key.strip_prefix("sha256:").unwrap_or(key);
         if hex.len() >= 4 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -92,7 +98,7 @@ impl Index {
                 .collect();
             return match matches.len() {
                 0 => Ok(None),
-                1 => Ok(Some(matches[0])),
+                1 => Ok(Some((matches[0], None))),
                 _ => Err(Error::Ambiguous(key.to_string())),
             };
         }

@@ -177,9 +177,9 @@ impl ImageStore {
 
     /// `IMAGE` as `microvm run` takes it: an existing directory is an OCI image layout, an
     /// existing file an OCI or docker-archive tarball, anything else a registry reference.
-    /// Fetches only what the store lacks. A registry reference that names an image already in
-    /// the store is used as stored, without asking the registry (docker run's behaviour); use
-    /// [`ImageStore::pull`] to look the tag up again.
+    /// Fetches only what the store lacks. A name or id of an image already in the store is
+    /// used as stored, without asking a registry (docker run's behaviour); use
+    /// [`ImageStore::pull`] to look a tag up again.
     pub async fn ensure(&self, image: &str, opts: &PullOptions) -> Result<(Image, Fetched)> {
         let path = Path::new(image);
         if path.is_dir() {
@@ -190,10 +190,12 @@ impl ImageStore {
             let _lock = self.shared_lock()?;
             return import::import_archive(self, path, opts);
         }
-        let reference = pull::parse_reference(image)?;
-        if let Some(found) = self.get(&reference.whole())? {
+        // A name the store knows (`busybox` for `docker.io/library/busybox:latest`, an
+        // imported layout's `my-image:v1`, an id or id prefix) is used as stored.
+        if let Some(found) = self.get(image)? {
             return Ok((found, Fetched::default()));
         }
+        let reference = pull::parse_reference(image)?;
         let _lock = self.shared_lock()?;
         pull::pull(self, &reference, opts).await
     }
@@ -231,24 +233,18 @@ impl ImageStore {
         let _store = self.exclusive_lock()?;
         let _index = self.index_lock()?;
         let mut index = index::Index::load(self)?;
-        let Some(record) = index.find(name_or_id)? else {
+        let Some((record, matched_name)) = index.find_match(name_or_id)? else {
             return Err(Error::NotFound(name_or_id.to_string()));
         };
         let id = record.id.clone();
-        let by_name = record.names.iter().any(|n| n == name_or_id)
-            || index::normalize_name(name_or_id).is_some_and(|full| record.names.contains(&full));
         let record = index
             .images
             .iter_mut()
             .find(|r| r.id == id)
             .expect("found above");
-        if by_name {
-            let full = index::normalize_name(name_or_id);
-            record
-                .names
-                .retain(|n| n != name_or_id && Some(n) != full.as_ref());
-        } else {
-            record.names.clear();
+        match matched_name {
+            Some(name) => record.names.retain(|n| *n != name),
+            None => record.names.clear(),
         }
         if record.names.is_empty() {
             index.images.retain(|r| r.id != id);
@@ -273,19 +269,28 @@ impl ImageStore {
         let hex = blob::digest_hex(&record.id)?;
         let path = self.root.join("disks").join(format!("{hex}.ext4"));
         let users = self.users_path(hex);
-        if path.is_file() && users.is_file() {
-            return Ok(RootfsDisk {
-                path,
-                fstype: "ext4".into(),
-                built: false,
-            });
+        let cached = || path.is_file() && users.is_file();
+        if !cached() {
+            // One build per image at a time, across processes; a waiter finds it done.
+            let _building = FileLock::take(&self.disk_lock_path(hex), libc::LOCK_EX)?;
+            if !cached() {
+                unpack::build_disk(self, record, &path, &users)?;
+                return Ok(RootfsDisk {
+                    path,
+                    fstype: "ext4".into(),
+                    built: true,
+                });
+            }
         }
-        unpack::build_disk(self, record, &path, &users)?;
         Ok(RootfsDisk {
             path,
             fstype: "ext4".into(),
-            built: true,
+            built: false,
         })
+    }
+
+    fn disk_lock_path(&self, hex: &str) -> PathBuf {
+        self.root.join("disks").join(format!("{hex}.lock"))
     }
 
     /// Resolves `user`, `uid`, `user:group` or `uid:gid` against the image's /etc/passwd and
@@ -358,6 +363,7 @@ impl ImageStore {
         for path in [
             self.root.join("disks").join(format!("{hex}.ext4")),
             self.users_path(hex),
+            self.disk_lock_path(hex),
         ] {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}

@@ -624,3 +624,54 @@ fn ext4_from_dir_fits_many_files_and_checks_clean() {
         image::disk::ext4_from_dir(&tree.join("big"), &tmp.path().join("x.ext4")).unwrap_err();
     assert!(err.to_string().contains("not a directory"), "{err}");
 }
+
+#[tokio::test]
+async fn local_names_are_used_without_a_registry_and_removed_one_at_a_time() {
+    let (tmp, store) = store();
+    let img = TestImage::new(
+        vec![compress(&busybox_layer().finish(), Compression::None)],
+        &["/bin/sh"],
+    );
+    let layout = tmp.path().join("local");
+    img.write_layout(&layout, None);
+    let archive = tmp.path().join("local-copy.tar");
+    tar_layout(&layout, &archive);
+    let quiet = PullOptions {
+        progress: true, // not a terminal here: drawn nowhere, but the path runs
+        ..PullOptions::default()
+    };
+    store
+        .ensure(layout.to_str().unwrap(), &quiet)
+        .await
+        .unwrap();
+    store
+        .ensure(archive.to_str().unwrap(), &quiet)
+        .await
+        .unwrap();
+
+    // No registry is reachable as `docker.io/library/local`: these come from the store.
+    let (by_short, fetched) = store.ensure("local", &opts()).await.unwrap();
+    assert_eq!(
+        (by_short.id.as_str(), fetched),
+        (img.id().as_str(), Fetched::default())
+    );
+    let (by_id, _) = store.ensure(&img.id()[7..15], &opts()).await.unwrap();
+    assert_eq!(by_id.id, img.id());
+
+    // `local` is `local:latest`: only that name goes.
+    store.remove("local").unwrap();
+    assert_eq!(
+        store.get(&img.id()).unwrap().unwrap().names,
+        vec!["local-copy:latest".to_string()]
+    );
+    let disk = store
+        .clone()
+        .with_progress(true)
+        .rootfs_disk(&by_id)
+        .unwrap();
+    assert!(disk.built);
+    assert!(
+        matches!(store.get("abc"), Ok(None)),
+        "under 4 hex digits is no id prefix"
+    );
+}
