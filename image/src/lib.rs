@@ -232,6 +232,7 @@ impl ImageStore {
     pub fn remove(&self, name_or_id: &str) -> Result<()> {
         let _store = self.exclusive_lock()?;
         let _index = self.index_lock()?;
+        self.sweep_tmp();
         let mut index = index::Index::load(self)?;
         let Some((record, matched_name)) = index.find_match(name_or_id)? else {
             return Err(Error::NotFound(name_or_id.to_string()));
@@ -372,6 +373,24 @@ impl ImageStore {
             }
         }
         Ok(())
+    }
+
+    /// Removes what killed imports and builds left in `tmp/`. Only under the exclusive store
+    /// lock: every writer of `tmp/` holds the shared one.
+    fn sweep_tmp(&self) {
+        let Ok(entries) = std::fs::read_dir(self.tmp_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let gone = match entry.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+                _ => std::fs::remove_file(&path),
+            };
+            if let Err(e) = gone {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a leftover");
+            }
+        }
     }
 
     /// Held while blobs are added or a disk is built: many at once, but never during a

@@ -550,7 +550,12 @@ async fn remove_drops_names_then_blobs_and_disk_with_the_last() {
     assert_eq!(names, vec!["one:v1".to_string(), "one-again:v1".into()]);
     let disk = store.rootfs_disk(&image_one).unwrap().path;
 
+    // What a killed import would leave behind: swept by the next removal.
+    let leftover = store.root().join("tmp/blob-leftover");
+    std::fs::write(&leftover, b"half a blob").unwrap();
+    std::fs::create_dir_all(store.root().join("tmp/unpack-leftover/rootfs/etc")).unwrap();
     store.remove("one:v1").unwrap();
+    assert!(walk(&store.root().join("tmp")).is_empty());
     assert!(store.get("one:v1").unwrap().is_none());
     assert_eq!(store.get("one-again:v1").unwrap().unwrap().id, image_one.id);
     assert!(disk.exists(), "a name is left: the disk stays");
