@@ -105,6 +105,10 @@ impl BlobWriter {
         }
     }
 
+    pub(crate) fn written(&self) -> u64 {
+        self.written
+    }
+
     /// The digest of what was written so far.
     pub(crate) fn digest(&self) -> String {
         format!("sha256:{}", hex::encode(self.hasher.clone().finalize()))
