@@ -546,9 +546,12 @@ pub(crate) fn finish(
         config: strip(config),
         layers: layers.into_iter().map(strip).collect(),
     };
+    // An image whose config does not parse is not recorded: `list` would fail on it.
+    let mut image = store.image_of(&record)?;
     let record = index::add_image(store, record)?;
     tracing::debug!(id = %record.id, names = ?record.names, ?fetched, "image stored");
-    Ok((store.image_of(&record)?, fetched))
+    image.names = record.names;
+    Ok((image, fetched))
 }
 
 /// A compressed layer of a docker-archive: stored under the digest of its bytes once its

@@ -500,6 +500,21 @@ async fn corrupted_blobs_are_refused_by_digest() {
         "{err}"
     );
 
+    // A config that is not an image config: refused, and not recorded.
+    let odd = TestImage::with_config(
+        vec![compress(&busybox_layer().finish(), Compression::None)],
+        br#"{"architecture": 5}"#.to_vec(),
+    );
+    let odd_dir = tmp.path().join("odd");
+    odd.write_layout(&odd_dir, None);
+    let err = store
+        .ensure(odd_dir.to_str().unwrap(), &opts())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&sha256(&odd.config)), "{err}");
+    assert!(store.list().unwrap().is_empty());
+
     // A manifest that is not JSON at all.
     let junk = tmp.path().join("junk");
     std::fs::create_dir(&junk).unwrap();

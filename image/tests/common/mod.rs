@@ -224,6 +224,11 @@ impl TestImage {
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         }))
         .unwrap();
+        Self::with_config(layers, config)
+    }
+
+    /// An image with these exact config bytes.
+    pub fn with_config(layers: Vec<Blob>, config: Vec<u8>) -> Self {
         let layer_descs: Vec<serde_json::Value> = layers
             .iter()
             .map(|l| serde_json::json!({"mediaType": l.media_type, "digest": l.digest, "size": l.bytes.len()}))
