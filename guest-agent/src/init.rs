@@ -12,6 +12,16 @@ pub const STATE_DIR: &str = "/run/microvm";
 /// The cgroup every container's cgroup lives under.
 pub const CGROUP_PARENT: &str = "/sys/fs/cgroup/microvm";
 
+/// Test-only kernel command-line word: the agent panics 500 ms after its first `Health` reply,
+/// so a test can see that a panicking agent resets the VM. Only the host sets the kernel
+/// command line (at boot), so no container can reach this.
+pub const PANIC_AFTER_HEALTH_FLAG: &str = "microvm.agent_panic_after_health=1";
+
+/// Whether the kernel command line has `word` (a whole word).
+pub fn cmdline_has(word: &str) -> bool {
+    fs::read_to_string("/proc/cmdline").is_ok_and(|c| c.split_whitespace().any(|w| w == word))
+}
+
 /// The argument the agent re-executes itself with once it runs from its tmpfs root.
 pub const SWITCHED_ARG: &str = "--switched-root";
 
