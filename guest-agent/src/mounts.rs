@@ -139,6 +139,14 @@ mod tests {
     }
 
     #[test]
+    fn only_block_devices_are_flushed() {
+        // Not block devices: nothing to do, no error (a real flush needs a block device).
+        flush_block_device(Path::new("/dev/null")).unwrap();
+        flush_block_device(Path::new("/proc/self/status")).unwrap();
+        flush_block_device(Path::new("tmpfs")).unwrap();
+    }
+
+    #[test]
     fn paths_stay_inside_the_root() {
         let root = Path::new("/run/c/rootfs");
         assert_eq!(
