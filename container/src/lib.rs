@@ -444,6 +444,17 @@ mod tests {
             Container::create(opts("ok", "relative")),
             Err(Error::InvalidSpec(_))
         ));
+        // Bad device rules are refused before the cgroup exists.
+        let mut bad_devices = opts("ok", "/");
+        let resources: LinuxResources =
+            serde_json::from_str(r#"{"devices": [{"allow": true, "access": "rwx"}]}"#).unwrap();
+        let mut linux = bad_devices.spec.linux().clone().unwrap();
+        linux.set_resources(Some(resources));
+        bad_devices.spec.set_linux(Some(linux));
+        match Container::create(bad_devices) {
+            Err(Error::InvalidSpec(msg)) => assert!(msg.contains("devices[0]"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
         // A valid spec reaches the cgroup step, which wants cgroup v2.
         assert!(matches!(
             Container::create(opts("ok", "/")),
