@@ -284,14 +284,26 @@ fn unescape_mount_path(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A panic must not hang the VM: log it to the console and reset.
+/// How long the orderly reset after a panic (sync, unmount) may take before a watchdog resets
+/// the VM without them.
+const PANIC_RESET_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A panic must not hang the VM: log it to the console and reset. The message goes straight
+/// to the console first (the logger's lock may be held by the panicking thread), and a
+/// watchdog thread resets the VM without syncing if the orderly reset hangs (a stuck disk).
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         let msg = format!("microvm-agent: PANIC: {info}; resetting the VM");
-        tracing::error!("{msg}");
         if let Ok(mut c) = open_console() {
             let _ = writeln!(c, "{msg}");
         }
+        if std::process::id() == 1 {
+            let _ = std::thread::Builder::new().spawn(|| {
+                std::thread::sleep(PANIC_RESET_GRACE);
+                let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+            });
+        }
+        tracing::error!("{msg}");
         reboot();
     }));
 }
