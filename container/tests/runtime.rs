@@ -878,7 +878,48 @@ fn device_rules() -> Result<(), Failed> {
     };
     check(denied("/dev/lc") && denied("kmsg2"), || {
         format!("EPERM expected for /dev/lc and reading /dev/kmsg2: {out:?}")
-    })
+    })?;
+
+    // update() replaces the filter of a running container (the old one is detached, or the
+    // last step would still allow the write).
+    let (c, init) = sleeper("devices-update", |s| {
+        let nodes: Vec<oci_spec::runtime::LinuxDevice> = serde_json::from_str(
+            r#"[{"path": "/dev/kmsg2", "type": "c", "major": 1, "minor": 11, "fileMode": 438}]"#,
+        )
+        .unwrap();
+        linux(s, |l| {
+            l.set_devices(Some(nodes));
+        });
+    })?;
+    let write_kmsg = [
+        "sh",
+        "-c",
+        "echo container-tests-update > /dev/kmsg2 && echo written",
+    ];
+    let before = exec_in(&c, &write_kmsg)?;
+    let allow: LinuxResources = serde_json::from_str(
+        r#"{"devices": [{"allow": false, "access": "rwm"},
+                        {"allow": true, "type": "c", "major": 1, "minor": 11, "access": "w"}]}"#,
+    )
+    .unwrap();
+    c.update(&allow).map_err(|e| format!("update: {e}"))?;
+    let after = exec_in(&c, &write_kmsg)?;
+    let deny: LinuxResources =
+        serde_json::from_str(r#"{"devices": [{"allow": false, "access": "rwm"}]}"#).unwrap();
+    c.update(&deny).map_err(|e| format!("update: {e}"))?;
+    let again = exec_in(&c, &write_kmsg)?;
+    finish(c, init.pid)?;
+    check(
+        before.stdout.is_empty() && before.stderr.contains("Operation not permitted"),
+        || format!("before update: {before:?}"),
+    )?;
+    check(after.stdout == "written\n", || {
+        format!("after allowing c 1:11 w: {after:?}")
+    })?;
+    check(
+        again.stdout.is_empty() && again.stderr.contains("Operation not permitted"),
+        || format!("after denying again (old filter detached): {again:?}"),
+    )
 }
 
 /// A namespace holder (the agent's pod sandbox): a container joining its PID and IPC
