@@ -87,6 +87,25 @@ mod tests {
         assert_eq!(back, req);
         assert_eq!(back.rootfs.block().path, "/dev/vda");
 
+        let sandbox = agent::CreateSandboxRequest {
+            hostname: "pod".into(),
+            share_pid_namespace: true,
+            share_ipc_namespace: true,
+            ..Default::default()
+        };
+        let back =
+            agent::CreateSandboxRequest::parse_from_bytes(&sandbox.write_to_bytes().unwrap())
+                .unwrap();
+        assert!(back.share_pid_namespace && back.share_ipc_namespace);
+        // An older host's request (no sharing fields) shares nothing.
+        let old = agent::CreateSandboxRequest {
+            hostname: "pod".into(),
+            ..Default::default()
+        };
+        let back =
+            agent::CreateSandboxRequest::parse_from_bytes(&old.write_to_bytes().unwrap()).unwrap();
+        assert!(!back.share_pid_namespace && !back.share_ipc_namespace);
+
         let mut stats = agent::StatsResponse::new();
         assert_eq!(stats.memory_limit, None);
         stats.memory_limit = Some(0);

@@ -359,11 +359,6 @@ pub(crate) fn resource_writes(r: &LinuxResources) -> Result<Vec<(String, String)
     {
         tracing::warn!("blockIO/hugepageLimits/network/rdma resources are not applied");
     }
-    if r.devices().as_ref().is_some_and(|d| !d.is_empty()) {
-        tracing::debug!(
-            "resources.devices: no device cgroup (eBPF) filter; only linux.devices nodes exist"
-        );
-    }
     Ok(w)
 }
 

@@ -22,7 +22,9 @@
 
 mod cgroup;
 mod child;
+mod devices;
 mod error;
+mod holder;
 mod mounts;
 mod namespaces;
 mod process;
@@ -40,6 +42,7 @@ use nix::sys::signal::Signal;
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
 
 pub use error::Error;
+pub use holder::NamespaceHolder;
 pub use spec::{parse_spec, validate_id};
 
 use crate::cgroup::Cgroup;
@@ -117,6 +120,8 @@ pub struct Container {
     rootfs: PathBuf,
     prepared: Prepared,
     cgroup: Cgroup,
+    /// The BPF device filter on the cgroup (`None` where the kernel has no `bpf()`).
+    device_filter: std::sync::Mutex<Option<devices::AttachedFilter>>,
     init: Option<Init>,
 }
 
@@ -150,24 +155,35 @@ impl Container {
                 }
             }
         }
-        let cgroup = Cgroup::create(&opts.cgroup_parent, &opts.id)?;
-        if let Some(resources) = opts
+        let resources = opts
             .spec
             .linux()
             .as_ref()
-            .and_then(|l| l.resources().as_ref())
-        {
-            if let Err(e) = cgroup.apply(resources) {
+            .and_then(|l| l.resources().as_ref());
+        let device_rules = devices::rules_from_spec(
+            resources
+                .and_then(|r| r.devices().as_deref())
+                .unwrap_or_default(),
+        )?;
+        let cgroup = Cgroup::create(&opts.cgroup_parent, &opts.id)?;
+        // Device rules always apply: without any in the spec, only the default devices.
+        let configured = resources
+            .map_or(Ok(()), |r| cgroup.apply(r))
+            .and_then(|()| devices::apply(cgroup.path(), &device_rules, None));
+        let device_filter = match configured {
+            Ok(filter) => filter,
+            Err(e) => {
                 let _ = cgroup.remove(Duration::ZERO);
                 return Err(e);
             }
-        }
+        };
         tracing::info!(id = %opts.id, cgroup = %cgroup.path().display(), "container created");
         Ok(Container {
             id: opts.id,
             rootfs: opts.rootfs,
             prepared,
             cgroup,
+            device_filter: std::sync::Mutex::new(device_filter),
             init: None,
         })
     }
@@ -244,18 +260,7 @@ impl Container {
     /// `/proc/<init>/ns/<type>` while the init runs: what a later container of the same pod
     /// puts in [`CreateOptions::join_namespaces`] to share this one's namespace.
     pub fn namespace_path(&self, typ: LinuxNamespaceType) -> Option<PathBuf> {
-        let pid = self.init_pid()?;
-        let name = match typ {
-            LinuxNamespaceType::Mount => "mnt",
-            LinuxNamespaceType::Cgroup => "cgroup",
-            LinuxNamespaceType::Uts => "uts",
-            LinuxNamespaceType::Ipc => "ipc",
-            LinuxNamespaceType::User => "user",
-            LinuxNamespaceType::Pid => "pid",
-            LinuxNamespaceType::Network => "net",
-            LinuxNamespaceType::Time => "time",
-        };
-        Some(PathBuf::from(format!("/proc/{pid}/ns/{name}")))
+        Some(proc_namespace_path(self.init_pid()?, typ))
     }
 
     /// Sends `signal` to one of the container's processes. A pid that has exited (even if not
@@ -303,8 +308,14 @@ impl Container {
         self.cgroup.stats()
     }
 
-    /// Applies new resource limits to the running container.
+    /// Applies new resource limits to the running container. `devices`, when given, replace
+    /// the device rules (the new filter is attached before the old one is detached).
     pub fn update(&self, resources: &LinuxResources) -> Result<(), Error> {
+        if let Some(d) = resources.devices() {
+            let rules = devices::rules_from_spec(d)?;
+            let mut filter = self.device_filter.lock().unwrap_or_else(|e| e.into_inner());
+            *filter = devices::apply(self.cgroup.path(), &rules, filter.take())?;
+        }
         self.cgroup.apply(resources)
     }
 
@@ -348,6 +359,21 @@ impl Container {
         }
         Ok((pidfd, root.into()))
     }
+}
+
+/// `/proc/<pid>/ns/<name>` of a namespace type.
+pub(crate) fn proc_namespace_path(pid: i32, typ: LinuxNamespaceType) -> PathBuf {
+    let name = match typ {
+        LinuxNamespaceType::Mount => "mnt",
+        LinuxNamespaceType::Cgroup => "cgroup",
+        LinuxNamespaceType::Uts => "uts",
+        LinuxNamespaceType::Ipc => "ipc",
+        LinuxNamespaceType::User => "user",
+        LinuxNamespaceType::Pid => "pid",
+        LinuxNamespaceType::Network => "net",
+        LinuxNamespaceType::Time => "time",
+    };
+    PathBuf::from(format!("/proc/{pid}/ns/{name}"))
 }
 
 /// Whether the process behind a pidfd has exited (a pidfd polls readable then).
@@ -418,6 +444,17 @@ mod tests {
             Container::create(opts("ok", "relative")),
             Err(Error::InvalidSpec(_))
         ));
+        // Bad device rules are refused before the cgroup exists.
+        let mut bad_devices = opts("ok", "/");
+        let resources: LinuxResources =
+            serde_json::from_str(r#"{"devices": [{"allow": true, "access": "rwx"}]}"#).unwrap();
+        let mut linux = bad_devices.spec.linux().clone().unwrap();
+        linux.set_resources(Some(resources));
+        bad_devices.spec.set_linux(Some(linux));
+        match Container::create(bad_devices) {
+            Err(Error::InvalidSpec(msg)) => assert!(msg.contains("devices[0]"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
         // A valid spec reaches the cgroup step, which wants cgroup v2.
         assert!(matches!(
             Container::create(opts("ok", "/")),

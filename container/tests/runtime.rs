@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use container::{wait_status_to_exit_code, Container, CreateOptions, Error, Spawned, Stdio};
+use container::{
+    wait_status_to_exit_code, Container, CreateOptions, Error, NamespaceHolder, Spawned, Stdio,
+};
 use libtest_mimic::{Arguments, Failed, Trial};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -76,6 +78,8 @@ fn main() -> ExitCode {
         trial("signal_to_exited_pid_is_no_such_process", signal_exited),
         trial("seccomp_errno_and_kill", seccomp),
         trial("caps_nnp_oom_score_and_sysctl", process_attributes),
+        trial("device_rules_are_enforced", device_rules),
+        trial("namespace_holder_keeps_pod_namespaces", namespace_holder),
     ];
     if args.list {
         return libtest_mimic::run(&args, trials).exit_code();
@@ -836,6 +840,114 @@ fn shared_pid_namespace() -> Result<(), Failed> {
     check(lines.get(3) != uts_of_first.to_str().as_ref(), || {
         format!("uts: {out:?}")
     })
+}
+
+/// A BPF device filter on the container's cgroup: deny everything but the defaults and
+/// /dev/kmsg for writing. The nodes exist (linux.devices); opening them is what is filtered.
+fn device_rules() -> Result<(), Failed> {
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "echo x > /dev/null && echo null:ok; \
+         echo x > /dev/lc && echo lc:opened; \
+         echo container-tests-device-rules > /dev/kmsg2 && echo kmsg-write:ok; \
+         dd if=/dev/kmsg2 of=/dev/null bs=8192 count=1 && echo kmsg-read:opened; true",
+    ]);
+    resources(
+        &mut s,
+        r#"{"devices": [{"allow": false, "access": "rwm"},
+                        {"allow": true, "type": "c", "major": 1, "minor": 11, "access": "w"}]}"#,
+    );
+    let nodes: Vec<oci_spec::runtime::LinuxDevice> = serde_json::from_str(
+        r#"[{"path": "/dev/lc", "type": "c", "major": 10, "minor": 237, "fileMode": 438},
+            {"path": "/dev/kmsg2", "type": "c", "major": 1, "minor": 11, "fileMode": 438}]"#,
+    )
+    .unwrap();
+    linux(&mut s, |l| {
+        l.set_devices(Some(nodes));
+    });
+    let out = run("devices", s)?;
+    expect_ok(&out)?;
+    check(out.stdout == "null:ok\nkmsg-write:ok\n", || {
+        format!("allowed: /dev/null rw, /dev/kmsg2 w only: {out:?}")
+    })?;
+    let denied = |name: &str| {
+        out.stderr
+            .lines()
+            .any(|l| l.contains(name) && l.contains("Operation not permitted"))
+    };
+    check(denied("/dev/lc") && denied("kmsg2"), || {
+        format!("EPERM expected for /dev/lc and reading /dev/kmsg2: {out:?}")
+    })?;
+
+    // update() replaces the filter of a running container (the old one is detached, or the
+    // last step would still allow the write).
+    let (c, init) = sleeper("devices-update", |s| {
+        let nodes: Vec<oci_spec::runtime::LinuxDevice> = serde_json::from_str(
+            r#"[{"path": "/dev/kmsg2", "type": "c", "major": 1, "minor": 11, "fileMode": 438}]"#,
+        )
+        .unwrap();
+        linux(s, |l| {
+            l.set_devices(Some(nodes));
+        });
+    })?;
+    let write_kmsg = [
+        "sh",
+        "-c",
+        "echo container-tests-update > /dev/kmsg2 && echo written",
+    ];
+    let before = exec_in(&c, &write_kmsg)?;
+    let allow: LinuxResources = serde_json::from_str(
+        r#"{"devices": [{"allow": false, "access": "rwm"},
+                        {"allow": true, "type": "c", "major": 1, "minor": 11, "access": "w"}]}"#,
+    )
+    .unwrap();
+    c.update(&allow).map_err(|e| format!("update: {e}"))?;
+    let after = exec_in(&c, &write_kmsg)?;
+    let deny: LinuxResources =
+        serde_json::from_str(r#"{"devices": [{"allow": false, "access": "rwm"}]}"#).unwrap();
+    c.update(&deny).map_err(|e| format!("update: {e}"))?;
+    let again = exec_in(&c, &write_kmsg)?;
+    finish(c, init.pid)?;
+    check(
+        before.stdout.is_empty() && before.stderr.contains("Operation not permitted"),
+        || format!("before update: {before:?}"),
+    )?;
+    check(after.stdout == "written\n", || {
+        format!("after allowing c 1:11 w: {after:?}")
+    })?;
+    check(
+        again.stdout.is_empty() && again.stderr.contains("Operation not permitted"),
+        || format!("after denying again (old filter detached): {again:?}"),
+    )
+}
+
+/// A namespace holder (the agent's pod sandbox): a container joining its PID and IPC
+/// namespaces sees it as PID 1 and shares its IPC namespace; it outlives the container.
+fn namespace_holder() -> Result<(), Failed> {
+    let holder = NamespaceHolder::spawn(&[LinuxNamespaceType::Pid, LinuxNamespaceType::Ipc])
+        .map_err(|e| format!("spawn: {e}"))?;
+    let ipc = fs::read_link(format!("/proc/{}/ns/ipc", holder.pid())).unwrap();
+    // The backgrounded sleep is orphaned when sh exits: the holder (PID 1 there) gets it.
+    let s = spec(&[
+        "sh",
+        "-c",
+        "cat /proc/1/comm; readlink /proc/self/ns/ipc; sleep 0.1 & exit 0",
+    ]);
+    let mut c = create_joining("held", s, holder.join_list()).map_err(|e| e.to_string())?;
+    let out = run_in(&mut c)?;
+    c.destroy().map_err(|e| e.to_string())?;
+    expect_ok(&out)?;
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    check(lines.first() == Some(&"ns-holder"), || format!("{out:?}"))?;
+    check(lines.get(1) == ipc.to_str().as_ref(), || {
+        format!("ipc {ipc:?}: {out:?}")
+    })?;
+    check(holder.is_running(), || "the holder ended".into())?;
+    let pid = holder.pid();
+    holder.kill().map_err(|e| e.to_string())?;
+    let code = wait_exit(pid)?;
+    check(code == 137, || format!("holder exit {code}"))
 }
 
 fn memory_oom() -> Result<(), Failed> {

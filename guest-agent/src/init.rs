@@ -12,6 +12,16 @@ pub const STATE_DIR: &str = "/run/microvm";
 /// The cgroup every container's cgroup lives under.
 pub const CGROUP_PARENT: &str = "/sys/fs/cgroup/microvm";
 
+/// Test-only kernel command-line word: the agent panics 500 ms after its first `Health` reply,
+/// so a test can see that a panicking agent resets the VM. Only the host sets the kernel
+/// command line (at boot), so no container can reach this.
+pub const PANIC_AFTER_HEALTH_FLAG: &str = "microvm.agent_panic_after_health=1";
+
+/// Whether the kernel command line has `word` (a whole word).
+pub fn cmdline_has(word: &str) -> bool {
+    fs::read_to_string("/proc/cmdline").is_ok_and(|c| c.split_whitespace().any(|w| w == word))
+}
+
 /// The argument the agent re-executes itself with once it runs from its tmpfs root.
 pub const SWITCHED_ARG: &str = "--switched-root";
 
@@ -274,14 +284,26 @@ fn unescape_mount_path(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A panic must not hang the VM: log it to the console and reset.
+/// How long the orderly reset after a panic (sync, unmount) may take before a watchdog resets
+/// the VM without them.
+const PANIC_RESET_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A panic must not hang the VM: log it to the console and reset. The message goes straight
+/// to the console first (the logger's lock may be held by the panicking thread), and a
+/// watchdog thread resets the VM without syncing if the orderly reset hangs (a stuck disk).
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         let msg = format!("microvm-agent: PANIC: {info}; resetting the VM");
-        tracing::error!("{msg}");
         if let Ok(mut c) = open_console() {
             let _ = writeln!(c, "{msg}");
         }
+        if std::process::id() == 1 {
+            let _ = std::thread::Builder::new().spawn(|| {
+                std::thread::sleep(PANIC_RESET_GRACE);
+                let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+            });
+        }
+        tracing::error!("{msg}");
         reboot();
     }));
 }

@@ -86,7 +86,14 @@ async fn serve() -> Result<(), String> {
         let oom = oom.clone();
         async move { oom.run().await }
     });
-    let state = Arc::new(service::State::new(reaper, oom));
+    let panic_after_health = init::cmdline_has(init::PANIC_AFTER_HEALTH_FLAG);
+    if panic_after_health {
+        tracing::warn!(
+            "{} on the kernel command line: this agent will panic (test only)",
+            init::PANIC_AFTER_HEALTH_FLAG
+        );
+    }
+    let state = Arc::new(service::State::new(reaper, oom, panic_after_health));
 
     let stdio = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, STDIO_PORT))
         .map_err(|e| format!("cannot listen on vsock port {STDIO_PORT}: {e}"))?;

@@ -43,10 +43,14 @@ pub fn parse_options(fstype: &str, options: &[String]) -> Options {
 }
 
 /// Mounts `source` on `target` (which must exist). A read-only bind mount is made in two
-/// steps, as the kernel ignores `MS_RDONLY` on the first.
+/// steps, as the kernel ignores `MS_RDONLY` on the first. A block device source is flushed
+/// from the page cache first ([`flush_block_device`]).
 pub fn mount_fs(source: &str, target: &Path, fstype: &str, options: &[String]) -> nix::Result<()> {
     let o = parse_options(fstype, options);
     let bind = o.flags.contains(MsFlags::MS_BIND);
+    if !bind {
+        flush_block_device(Path::new(source))?;
+    }
     let fstype = (!bind).then_some(fstype);
     let data = (!o.data.is_empty()).then_some(o.data.as_str());
     mount(Some(source), target, fstype, o.flags, data)?;
@@ -59,6 +63,37 @@ pub fn mount_fs(source: &str, target: &Path, fstype: &str, options: &[String]) -
             None::<&str>,
         )?;
     }
+    Ok(())
+}
+
+/// `_IO(0x12, 97)` from linux/fs.h (the libc crate does not define it).
+const BLKFLSBUF: libc::c_ulong = 0x1261;
+
+/// `BLKFLSBUF` on `path` when it is a block device (anything else is left alone): writes back
+/// and drops the device's cached blocks, so the mount reads what the disk holds now.
+///
+/// Why: the host may attach empty, pre-sized "slot" disks at boot and write a container's
+/// filesystem image into a slot's backing file later (the containerd shim does). The guest
+/// kernel read and cached the slot's first blocks when it probed the disk for partitions at
+/// boot; without the flush, the filesystem would be mounted over those stale (zero) blocks.
+/// A flush of a device that is mounted already (the same disk mounted twice) only drops the
+/// clean, unused blocks: it is harmless.
+pub fn flush_block_device(path: &Path) -> nix::Result<()> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let is_block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+    if !is_block {
+        return Ok(());
+    }
+    let dev = std::fs::File::open(path)
+        .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    // SAFETY: BLKFLSBUF takes no argument; the fd is a block device we just opened.
+    let r = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&dev), BLKFLSBUF) };
+    if r != 0 {
+        let e = nix::Error::last();
+        tracing::warn!("BLKFLSBUF {}: {e}", path.display());
+        return Err(e);
+    }
+    tracing::debug!("flushed the cached blocks of {}", path.display());
     Ok(())
 }
 
@@ -101,6 +136,14 @@ mod tests {
         assert_eq!(o.data, "");
         let o = parse_options("none", &s(&["rbind", "rw"]));
         assert_eq!(o.flags, MsFlags::MS_BIND | MsFlags::MS_REC);
+    }
+
+    #[test]
+    fn only_block_devices_are_flushed() {
+        // Not block devices: nothing to do, no error (a real flush needs a block device).
+        flush_block_device(Path::new("/dev/null")).unwrap();
+        flush_block_device(Path::new("/proc/self/status")).unwrap();
+        flush_block_device(Path::new("tmpfs")).unwrap();
     }
 
     #[test]

@@ -12,6 +12,7 @@ use agent_protocol::agent::{self as pb, Empty};
 use agent_protocol::stdio::{Header, Reply};
 use agent_protocol::ttrpc::{self, r#async::TtrpcContext, Code};
 use async_trait::async_trait;
+use oci_spec::runtime::LinuxNamespaceType;
 use tokio::sync::watch;
 use tokio_vsock::VsockStream;
 
@@ -157,18 +158,91 @@ pub struct State {
     parked: Parked,
     oom: Arc<OomWatcher>,
     sandbox_mounts: Mutex<Vec<PathBuf>>,
+    /// The process owning the sandbox's shared namespaces, once CreateSandbox asked for any.
+    holder: Mutex<Option<container::NamespaceHolder>>,
     shutting_down: AtomicBool,
+    /// Test-only: panic shortly after the first Health reply (kernel command line
+    /// [`init::PANIC_AFTER_HEALTH_FLAG`]), to show that a panicking agent ends the VM.
+    panic_after_health: AtomicBool,
 }
 
 impl State {
-    pub fn new(reaper: Arc<Reaper>, oom: Arc<OomWatcher>) -> Self {
+    pub fn new(reaper: Arc<Reaper>, oom: Arc<OomWatcher>, panic_after_health: bool) -> Self {
         Self {
             reaper,
             containers: Mutex::default(),
             parked: Parked::default(),
             oom,
             sandbox_mounts: Mutex::default(),
+            holder: Mutex::default(),
             shutting_down: AtomicBool::new(false),
+            panic_after_health: AtomicBool::new(panic_after_health),
+        }
+    }
+
+    /// Starts the holder of the sandbox's shared namespaces (pod semantics). Asking again for
+    /// what is shared already is fine; asking for more is refused: containers may exist
+    /// already, and one sandbox has one holder.
+    async fn share_namespaces(&self, wanted: Vec<LinuxNamespaceType>) -> Result<()> {
+        let refuse = |have: &[LinuxNamespaceType]| {
+            status(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "the sandbox shares {} namespaces already; sharing cannot change (asked: {})",
+                    ns_names(have),
+                    ns_names(&wanted)
+                ),
+            )
+        };
+        if let Some(h) = self
+            .holder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            if wanted.iter().all(|t| h.types().contains(t)) {
+                return Ok(());
+            }
+            return Err(refuse(h.types()));
+        }
+        let types = wanted.clone();
+        let holder = tokio::task::spawn_blocking(move || container::NamespaceHolder::spawn(&types))
+            .await
+            .map_err(internal)?
+            .map_err(|e| internal(format!("shared namespaces: {e}")))?;
+        let mut slot = self.holder.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = slot.as_ref() {
+            // A concurrent CreateSandbox won.
+            let err = refuse(h.types());
+            let _ = holder.kill();
+            return Err(err);
+        }
+        tracing::info!(
+            pid = holder.pid(),
+            "containers created from now on share the sandbox's {} namespaces",
+            ns_names(holder.types())
+        );
+        *slot = Some(holder);
+        Ok(())
+    }
+
+    /// The namespaces a new container joins: the sandbox's shared ones.
+    fn shared_namespaces(&self) -> Result<Vec<(LinuxNamespaceType, PathBuf)>> {
+        match self
+            .holder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            None => Ok(Vec::new()),
+            Some(h) if h.is_running() => Ok(h.join_list()),
+            Some(h) => Err(status(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "the process holding the sandbox's shared namespaces ({}) has died",
+                    h.pid()
+                ),
+            )),
         }
     }
 
@@ -594,6 +668,15 @@ impl State {
     }
 }
 
+/// "pid+ipc" for a list of namespace types.
+fn ns_names(types: &[LinuxNamespaceType]) -> String {
+    types
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join("+")
+}
+
 fn process_ref(p: &protobuf::MessageField<pb::ProcessRef>) -> Result<(String, String)> {
     let p = p
         .as_ref()
@@ -621,6 +704,13 @@ impl agent_protocol::agent_ttrpc::Agent for Agent {
 
     async fn health(&self, _: &TtrpcContext, _: pb::HealthRequest) -> Result<pb::HealthResponse> {
         self.check_serving()?;
+        if self.panic_after_health.swap(false, Ordering::SeqCst) {
+            tracing::warn!("{}: panicking in 500 ms", init::PANIC_AFTER_HEALTH_FLAG);
+            tokio::spawn(async {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                panic!("test-only panic requested on the kernel command line");
+            });
+        }
         Ok(pb::HealthResponse {
             uptime_ms: init::uptime_ms(),
             ..Default::default()
@@ -702,6 +792,16 @@ impl agent_protocol::agent_ttrpc::Agent for Agent {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(dest.to_path_buf());
         }
+        let mut shared = Vec::new();
+        if req.share_pid_namespace {
+            shared.push(LinuxNamespaceType::Pid);
+        }
+        if req.share_ipc_namespace {
+            shared.push(LinuxNamespaceType::Ipc);
+        }
+        if !shared.is_empty() {
+            self.share_namespaces(shared).await?;
+        }
         Ok(Empty::new())
     }
 
@@ -732,6 +832,7 @@ impl agent_protocol::agent_ttrpc::Agent for Agent {
             .rootfs
             .as_ref()
             .ok_or_else(|| status(Code::INVALID_ARGUMENT, "no rootfs"))?;
+        let shared = self.shared_namespaces()?;
         // Reserve the id while the rootfs is being mounted.
         let dir = Path::new(STATE_DIR).join("containers").join(&req.id);
         {
@@ -758,7 +859,7 @@ impl agent_protocol::agent_ttrpc::Agent for Agent {
             rootfs: root,
             spec,
             cgroup_parent: PathBuf::from(CGROUP_PARENT),
-            join_namespaces: Vec::new(),
+            join_namespaces: shared,
         };
         let created = tokio::task::spawn_blocking(move || container::Container::create(opts))
             .await

@@ -192,6 +192,12 @@ pub struct SandboxSettings {
     pub sysctls: BTreeMap<String, String>,
     /// Guest mounts (absolute guest destinations).
     pub mounts: Vec<Mount>,
+    /// Containers created afterwards share one PID namespace (Kubernetes'
+    /// `shareProcessNamespace`): they see each other's processes.
+    pub share_pid_namespace: bool,
+    /// Containers created afterwards share one IPC namespace (Kubernetes always does this
+    /// within a pod): SysV IPC and POSIX message queues are common to them.
+    pub share_ipc_namespace: bool,
 }
 
 /// A filesystem the agent mounts (see agent.proto's `Mount`).
@@ -596,6 +602,8 @@ impl Sandbox {
             dns_options: s.dns_options.clone(),
             sysctls: s.sysctls.clone().into_iter().collect(),
             mounts: s.mounts.iter().map(Mount::to_pb).collect(),
+            share_pid_namespace: s.share_pid_namespace,
+            share_ipc_namespace: s.share_ipc_namespace,
             ..Default::default()
         };
         self.client
@@ -856,10 +864,33 @@ impl Sandbox {
             .client
             .shutdown(self.ctx(), &pb::ShutdownRequest::new())
             .await;
+        if self.vmm.child.is_none() {
+            // Attached: without the request sent, there is nothing to wait for.
+            sent.as_ref()
+                .map_err(|e| Error::rpc("Shutdown", e.clone()))?;
+        }
+        match self.wait_vmm(timeout).await {
+            Ok(status) => Ok(status),
+            Err(e) => Err(match sent {
+                Err(rpc) => Error::rpc("Shutdown", rpc),
+                Ok(_) => e,
+            }),
+        }
+    }
+
+    /// Waits (up to `timeout`) until the VM ends by itself, without asking it to: the agent
+    /// resets the VM after `Shutdown`, when it panics, or when it cannot set up the guest.
+    /// Returns the VMM's exit status; on timeout the VMM is killed and the error says so. An
+    /// attached sandbox ([`Sandbox::connect`]) reports status 0 once the VMM's socket stops
+    /// answering.
+    pub async fn wait_exit(mut self, timeout: Duration) -> Result<ExitStatus> {
+        self.wait_vmm(timeout).await
+    }
+
+    async fn wait_vmm(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
         let Some(mut child) = self.vmm.child.take() else {
             // Attached: not our child. The VMM is gone once its socket stops answering.
-            sent.map_err(|e| Error::rpc("Shutdown", e))?;
             while Instant::now() < deadline {
                 if std::os::unix::net::UnixStream::connect(&self.vmm.uds).is_err() {
                     return Ok(std::os::unix::process::ExitStatusExt::from_raw(0));
@@ -867,7 +898,7 @@ impl Sandbox {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             return Err(Error::io(
-                "shutdown",
+                "wait for the VM",
                 std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!("the VM did not end within {timeout:?}"),
@@ -876,23 +907,24 @@ impl Sandbox {
         };
         loop {
             match child.try_wait() {
-                Ok(Some(status)) => return Ok(status),
+                Ok(Some(status)) => {
+                    remove_sockets(&self.vmm.uds);
+                    return Ok(status);
+                }
                 Ok(None) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Ok(None) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(match sent {
-                        Err(e) => Error::rpc("Shutdown", e),
-                        Ok(_) => Error::io(
-                            "shutdown",
-                            std::io::Error::new(
-                                std::io::ErrorKind::TimedOut,
-                                format!("the VMM did not exit within {timeout:?}; killed"),
-                            ),
+                    remove_sockets(&self.vmm.uds);
+                    return Err(Error::io(
+                        "wait for the VMM",
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("the VMM did not exit within {timeout:?}; killed"),
                         ),
-                    });
+                    ));
                 }
                 Err(e) => return Err(Error::io("wait for the VMM", e)),
             }
