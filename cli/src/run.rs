@@ -452,10 +452,6 @@ async fn execute(plan: &Plan, rd: &RunDir, stdio: Stdio, t: &mut Timings) -> Res
         Err(e) => return Err(anyhow!(e).context("start the VM")),
     };
     t.sandbox_start = phase.elapsed();
-    rd.update(|r| {
-        r.status = Status::Running;
-        r.owner_pid = Some(std::process::id());
-    })?;
     let phase = Instant::now();
     let ended = run_container(&sb, plan, rd, stdio, t).await;
     let code_known = Instant::now();
@@ -581,6 +577,11 @@ async fn run_container(
         Err(e) => return Err(e.into()),
     };
     t.container_start = phase.elapsed();
+    // Now `exec`, `stop` and `kill` can reach it, and `run -d` returns.
+    rd.update(|r| {
+        r.status = Status::Running;
+        r.owner_pid = Some(std::process::id());
+    })?;
     let mut tasks = Vec::new();
     if stdio == Stdio::Foreground {
         tasks.push(sb.forward_signals(&plan.id, "")?);
