@@ -441,6 +441,16 @@ async fn execute(plan: &Plan, rd: &RunDir, stdio: Stdio, t: &mut Timings) -> Res
     if let Ok(level) = std::env::var("MICROVM_AGENT_LOG") {
         cfg.cmdline.push_str(&format!(" RUST_LOG={level}"));
     }
+    if stdio == Stdio::Foreground {
+        // The VMM runs in our process group, so a Ctrl-C at the terminal would reach and kill it
+        // too. An ignored disposition survives exec: the VMM inherits it. For us it lasts until
+        // `forward_signals` installs its handlers (Ctrl-C during the boot is ignored).
+        // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+        unsafe {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+        }
+    }
     let phase = Instant::now();
     // The open early-boot triple-fault bug (see the README): one announced retry.
     let sb = match Sandbox::start(cfg.clone()).await {

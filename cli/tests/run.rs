@@ -522,7 +522,7 @@ fn memory_and_volumes(env: &Env) {
         if echo x > /ro/x 2>/dev/null; then echo RO-WRITABLE; else echo RO-REFUSED; fi; \
         if mount -o remount,rw /ro 2>/dev/null; then echo RO-REMOUNTED; fi; \
         echo new-content > /rw/new; rm /rw/old; cat /rw/sub/keep; \
-        dd if=/dev/zero of=/dev/null bs=100M count=1; echo SURVIVED";
+        exec dd if=/dev/zero of=/dev/null bs=100M count=1";
     let o = env.microvm(
         &[
             "run", "--memory", "64", "-v", &vro, "-v", &vrw, img, "sh", "-c", script,
