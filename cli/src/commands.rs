@@ -358,7 +358,7 @@ pub struct PullCmd {
 }
 
 pub fn pull(args: PullCmd) -> Result<i32> {
-    let store = crate::images::open_store()?;
+    let store = crate::images::open_store(args.pull.options().progress)?;
     let (img, fetched) = runtime()?.block_on(store.ensure(&args.image, &args.pull.options()))?;
     if !args.pull.quiet {
         eprintln!(
@@ -371,7 +371,7 @@ pub fn pull(args: PullCmd) -> Result<i32> {
 }
 
 pub fn images() -> Result<i32> {
-    let store = crate::images::open_store()?;
+    let store = crate::images::open_store(false)?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{:<50}  {:<19}  SIZE", "NAME", "IMAGE ID")?;
     for img in store.list()? {
@@ -395,7 +395,7 @@ pub struct RmiArgs {
 }
 
 pub fn rmi(args: RmiArgs) -> Result<i32> {
-    let store = crate::images::open_store()?;
+    let store = crate::images::open_store(false)?;
     for i in &args.images {
         let used: Vec<String> = state::list()?
             .into_iter()

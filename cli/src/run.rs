@@ -253,7 +253,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     }
     let (microvm, kernel, agent) = locate(&args.vm)?;
     let rt = runtime()?;
-    let store = images::open_store()?;
+    let store = images::open_store(args.pull.options().progress)?;
     let img = rt.block_on(images::prepare(&store, &args.image, &args.pull.options()))?;
     tracing::debug!(
         "image {}: Fetched {{ blobs_downloaded: {}, blobs_imported: {} }}, disk built: {}",

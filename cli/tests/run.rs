@@ -270,6 +270,8 @@ fn build_image() -> Result<TestImage, Box<dyn std::error::Error>> {
     let file = |b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32| {
         let mut h = tar::Header::new_gnu();
         h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
         h.set_size(data.len() as u64);
         h.set_mtime(1_700_000_000);
         b.append_data(&mut h, path, data)
@@ -288,6 +290,8 @@ fn build_image() -> Result<TestImage, Box<dyn std::error::Error>> {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_mode(0o777);
+        h.set_uid(0);
+        h.set_gid(0);
         h.set_size(0);
         h.set_mtime(1_700_000_000);
         b.append_link(&mut h, format!("bin/{applet}"), "busybox")?;
