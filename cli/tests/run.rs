@@ -402,7 +402,7 @@ fn build_agent() -> Result<PathBuf, String> {
 // The scenarios.
 
 /// The image's Cmd and Env; stdout and stderr apart and complete; exit codes 3, 137 (killed),
-/// 127 (missing executable), 126 (not executable); `--rm` leaves nothing.
+/// 127 (missing executable), 126 (not executable); SIGTERM forwarded; `--rm` leaves nothing.
 fn semantics(env: &Env) {
     let img = env.img.layout();
     let o = env.microvm(&["run", "--rm", img], None);
@@ -416,17 +416,30 @@ fn semantics(env: &Env) {
         "--rm left a run: {ps:?}"
     );
 
-    // Killed from outside (`microvm kill`, SIGKILL by default): 137.
-    let c = env.cmd(&[
+    // SIGTERM to `microvm run` reaches the container (its trap runs); killed from outside
+    // (`microvm kill`, SIGKILL by default): 137.
+    let mut c = env.cmd(&[
         "run",
         "--name",
         "victim",
         img,
         "sh",
         "-c",
-        "echo before; sleep 1000",
+        "trap 'echo got-term' TERM; echo before; while true; do sleep 0.2; done",
     ]);
-    let killed = std::thread::spawn(move || run_cmd(c, None));
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            String::from_utf8_lossy(&v).into_owned()
+        })
+    };
+    let (stdout, stderr) = (drain(Box::new(stdout)), drain(Box::new(stderr)));
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let ps = env.microvm(&["ps"], None);
@@ -439,14 +452,29 @@ fn semantics(env: &Env) {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_secs(3));
     let k = env.microvm(&["kill", "victim"], None);
     assert_eq!((k.code, k.stdout.as_str()), (0, "victim\n"), "{k:?}");
-    let o = killed.join().unwrap();
-    assert_eq!((o.code, o.stdout.as_str()), (137, "before\n"), "{o:?}");
+    let o = Out {
+        code: child.wait().unwrap().code().unwrap_or(-1),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    };
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (137, "before\ngot-term\n"),
+        "{o:?}"
+    );
 
     let o = env.microvm(&["run", img, "/bin/no-such-program"], None);
     assert_eq!(o.code, 127, "{o:?}");
     assert!(o.stderr.contains("/bin/no-such-program"), "{o:?}");
+    let o = env.microvm(&["run", "--rm", img, "/etc/notexec"], None);
+    assert_eq!(o.code, 126, "{o:?}");
+    assert!(o.stderr.contains("/etc/notexec"), "{o:?}");
     // Both runs without --rm are listed as exited, with their status.
     let ps = env.microvm(&["ps", "-a"], None);
     assert!(
