@@ -312,6 +312,15 @@ pub fn run(args: RunArgs) -> Result<i32> {
         cpus: args.cpus,
     };
     let rd = RunDir::new(&id);
+    // The VMM's vsock socket and its `_<port>` listeners must fit a unix socket path.
+    let longest = rd.vsock().as_os_str().len() + "_4294967295".len();
+    if longest > 107 {
+        bail!(
+            "the run directory {} is too long for unix socket paths (108 bytes); set \
+             MICROVM_HOME to a shorter directory",
+            rd.path.display()
+        );
+    }
     std::fs::create_dir_all(&rd.path)
         .with_context(|| format!("create the run directory {}", rd.path.display()))?;
     let mut record = RunRecord {
