@@ -61,6 +61,7 @@ fn main() -> ExitCode {
         trial("run_memory_limit_and_volumes", memory_and_volumes),
         trial("run_detached_exec_stop_logs", detached),
         trial("run_from_layout_archive_and_registry", image_sources),
+        trial("pull_images_rmi", pull_images_rmi),
     ];
     libtest_mimic::run(&args, trials).exit_code()
 }
@@ -616,6 +617,21 @@ fn detached(env: &Env) {
     let o = env.microvm(&["exec", "web", "/bin/nope"], None);
     assert_eq!(o.code, 127, "{o:?}");
 
+    // exec -t: a pty for the exec'd process (`script` gives microvm a terminal).
+    let line = format!(
+        "{} exec -t web sh -c 'tty; test -t 0 && echo STDIN-IS-A-TTY'",
+        env!("CARGO_BIN_EXE_microvm")
+    );
+    let mut c = Command::new("script");
+    c.args(["-qec", &line, "/dev/null"])
+        .env("MICROVM_HOME", &env.home);
+    let o = run_cmd(c, None);
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(
+        o.stdout.contains("/dev/pts/") && o.stdout.contains("STDIN-IS-A-TTY"),
+        "{o:?}"
+    );
+
     let o = env.microvm(&["kill", "-s", "USR1", "web"], None);
     assert_eq!(o.code, 0, "{o:?}");
     std::thread::sleep(Duration::from_secs(2));
@@ -687,6 +703,40 @@ fn image_sources(env: &Env) {
         None,
     );
     assert_eq!((o.code, o.stdout.as_str()), (0, "ok\n"), "{o:?}");
+}
+
+/// `pull`, `images`, `rmi` on the store (no VM).
+fn pull_images_rmi(env: &Env) {
+    let img = env.img.layout();
+    let o = env.microvm(&["pull", img], None);
+    assert_eq!(o.code, 0, "{o:?}");
+    let id = o.stdout.trim().to_string();
+    assert!(id.starts_with("sha256:"), "{o:?}");
+    assert!(
+        !o.stderr.contains("0 blob(s) downloaded, 0 imported"),
+        "{o:?}"
+    );
+    let o = env.microvm(&["pull", img], None);
+    assert_eq!(o.stdout.trim(), id, "{o:?}");
+    assert!(
+        o.stderr.contains("0 blob(s) downloaded, 0 imported"),
+        "{o:?}"
+    );
+    let o = env.microvm(&["images"], None);
+    assert_eq!(o.code, 0, "{o:?}");
+    let short = &id["sha256:".len().."sha256:".len() + 12];
+    let line = o
+        .stdout
+        .lines()
+        .find(|l| l.contains(short))
+        .unwrap_or_else(|| panic!("{short} not listed: {o:?}"));
+    let name = line.split_whitespace().next().unwrap().to_string();
+    let o = env.microvm(&["rmi", &name], None);
+    assert_eq!((o.code, o.stdout.trim()), (0, name.as_str()), "{o:?}");
+    let o = env.microvm(&["images"], None);
+    assert!(!o.stdout.contains(short), "{o:?}");
+    let o = env.microvm(&["rmi", &name], None);
+    assert_eq!(o.code, 1, "removing a missing image: {o:?}");
 }
 
 struct Registry {
