@@ -105,6 +105,15 @@ impl BlobWriter {
         }
     }
 
+    pub(crate) fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// The digest of what was written so far.
+    pub(crate) fn digest(&self) -> String {
+        format!("sha256:{}", hex::encode(self.hasher.clone().finalize()))
+    }
+
     /// Verifies the content against `digest` (and `size` when known) and moves it into the
     /// store. A mismatch discards the temporary file and names the digest.
     pub(crate) fn commit(mut self, digest: &str, size: Option<u64>) -> Result<()> {

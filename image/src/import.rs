@@ -466,21 +466,43 @@ fn import_docker(
     // docker save writes uncompressed layer tars, so each file's digest is its diff id.
     for (member, diff_id) in entry.layers.iter().zip(&parsed.rootfs.diff_ids) {
         blob::digest_hex(diff_id)?;
-        let size = match archive.open(member)? {
-            Some((_, size)) => size,
+        let Some((mut reader, size)) = archive.open(member)? else {
+            return Err(Error::InvalidImage {
+                origin,
+                reason: format!("layer {member} is missing"),
+            });
+        };
+        let mut magic = [0u8; 4];
+        let magic_len = reader
+            .read(&mut magic)
+            .map_err(io_err(format!("reading {member} in {origin}")))?;
+        drop(reader);
+        let compression = match &magic[..magic_len] {
+            [0x1f, 0x8b, ..] => Some("gzip"),
+            [0x28, 0xb5, 0x2f, 0xfd] => Some("zstd"),
+            _ => None,
+        };
+        let (digest, media_type) = match compression {
+            // docker save writes plain layer tars: the file's digest is its diff id.
             None => {
-                return Err(Error::InvalidImage {
-                    origin,
-                    reason: format!("layer {member} is missing"),
-                })
+                if import_blob(store, archive, member, diff_id, Some(size), opts)? {
+                    fetched.blobs_imported += 1;
+                }
+                (diff_id.clone(), manifest::OCI_LAYER_TAR.to_string())
+            }
+            // Other tools may compress them: keep the blob as it is, and check that it
+            // decompresses to the diff id.
+            Some(kind) => {
+                let (digest, new) = import_compressed_layer(store, archive, member, diff_id, opts)?;
+                if new {
+                    fetched.blobs_imported += 1;
+                }
+                (digest, format!("{}+{kind}", manifest::OCI_LAYER_TAR))
             }
         };
-        if import_blob(store, archive, member, diff_id, Some(size), opts)? {
-            fetched.blobs_imported += 1;
-        }
         layers.push(Descriptor {
-            media_type: manifest::OCI_LAYER_TAR.into(),
-            digest: diff_id.clone(),
+            media_type,
+            digest,
             size,
             platform: None,
             annotations: Default::default(),
@@ -524,7 +546,81 @@ pub(crate) fn finish(
         config: strip(config),
         layers: layers.into_iter().map(strip).collect(),
     };
+    // An image whose config does not parse is not recorded: `list` would fail on it.
+    let mut image = store.image_of(&record)?;
     let record = index::add_image(store, record)?;
     tracing::debug!(id = %record.id, names = ?record.names, ?fetched, "image stored");
-    Ok((store.image_of(&record)?, fetched))
+    image.names = record.names;
+    Ok((image, fetched))
+}
+
+/// A compressed layer of a docker-archive: stored under the digest of its bytes once its
+/// content is shown to decompress to `diff_id`. Returns the digest and whether it is new.
+fn import_compressed_layer(
+    store: &ImageStore,
+    archive: &Archive,
+    member: &str,
+    diff_id: &str,
+    opts: &PullOptions,
+) -> Result<(String, bool)> {
+    let origin = format!("{} ({member})", archive.origin());
+    let (reader, size) = archive.open(member)?.ok_or_else(|| Error::InvalidImage {
+        origin: origin.clone(),
+        reason: "missing".into(),
+    })?;
+    let bar = progress_bar(
+        opts.progress,
+        size,
+        format!("import {}", short_digest(diff_id)),
+    );
+    let mut writer = BlobWriter::new(store, &origin)?;
+    writer.copy_from(&mut bar.wrap_read(reader), Some(size))?;
+    bar.finish_and_clear();
+    let digest = writer.digest();
+    let new = !blob::has_blob(store, &digest)?;
+    if new {
+        writer.commit(&digest, Some(size))?;
+    }
+    let mut content = crate::unpack::decompressor(blob::open_blob(store, &digest)?, &digest)?;
+    let mut hasher = BlobHasher::default();
+    std::io::copy(&mut content, &mut hasher).map_err(|e| Error::CorruptBlob {
+        digest: diff_id.to_string(),
+        origin: origin.clone(),
+        reason: format!("does not decompress: {e}"),
+    })?;
+    let actual = hasher.digest();
+    if actual != diff_id {
+        if new {
+            let _ = std::fs::remove_file(store.blob_path(blob::digest_hex(&digest)?));
+        }
+        return Err(Error::CorruptBlob {
+            digest: diff_id.to_string(),
+            origin,
+            reason: format!("the layer decompresses to {actual}"),
+        });
+    }
+    Ok((digest, new))
+}
+
+/// sha256 of what is written to it.
+#[derive(Default)]
+struct BlobHasher(sha2::Sha256);
+
+impl BlobHasher {
+    fn digest(self) -> String {
+        use sha2::Digest as _;
+        format!("sha256:{}", hex::encode(self.0.finalize()))
+    }
+}
+
+impl std::io::Write for BlobHasher {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest as _;
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

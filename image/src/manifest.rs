@@ -142,3 +142,36 @@ pub(crate) fn oci_manifest_bytes(config: &Descriptor, layers: &[Descriptor]) -> 
     })
     .expect("a manifest serializes")
 }
+
+#[cfg(test)]
+mod tests {
+    /// An image config as docker (buildkit) writes it, with its nulls and empty maps: the
+    /// store hands it out as `ImageConfiguration`, so it must parse.
+    #[test]
+    fn docker_style_config_parses() {
+        let config = r##"{
+            "architecture": "amd64",
+            "config": {
+                "Hostname": "", "Domainname": "", "User": "", "AttachStdin": false,
+                "Tty": false, "OpenStdin": false, "StdinOnce": false,
+                "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                "Cmd": ["sh"], "Image": "sha256:abc", "Volumes": {"/data": {}},
+                "WorkingDir": "", "Entrypoint": null, "OnBuild": null, "Labels": null,
+                "ExposedPorts": {"80/tcp": {}}, "StopSignal": "SIGTERM"
+            },
+            "container_config": {"Cmd": ["/bin/sh", "-c", "#(nop) CMD [\"sh\"]"]},
+            "created": "2024-09-26T21:31:42.130628131Z",
+            "docker_version": "23.0.11",
+            "history": [
+                {"created": "2024-09-26T21:31:42Z", "created_by": "ADD file:abc in / "},
+                {"created": "2024-09-26T21:31:42Z", "created_by": "CMD [\"sh\"]", "empty_layer": true}
+            ],
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": ["sha256:0000000000000000000000000000000000000000000000000000000000000000"]}
+        }"##;
+        let parsed: crate::ImageConfiguration = serde_json::from_str(config).unwrap();
+        let c = parsed.config().as_ref().unwrap();
+        assert_eq!(c.cmd().as_ref().unwrap(), &vec!["sh".to_string()]);
+        assert!(c.entrypoint().is_none());
+    }
+}

@@ -212,6 +212,14 @@ async fn download_blob(
         })?;
         writer.write(&chunk)?;
         bar.inc(chunk.len() as u64);
+        if writer.written() > desc.size {
+            // A registry that sends more than the manifest says would only fill the disk.
+            return Err(Error::CorruptBlob {
+                digest: desc.digest.clone(),
+                origin,
+                reason: format!("more than the {} bytes the manifest gives", desc.size),
+            });
+        }
     }
     bar.finish_and_clear();
     writer.commit(&desc.digest, Some(desc.size))

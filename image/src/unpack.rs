@@ -97,7 +97,7 @@ pub(crate) fn build_disk(
 }
 
 /// Gzip and zstd are told by their magic numbers (media types lie more often than magic).
-fn decompressor(file: impl Read + 'static, digest: &str) -> Result<Box<dyn Read>> {
+pub(crate) fn decompressor(file: impl Read + 'static, digest: &str) -> Result<Box<dyn Read>> {
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let head = reader
         .fill_buf()

@@ -346,6 +346,25 @@ async fn a_blob_corrupted_on_the_wire_is_refused() {
     assert!(err.to_string().contains(layer.as_str()), "{err}");
     assert!(!store.root().join("blobs/sha256").join(&layer[7..]).exists());
     assert!(store.list().unwrap().is_empty());
+
+    // A blob that grew: cut off past the size the manifest gives.
+    let img = image_with("to be extended", "amd64");
+    registry
+        .push("test/longer:1", &img, &RegistryAuth::Anonymous)
+        .await;
+    let layer = &img.layers[1].digest;
+    let file = registry.blob_file(layer);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.extend_from_slice(&[0u8; 100_000]);
+    std::fs::write(&file, &bytes).unwrap();
+    let err = store
+        .ensure(&format!("{}/test/longer:1", registry.host()), &insecure())
+        .await
+        .unwrap_err();
+    eprintln!("longer on the wire: {err}");
+    assert!(matches!(err, Error::CorruptBlob { .. }), "{err:?}");
+    assert!(err.to_string().contains(layer.as_str()), "{err}");
+    assert!(!store.root().join("blobs/sha256").join(&layer[7..]).exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

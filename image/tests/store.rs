@@ -500,6 +500,21 @@ async fn corrupted_blobs_are_refused_by_digest() {
         "{err}"
     );
 
+    // A config that is not an image config: refused, and not recorded.
+    let odd = TestImage::with_config(
+        vec![compress(&busybox_layer().finish(), Compression::None)],
+        br#"{"architecture": 5}"#.to_vec(),
+    );
+    let odd_dir = tmp.path().join("odd");
+    odd.write_layout(&odd_dir, None);
+    let err = store
+        .ensure(odd_dir.to_str().unwrap(), &opts())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&sha256(&odd.config)), "{err}");
+    assert!(store.list().unwrap().is_empty());
+
     // A manifest that is not JSON at all.
     let junk = tmp.path().join("junk");
     std::fs::create_dir(&junk).unwrap();
@@ -678,5 +693,66 @@ async fn local_names_are_used_without_a_registry_and_removed_one_at_a_time() {
     assert!(
         matches!(store.get("abc"), Ok(None)),
         "under 4 hex digits is no id prefix"
+    );
+}
+
+#[tokio::test]
+async fn docker_archive_with_compressed_layers() {
+    let (tmp, store) = store();
+    let top = Layer::new()
+        .file("top", b"zstd layer", 0o644, 0, 0)
+        .finish();
+    let img = TestImage::new(
+        vec![
+            compress(&busybox_layer().finish(), Compression::Gzip),
+            compress(&top, Compression::Zstd),
+        ],
+        &["/bin/sh"],
+    );
+    let archive = tmp.path().join("compressed.tar");
+    img.write_docker_archive(&archive, &["compressed:1"]);
+    let (image, fetched) = store
+        .ensure(archive.to_str().unwrap(), &opts())
+        .await
+        .unwrap();
+    assert_eq!(fetched.blobs_imported, 4);
+    for layer in &img.layers {
+        assert!(store
+            .root()
+            .join("blobs/sha256")
+            .join(&layer.digest[7..])
+            .is_file());
+    }
+    let (_, fetched) = store
+        .ensure(archive.to_str().unwrap(), &opts())
+        .await
+        .unwrap();
+    assert_eq!(fetched, Fetched::default());
+    let disk = store.rootfs_disk(&image).unwrap().path;
+    assert_eq!(cat(&disk, "/top"), "zstd layer");
+
+    // A compressed layer that does not decompress to its diff id.
+    let mut lying = TestImage::new(vec![compress(&top, Compression::Gzip)], &["/bin/sh"]);
+    let other = compress(
+        &Layer::new().file("other", b"other", 0o644, 0, 0).finish(),
+        Compression::Gzip,
+    );
+    lying.layers[0].bytes = other.bytes;
+    let diff_id = lying.layers[0].diff_id.clone();
+    let archive = tmp.path().join("lying.tar");
+    lying.write_docker_archive(&archive, &["lying:1"]);
+    let err = store
+        .ensure(archive.to_str().unwrap(), &opts())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::CorruptBlob { .. }), "{err:?}");
+    assert!(err.to_string().contains(&diff_id), "{err}");
+    assert!(
+        !store
+            .root()
+            .join("blobs/sha256")
+            .join(&other.digest[7..])
+            .exists(),
+        "not kept"
     );
 }
