@@ -1,11 +1,21 @@
 //! `microvm`: run OCI containers in lightweight KVM virtual machines.
 //!
-//! For now it has the VMM's own front end, `microvm boot`, which boots a kernel directly.
+//! `microvm run IMAGE [CMD...]` runs a container in its own microVM with docker's semantics;
+//! `ps`, `exec`, `stop`, `kill`, `logs`, `rm` manage runs; `pull`, `images`, `rmi` the image
+//! store; `boot` is the VMM's own front end.
+
+mod boot;
+mod commands;
+mod images;
+mod run;
+mod spec;
+mod state;
+mod term;
+mod volumes;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -22,98 +32,58 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run a command in a new container, in its own microVM
+    Run(run::RunArgs),
+    /// List runs
+    Ps(commands::PsArgs),
+    /// Run a command in a running run's container
+    Exec(commands::ExecArgs),
+    /// Stop runs: SIGTERM, then SIGKILL after a grace period
+    Stop(commands::StopArgs),
+    /// Send a signal to runs' containers
+    Kill(commands::KillArgs),
+    /// Print a detached run's output
+    Logs(commands::LogsArgs),
+    /// Remove runs
+    Rm(commands::RmArgs),
+    /// Fetch an image into the local store
+    Pull(commands::PullCmd),
+    /// List the stored images
+    Images,
+    /// Remove images from the store
+    Rmi(commands::RmiArgs),
     /// Boot a Linux kernel in a microVM; the serial console goes to stdout. Exits 0 when the
     /// guest resets the VM (`reboot` with `reboot=k`), non-zero on a VM error.
-    Boot(BootArgs),
+    Boot(boot::BootArgs),
+    /// Internal: owns a detached run's VM.
+    #[command(name = "__monitor", hide = true)]
+    Monitor { dir: PathBuf },
 }
 
-#[derive(clap::Args)]
-struct BootArgs {
-    /// Kernel image: an ELF vmlinux (PVH entry if present) or a bzImage.
-    #[arg(long)]
-    kernel: PathBuf,
-    /// Initial ramdisk (for example a gzipped cpio archive).
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    /// Kernel command line; virtio-mmio device entries are appended to it.
-    #[arg(long, default_value = vmm::DEFAULT_CMDLINE)]
-    cmdline: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    cpus: u8,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 128)]
-    memory: u64,
-    /// A virtio block device backed by a file: PATH or PATH,ro. Repeatable; the guest sees
-    /// them as /dev/vda, /dev/vdb, ... in order.
-    #[arg(long = "disk", value_name = "PATH[,ro]", value_parser = parse_disk)]
-    disks: Vec<vmm::DiskConfig>,
-    /// A virtio-vsock device: CID,UDS_PATH. The host connects to UDS_PATH and writes
-    /// "CONNECT <port>\n"; guest connections to host port P reach a listener at UDS_PATH_P.
-    #[arg(long, value_name = "CID,UDS_PATH", value_parser = parse_vsock)]
-    vsock: Option<vmm::VsockConfig>,
-    /// A virtio-rng device fed by the host's getrandom(2).
-    #[arg(long)]
-    rng: bool,
-    /// Boot even on a host whose KVM cannot run an unmodified guest kernel (for PVM guest
-    /// kernels).
-    #[arg(long)]
-    force: bool,
+/// An error that ends `microvm` with a given status (docker's: 125 for our own failures,
+/// 126/127 for a command that cannot be run).
+#[derive(Debug)]
+pub struct ExitError {
+    pub code: u8,
+    pub message: String,
 }
 
-fn parse_disk(s: &str) -> Result<vmm::DiskConfig, String> {
-    let (path, read_only) = match s.rsplit_once(',') {
-        Some((path, "ro")) => (path, true),
-        Some((path, "rw")) => (path, false),
-        Some((_, opt)) => return Err(format!("unknown disk option {opt:?} (use ro or rw)")),
-        None => (s, false),
-    };
-    if path.is_empty() {
-        return Err("empty disk path".into());
+impl ExitError {
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
     }
-    Ok(vmm::DiskConfig {
-        path: path.into(),
-        read_only,
-    })
 }
 
-fn parse_vsock(s: &str) -> Result<vmm::VsockConfig, String> {
-    let (cid, path) = s
-        .split_once(',')
-        .ok_or_else(|| "expected CID,UDS_PATH".to_string())?;
-    let guest_cid: u64 = cid.parse().map_err(|_| format!("bad CID {cid:?}"))?;
-    if guest_cid < 3 || guest_cid >= u64::from(u32::MAX) {
-        return Err(format!("guest CID must be 3 to 2^32-2, not {guest_cid}"));
+impl std::fmt::Display for ExitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
-    Ok(vmm::VsockConfig {
-        guest_cid,
-        uds_path: path.into(),
-    })
 }
 
-fn boot(args: BootArgs) -> Result<i32> {
-    if !args.force {
-        vmm::host::check_can_boot_guests()?;
-    }
-    if !args.kernel.is_file() {
-        bail!(
-            "kernel {} does not exist or is not a file",
-            args.kernel.display()
-        );
-    }
-    let config = vmm::VmConfig {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        cpus: args.cpus,
-        memory_mib: args.memory,
-        disks: args.disks,
-        vsock: args.vsock,
-        rng: args.rng,
-        console: Box::new(std::io::stdout()),
-    };
-    vmm::run(config).context("cannot run the VM")
-}
+impl std::error::Error for ExitError {}
 
 fn main() -> ExitCode {
     vmm::timing::mark_process_start();
@@ -127,38 +97,46 @@ fn main() -> ExitCode {
         .with_target(false)
         .without_time()
         .init();
-    let result = match Cli::parse().cmd {
-        Cmd::Boot(args) => boot(args),
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // Usage errors of `run` and `exec` are microvm's own: 125, like docker; elsewhere
+            // clap's 2.
+            let is_run = std::env::args()
+                .nth(1)
+                .is_some_and(|a| a == "run" || a == "exec");
+            let code = e.exit_code();
+            let _ = e.print();
+            return ExitCode::from(if is_run && code != 0 { 125 } else { code as u8 });
+        }
+    };
+    let (result, own_error) = match cli.cmd {
+        Cmd::Boot(args) => (boot::boot(args), 1),
+        Cmd::Run(args) => (run::run(args), 125),
+        Cmd::Monitor { dir } => (run::monitor(dir), 125),
+        Cmd::Exec(args) => (commands::exec(args), 125),
+        Cmd::Ps(args) => (commands::ps(args), 1),
+        Cmd::Stop(args) => (commands::stop(args), 1),
+        Cmd::Kill(args) => (commands::kill(args), 1),
+        Cmd::Logs(args) => (commands::logs(args), 1),
+        Cmd::Rm(args) => (commands::rm(args), 1),
+        Cmd::Pull(args) => (commands::pull(args), 1),
+        Cmd::Images => (commands::images(), 1),
+        Cmd::Rmi(args) => (commands::rmi(args), 1),
     };
     match result {
-        Ok(code) => ExitCode::from(code as u8),
-        Err(e) => {
-            eprintln!("microvm: {e:#}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn disk_options() {
-        let d = parse_disk("/a/b.img,ro").unwrap();
-        assert_eq!((d.path, d.read_only), (PathBuf::from("/a/b.img"), true));
-        assert!(!parse_disk("/a/b.img").unwrap().read_only);
-        assert!(!parse_disk("x,rw").unwrap().read_only);
-        assert!(parse_disk("x,rx").is_err());
-        assert!(parse_disk(",ro").is_err());
-    }
-
-    #[test]
-    fn vsock_options() {
-        let v = parse_vsock("3,/tmp/v.sock").unwrap();
-        assert_eq!((v.guest_cid, v.uds_path), (3, PathBuf::from("/tmp/v.sock")));
-        assert!(parse_vsock("2,/tmp/v").is_err(), "CID 2 is the host");
-        assert!(parse_vsock("abc,/tmp/v").is_err());
-        assert!(parse_vsock("3").is_err());
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => match e.downcast_ref::<ExitError>() {
+            Some(x) => {
+                if !x.message.is_empty() {
+                    eprintln!("microvm: {}", x.message);
+                }
+                ExitCode::from(x.code)
+            }
+            None => {
+                eprintln!("microvm: {e:#}");
+                ExitCode::from(own_error)
+            }
+        },
     }
 }

@@ -60,3 +60,41 @@ fn bad_arguments_are_refused_before_anything_runs() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
     }
 }
+
+/// `microvm run` on a host that cannot boot guests: one line, status 125, before touching the
+/// image (which does not exist here).
+#[test]
+fn run_refuses_on_a_host_that_cannot_boot_guests() {
+    if vmm::host::check_can_boot_guests().is_ok() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_microvm"))
+        .args(["run", "/nonexistent-image", "true"])
+        .env("MICROVM_HOME", home.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line expected:\n{stderr}");
+    assert!(
+        stderr.contains("cannot run an unmodified guest"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_usage_errors_are_125() {
+    for args in [
+        &["run"][..],
+        &["run", "--memory", "lots", "img"][..],
+        &["run", "-v", "relative:/x", "img"][..],
+        &["run", "--cpus", "0", "img"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_microvm"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(125), "{args:?}");
+    }
+}

@@ -1,0 +1,806 @@
+//! `microvm run`: an image to a container in its own microVM, in the foreground or detached
+//! (`-d`: a `microvm __monitor` process in its own session owns the VM).
+//!
+//! The run is planned here (image, user, command, spec, volume disks, VM size) and written to
+//! `plan.json` in the run's directory; [`execute`] boots the VM and runs the container from the
+//! plan, in this process or in the monitor.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use sandbox::agent_protocol::ttrpc::Code;
+use sandbox::{
+    Console, ContainerConfig, Disk, Mount, ProcessIo, Rootfs, RootfsSource, Sandbox, SandboxConfig,
+    SandboxSettings,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::images;
+use crate::spec::{self, Limits, ProcessTemplate};
+use crate::state::{self, RunDir, RunRecord, Status, VolumeRecord};
+use crate::volumes::{self, VolumeSpec};
+use crate::ExitError;
+
+/// Guest memory on top of the container's limit: the kernel, the agent and the tmpfs overlay's
+/// metadata.
+pub const GUEST_OVERHEAD_MIB: u64 = 64;
+/// The VM's memory when `--memory` is not given (no container limit then).
+pub const DEFAULT_VM_MIB: u64 = 256;
+const MIN_VM_MIB: u64 = 128;
+
+/// Where the kernel and the agent come from (found without flags; these override).
+#[derive(clap::Args, Debug, Clone)]
+pub struct VmArgs {
+    /// The guest kernel [default: $MICROVM_KERNEL, else what `cargo xtask kernel` built]
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// The static guest agent [default: $MICROVM_AGENT, else what `cargo xtask agent` built]
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
+}
+
+/// How to reach a registry.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PullArgs {
+    /// Plain HTTP, no TLS verification, for this registry
+    #[arg(long)]
+    pub insecure: bool,
+    /// No progress output while pulling
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+impl PullArgs {
+    pub fn options(&self) -> image::PullOptions {
+        image::PullOptions {
+            insecure: self.insecure,
+            username: std::env::var("MICROVM_REGISTRY_USER").ok(),
+            password: std::env::var("MICROVM_REGISTRY_PASSWORD").ok(),
+            progress: !self.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Run in the background; print the run's id
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Remove the run's state when it ends
+    #[arg(long)]
+    pub rm: bool,
+    /// A name for the run (for exec, stop, logs, ...)
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Keep stdin open and stream it to the container
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Give the container a terminal (pty)
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Set a variable: KEY=VALUE, or KEY to pass this environment's value
+    #[arg(short = 'e', long = "env", value_name = "KEY[=VALUE]")]
+    pub env: Vec<String>,
+    /// Read variables from a file (KEY=VALUE lines, # comments)
+    #[arg(long = "env-file", value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
+    /// Replace the image's entrypoint
+    #[arg(long, value_name = "CMD")]
+    pub entrypoint: Option<String>,
+    /// Working directory inside the container
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// User: name|uid[:group|gid]
+    #[arg(short = 'u', long, value_name = "USER")]
+    pub user: Option<String>,
+    /// The container's hostname [default: the run id]
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// CPUs: the VM's vCPUs (rounded up) and the container's CPU quota
+    #[arg(long, value_parser = parse_cpus)]
+    pub cpus: Option<f64>,
+    /// Memory limit of the container (bare number: MiB; or 512k, 64m, 1g); the VM gets 64 MiB more
+    #[arg(short = 'm', long, value_parser = parse_memory, value_name = "BYTES")]
+    pub memory: Option<u64>,
+    /// A host directory as a volume: HOSTPATH:CTRPATH[:ro] (copied in; rw copied back at the end)
+    #[arg(short = 'v', long = "volume", value_parser = volumes::parse, value_name = "HOST:CTR[:ro]")]
+    pub volumes: Vec<VolumeSpec>,
+    #[command(flatten)]
+    pub vm: VmArgs,
+    #[command(flatten)]
+    pub pull: PullArgs,
+    /// Print the phases' durations on stderr when the run ends
+    #[arg(long, hide = true)]
+    pub timings: bool,
+    /// The image: a registry reference, an OCI layout directory, or an OCI/docker archive
+    pub image: String,
+    /// The command (replaces the image's Cmd)
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub cmd: Vec<String>,
+}
+
+fn parse_cpus(s: &str) -> Result<f64, String> {
+    let c: f64 = s.parse().map_err(|_| format!("bad CPU count {s:?}"))?;
+    if !(0.01..=64.0).contains(&c) {
+        return Err(format!("--cpus must be between 0.01 and 64, not {c}"));
+    }
+    Ok(c)
+}
+
+/// Bytes from "64" (MiB), "512k", "64m", "1g", "100b".
+pub fn parse_memory(s: &str) -> Result<u64, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    let lower = lower.trim_end_matches("ib");
+    let (num, mult) = match lower.char_indices().last() {
+        Some((i, 'b')) => (&lower[..i], 1),
+        Some((i, 'k')) => (&lower[..i], 1 << 10),
+        Some((i, 'm')) => (&lower[..i], 1 << 20),
+        Some((i, 'g')) => (&lower[..i], 1 << 30),
+        _ => (lower, 1 << 20),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("bad memory size {s:?}"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("memory size {s:?} is too large"))?;
+    if bytes < 6 << 20 {
+        return Err(format!("memory limit {s:?} is below the minimum of 6 MiB"));
+    }
+    Ok(bytes)
+}
+
+/// Everything [`execute`] needs, resolved; the monitor of a detached run reads it back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub id: String,
+    pub microvm: PathBuf,
+    pub kernel: PathBuf,
+    pub agent: PathBuf,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    /// /dev/vda is the image, then one per volume.
+    pub disks: Vec<(PathBuf, bool)>,
+    pub rootfs_fstype: String,
+    pub spec: serde_json::Value,
+    /// (guest device, container path, read-only)
+    pub mounts: Vec<(String, String, bool)>,
+    pub hostname: String,
+    pub interactive: bool,
+    pub tty: bool,
+    pub memory_limit: Option<u64>,
+    pub timings: bool,
+}
+
+/// Times of the phases, for `--timings`.
+#[derive(Default)]
+struct Timings {
+    start: Option<Instant>,
+    prepare: Duration,
+    sandbox_start: Duration,
+    container_start: Duration,
+    workload: Duration,
+    teardown: Duration,
+}
+
+fn env_from_cli(args: &RunArgs) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for f in &args.env_file {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("env file {}", f.display()))?;
+        for line in text.lines() {
+            let line = line.trim_start();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            out.extend(env_item(line));
+        }
+    }
+    for e in &args.env {
+        out.extend(env_item(e));
+    }
+    Ok(out)
+}
+
+/// `K=V` as is; a bare `K` takes this environment's value (and is dropped when unset, like
+/// docker).
+fn env_item(s: &str) -> Option<String> {
+    if s.contains('=') {
+        Some(s.to_string())
+    } else {
+        std::env::var(s).ok().map(|v| format!("{s}={v}"))
+    }
+}
+
+fn locate(vm: &VmArgs) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let kernel = match &vm.kernel {
+        Some(k) => k.clone(),
+        None => sandbox::locate::kernel()?,
+    };
+    let agent = match &vm.agent {
+        Some(a) => a.clone(),
+        None => sandbox::locate::agent()?,
+    };
+    for (what, p) in [("kernel", &kernel), ("agent", &agent)] {
+        if !p.is_file() {
+            bail!("the {what} {} does not exist or is not a file", p.display());
+        }
+    }
+    let microvm = sandbox::locate::microvm()?;
+    Ok((microvm, kernel, agent))
+}
+
+/// `microvm run`. Returns the container's exit status.
+pub fn run(args: RunArgs) -> Result<i32> {
+    if let Err(e) = vmm::host::check_can_boot_guests() {
+        return Err(ExitError::new(125, format!("{e}")).into());
+    }
+    let started = Instant::now();
+    if let Some(n) = &args.name {
+        state::check_name(n)?;
+        if let Ok((_, r)) = state::find(n) {
+            if r.name == *n {
+                bail!(
+                    "the name {n:?} is in use by run {}; remove it with `microvm rm {n}`",
+                    r.id
+                );
+            }
+        }
+    }
+    if args.tty && args.detach && args.interactive {
+        bail!("-d with -i has no stdin to stream; use `microvm exec -it` into the run");
+    }
+    let (microvm, kernel, agent) = locate(&args.vm)?;
+    let rt = runtime()?;
+    let store = images::open_store(args.pull.options().progress)?;
+    let img = rt.block_on(images::prepare(&store, &args.image, &args.pull.options()))?;
+    tracing::debug!(
+        "image {}: Fetched {{ blobs_downloaded: {}, blobs_imported: {} }}, disk built: {}",
+        img.id,
+        img.fetched.blobs_downloaded,
+        img.fetched.blobs_imported,
+        img.disk_built
+    );
+    let cfg = img.config.config().clone().unwrap_or_default();
+    let strings = |v: &Option<Vec<String>>| v.clone().unwrap_or_default();
+    let command = spec::command(
+        &strings(cfg.entrypoint()),
+        &strings(cfg.cmd()),
+        args.entrypoint.as_deref(),
+        &args.cmd,
+    );
+    if command.is_empty() {
+        bail!("no command: the image has neither Entrypoint nor Cmd; give one");
+    }
+    let user_text = args
+        .user
+        .clone()
+        .or_else(|| cfg.user().clone())
+        .unwrap_or_default();
+    let user = images::resolve_user(&store, &img, &user_text)?;
+    let id = state::new_id()?;
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("run-{}", &id[..8]));
+    let hostname = args.hostname.clone().unwrap_or_else(|| id.clone());
+    let cwd = args
+        .workdir
+        .clone()
+        .or_else(|| cfg.working_dir().clone().filter(|w| !w.is_empty()))
+        .unwrap_or_else(|| "/".into());
+    if !cwd.starts_with('/') {
+        bail!("the working directory {cwd:?} must be absolute");
+    }
+    let process = ProcessTemplate {
+        args: command,
+        env: spec::merge_env(
+            &strings(cfg.env()),
+            &hostname,
+            args.tty,
+            &env_from_cli(&args)?,
+        ),
+        cwd,
+        uid: user.uid,
+        gid: user.gid,
+        additional_gids: user.additional_gids.clone(),
+        terminal: args.tty,
+    };
+    let limits = Limits {
+        memory_bytes: args.memory,
+        cpus: args.cpus,
+    };
+    let rd = RunDir::new(&id);
+    // The VMM's vsock socket and its `_<port>` listeners must fit a unix socket path.
+    let longest = rd.vsock().as_os_str().len() + "_4294967295".len();
+    if longest > 107 {
+        bail!(
+            "the run directory {} is too long for unix socket paths (108 bytes); set \
+             MICROVM_HOME to a shorter directory",
+            rd.path.display()
+        );
+    }
+    std::fs::create_dir_all(&rd.path)
+        .with_context(|| format!("create the run directory {}", rd.path.display()))?;
+    let mut record = RunRecord {
+        id: id.clone(),
+        name,
+        image: args.image.clone(),
+        image_id: img.id.clone(),
+        created_unix: state::now_unix(),
+        status: Status::Created,
+        exit_code: None,
+        owner_pid: Some(std::process::id()),
+        detached: args.detach,
+        remove: args.rm,
+        note: None,
+        process: process.clone(),
+        volumes: Vec::new(),
+    };
+    rd.write(&record)?;
+    // From here on a failure must not leave a half-made run behind.
+    let planned = (|| -> Result<Plan> {
+        let mut disks = vec![(img.disk.clone(), true)];
+        let mut mounts = Vec::new();
+        for (i, v) in args.volumes.iter().enumerate() {
+            let disk = rd.path.join(format!("volume{i}.ext4"));
+            volumes::build_disk(v, &disk)?;
+            let dev = format!("/dev/vd{}", (b'b' + i as u8) as char);
+            disks.push((disk.clone(), v.read_only));
+            mounts.push((dev, v.container.clone(), v.read_only));
+            record.volumes.push(VolumeRecord {
+                host: v.host.clone(),
+                container: v.container.clone(),
+                disk,
+                read_only: v.read_only,
+            });
+        }
+        if disks.len() > 20 {
+            bail!("at most 19 volumes");
+        }
+        let memory_mib = match args.memory {
+            Some(b) => (b.div_ceil(1 << 20) + GUEST_OVERHEAD_MIB).max(MIN_VM_MIB),
+            None => DEFAULT_VM_MIB,
+        };
+        Ok(Plan {
+            id: id.clone(),
+            microvm,
+            kernel,
+            agent,
+            cpus: args.cpus.map_or(1, |c| c.ceil() as u8),
+            memory_mib,
+            disks,
+            rootfs_fstype: img.fstype.clone(),
+            spec: spec::runtime_spec(&process, &hostname, limits),
+            mounts,
+            hostname,
+            interactive: args.interactive,
+            tty: args.tty,
+            memory_limit: args.memory,
+            timings: args.timings,
+        })
+    })();
+    let plan = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&rd.path);
+            return Err(e);
+        }
+    };
+    rd.write(&record)?;
+    state::write_atomic(&rd.plan_path(), &serde_json::to_vec_pretty(&plan)?)?;
+    let prepare = started.elapsed();
+    if args.detach {
+        return detach(&rd, &record);
+    }
+    let mut timings = Timings {
+        start: Some(started),
+        prepare,
+        ..Default::default()
+    };
+    let outcome = rt.block_on(execute(&plan, &rd, Stdio::Foreground, &mut timings));
+    drop(rt);
+    finish(&rd, &plan, outcome, &mut timings)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+/// Where the container's stdio goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Stdio {
+    /// This process's stdin (with `-i`), stdout and stderr; the terminal with `-t`.
+    Foreground,
+    /// The run's log files.
+    Detached,
+}
+
+fn dup(fd: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd> {
+    fd.try_clone_to_owned().context("dup a descriptor")
+}
+
+/// What happened to the container.
+struct Ended {
+    code: i32,
+    note: Option<String>,
+}
+
+/// Boots the VM, runs the container to its end, shuts the VM down.
+async fn execute(plan: &Plan, rd: &RunDir, stdio: Stdio, t: &mut Timings) -> Result<Ended> {
+    let mut cfg = SandboxConfig::new(&plan.microvm, &plan.kernel, &plan.agent);
+    cfg.cpus = plan.cpus;
+    cfg.memory_mib = plan.memory_mib;
+    cfg.disks = plan
+        .disks
+        .iter()
+        .map(|(path, read_only)| Disk {
+            path: path.clone(),
+            read_only: *read_only,
+        })
+        .collect();
+    cfg.console = Console::File(rd.console());
+    cfg.state_dir = Some(rd.path.clone());
+    cfg.start_timeout = Duration::from_secs(180);
+    if let Ok(level) = std::env::var("MICROVM_AGENT_LOG") {
+        cfg.cmdline.push_str(&format!(" RUST_LOG={level}"));
+    }
+    if stdio == Stdio::Foreground {
+        // The VMM runs in our process group, so a Ctrl-C at the terminal would reach and kill it
+        // too. An ignored disposition survives exec: the VMM inherits it. For us it lasts until
+        // `forward_signals` installs its handlers (Ctrl-C during the boot is ignored).
+        // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+        unsafe {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+        }
+    }
+    let phase = Instant::now();
+    // The open early-boot triple-fault bug (see the README): one announced retry.
+    let sb = match Sandbox::start(cfg.clone()).await {
+        Ok(sb) => sb,
+        Err(e @ sandbox::Error::VmmExited { .. }) => {
+            tracing::warn!("the VM did not start ({e}); retrying once");
+            Sandbox::start(cfg).await.context("start the VM")?
+        }
+        Err(e) => return Err(anyhow!(e).context("start the VM")),
+    };
+    t.sandbox_start = phase.elapsed();
+    let phase = Instant::now();
+    let ended = run_container(&sb, plan, rd, stdio, t).await;
+    let code_known = Instant::now();
+    if ended.is_ok() {
+        t.workload = code_known
+            .duration_since(phase)
+            .saturating_sub(t.container_start);
+    }
+    let down = sb.shutdown(Duration::from_secs(30)).await;
+    if let Err(e) = down {
+        tracing::warn!("the VM did not shut down cleanly: {e}");
+    }
+    t.teardown = code_known.elapsed();
+    ended
+}
+
+async fn run_container(
+    sb: &Sandbox,
+    plan: &Plan,
+    rd: &RunDir,
+    stdio: Stdio,
+    t: &mut Timings,
+) -> Result<Ended> {
+    let phase = Instant::now();
+    sb.create_sandbox(&SandboxSettings {
+        hostname: plan.hostname.clone(),
+        ..Default::default()
+    })
+    .await?;
+    let container = ContainerConfig {
+        id: plan.id.clone(),
+        spec_json: serde_json::to_vec(&plan.spec)?,
+        rootfs: Rootfs {
+            source: RootfsSource::Block {
+                path: "/dev/vda".into(),
+                fstype: plan.rootfs_fstype.clone(),
+                options: vec!["ro".into()],
+            },
+            writable: true,
+        },
+        mounts: plan
+            .mounts
+            .iter()
+            .map(|(dev, dst, ro)| Mount {
+                source: dev.clone(),
+                destination: dst.clone(),
+                fstype: "ext4".into(),
+                options: if *ro { vec!["ro".into()] } else { vec![] },
+            })
+            .collect(),
+    };
+    sb.create_container(&container).await?;
+    let mut raw = None;
+    let io = match stdio {
+        Stdio::Foreground => {
+            let stdin = std::io::stdin();
+            let terminal = if plan.tty {
+                let size = sandbox::window_size(&stdin.as_fd())
+                    .or_else(|| sandbox::window_size(&std::io::stdout().as_fd()));
+                Some(size.unwrap_or(sandbox::WindowSize { rows: 24, cols: 80 }))
+            } else {
+                None
+            };
+            if plan.tty && plan.interactive {
+                raw = crate::term::RawMode::enter(stdin.as_fd()).context("raw mode")?;
+            }
+            ProcessIo {
+                stdin: if plan.interactive {
+                    Some(dup(stdin.as_fd())?)
+                } else {
+                    None
+                },
+                stdout: Some(dup(std::io::stdout().as_fd())?),
+                stderr: if plan.tty {
+                    None
+                } else {
+                    Some(dup(std::io::stderr().as_fd())?)
+                },
+                terminal,
+            }
+        }
+        Stdio::Detached => {
+            let open = |p: PathBuf| -> Result<OwnedFd> {
+                Ok(std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&p)
+                    .with_context(|| format!("open {}", p.display()))?
+                    .into())
+            };
+            ProcessIo {
+                stdin: None,
+                stdout: Some(open(rd.stdout_log())?),
+                stderr: if plan.tty {
+                    None
+                } else {
+                    Some(open(rd.stderr_log())?)
+                },
+                terminal: plan
+                    .tty
+                    .then_some(sandbox::WindowSize { rows: 24, cols: 80 }),
+            }
+        }
+    };
+    let process = match sb.start_container(&plan.id, io).await {
+        Ok(p) => p,
+        Err(e) if matches!(e.code(), Some(Code::NOT_FOUND | Code::PERMISSION_DENIED)) => {
+            // Like docker: the reason on stderr, 127 (not found) or 126 (not executable).
+            drop(raw);
+            let code = sb.wait(&plan.id, "").await.map_or(
+                if e.code() == Some(Code::NOT_FOUND) {
+                    127
+                } else {
+                    126
+                },
+                |x| x.code,
+            );
+            return Ok(Ended {
+                code,
+                note: Some(format!("{e}")),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    t.container_start = phase.elapsed();
+    // Now `exec`, `stop` and `kill` can reach it, and `run -d` returns.
+    rd.update(|r| {
+        r.status = Status::Running;
+        r.owner_pid = Some(std::process::id());
+    })?;
+    let mut tasks = Vec::new();
+    if stdio == Stdio::Foreground {
+        tasks.push(sb.forward_signals(&plan.id, "")?);
+        if plan.tty {
+            let stdin = std::io::stdin();
+            if sandbox::window_size(&stdin.as_fd()).is_some() {
+                tasks.push(sb.forward_window_size(&plan.id, "", stdin.as_fd())?);
+            }
+        }
+    }
+    let exit = process.wait().await;
+    for t in tasks {
+        t.abort();
+    }
+    drop(raw);
+    let exit = exit?;
+    let mut note = None;
+    if exit.code == 137 && plan.memory_limit.is_some() {
+        if let Ok(st) = sb.stats(&plan.id).await {
+            if st.oom_kill_count > 0 {
+                note = Some(format!(
+                    "the container ran out of memory (limit {} MiB) and was killed",
+                    plan.memory_limit.unwrap_or(0) >> 20
+                ));
+            }
+        }
+    }
+    let _ = sb.remove_container(&plan.id).await;
+    Ok(Ended {
+        code: exit.code,
+        note,
+    })
+}
+
+/// After the VM is gone: copy rw volumes back, record the end, print timings, remove the run
+/// with `--rm`. Returns the exit status.
+fn finish(rd: &RunDir, plan: &Plan, outcome: Result<Ended>, t: &mut Timings) -> Result<i32> {
+    let sync_started = Instant::now();
+    let record = rd.read()?;
+    let mut sync_error = None;
+    for v in &record.volumes {
+        if !v.read_only {
+            if let Err(e) = volumes::sync_back(&v.disk, &v.host, &rd.path) {
+                sync_error.get_or_insert(e);
+            }
+        }
+        let _ = std::fs::remove_file(&v.disk);
+    }
+    t.teardown += sync_started.elapsed();
+    let (code, note) = match &outcome {
+        Ok(e) => (e.code, e.note.clone()),
+        Err(e) => (125, Some(format!("{e:#}"))),
+    };
+    if let Ok(e) = &outcome {
+        if let Some(n) = &e.note {
+            eprintln!("microvm: {n}");
+        }
+    }
+    rd.update(|r| {
+        r.status = Status::Exited;
+        r.exit_code = Some(code);
+        r.note = note.clone();
+    })?;
+    if plan.timings {
+        let total = t.start.map_or(Duration::ZERO, |s| s.elapsed());
+        let vmm_setup = vmm_setup_ms(rd);
+        let to_agent = t.sandbox_start.as_secs_f64() * 1000.0 - vmm_setup.unwrap_or(0.0);
+        eprintln!(
+            "microvm timings: prepare {:.1} ms, vmm setup {} ms, kernel to agent ready {:.1} ms, \
+             container start {:.1} ms, workload {:.1} ms, teardown {:.1} ms, total {:.1} ms",
+            t.prepare.as_secs_f64() * 1000.0,
+            vmm_setup.map_or("?".into(), |v| format!("{v:.1}")),
+            to_agent,
+            t.container_start.as_secs_f64() * 1000.0,
+            t.workload.as_secs_f64() * 1000.0,
+            t.teardown.as_secs_f64() * 1000.0,
+            total.as_secs_f64() * 1000.0,
+        );
+    }
+    if record.remove {
+        let _ = std::fs::remove_dir_all(&rd.path);
+    }
+    if let Some(e) = sync_error {
+        return Err(
+            ExitError::new(125, format!("{:#}", e.context("rw volume not copied back"))).into(),
+        );
+    }
+    match outcome {
+        Ok(e) => Ok(e.code),
+        Err(e) => Err(ExitError::new(125, format!("{e:#}")).into()),
+    }
+}
+
+/// The VMM's "first KVM_RUN at X ms" from the console log: its setup time.
+fn vmm_setup_ms(rd: &RunDir) -> Option<f64> {
+    let text = std::fs::read_to_string(rd.console()).ok()?;
+    let at = text.find("first KVM_RUN at ")? + "first KVM_RUN at ".len();
+    text[at..].split_whitespace().next()?.parse().ok()
+}
+
+/// `run -d`: starts the monitor in its own session and returns once the container runs.
+fn detach(rd: &RunDir, record: &RunRecord) -> Result<i32> {
+    let exe = std::env::current_exe().context("find this executable")?;
+    let log = std::fs::File::create(rd.path.join("monitor.log"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("__monitor")
+        .arg(&rd.path)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; the child only calls it before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("start the monitor")?;
+    let pid = child.id();
+    rd.update(|r| r.owner_pid = Some(pid))?;
+    // The monitor is not waited for: it outlives this process (init reaps it).
+    drop(child);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let r = rd.read()?;
+        match r.status {
+            Status::Running => {
+                println!("{}", record.name);
+                return Ok(0);
+            }
+            Status::Exited => {
+                let note = r.note.unwrap_or_default();
+                if r.exit_code == Some(125) {
+                    return Err(ExitError::new(125, note).into());
+                }
+                // It ran and ended already (for example a missing executable).
+                if !note.is_empty() {
+                    eprintln!("microvm: {note}");
+                }
+                println!("{}", record.name);
+                return Ok(r.exit_code.unwrap_or(125));
+            }
+            Status::Created if !state::pid_alive(pid) => {
+                let log = std::fs::read_to_string(rd.path.join("monitor.log")).unwrap_or_default();
+                bail!("the monitor of run {} died: {}", record.id, log.trim());
+            }
+            Status::Created if Instant::now() > deadline => {
+                bail!("run {} did not start within 300 s", record.id);
+            }
+            Status::Created => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// `microvm __monitor RUNDIR`: owns a detached run's VM until the container ends.
+pub fn monitor(dir: PathBuf) -> Result<i32> {
+    let rd = RunDir { path: dir };
+    let plan: Plan =
+        serde_json::from_slice(&std::fs::read(rd.plan_path())?).context("read the run's plan")?;
+    rd.update(|r| r.owner_pid = Some(std::process::id()))?;
+    // `microvm stop` ends the container through the agent; the monitor itself ignores the
+    // terminal signals it could still get.
+    // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let mut t = Timings::default();
+    let rt = runtime()?;
+    let outcome = rt.block_on(execute(&plan, &rd, Stdio::Detached, &mut t));
+    drop(rt);
+    finish(&rd, &plan, outcome, &mut t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory("64"), Ok(64 << 20));
+        assert_eq!(parse_memory("64m"), Ok(64 << 20));
+        assert_eq!(parse_memory("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_memory("1g"), Ok(1 << 30));
+        assert_eq!(parse_memory("8192k"), Ok(8 << 20));
+        assert!(parse_memory("5").is_err(), "below the minimum");
+        assert!(parse_memory("lots").is_err());
+        assert!(parse_memory("99999999999999g").is_err());
+    }
+
+    #[test]
+    fn env_items() {
+        assert_eq!(env_item("A=b=c"), Some("A=b=c".into()));
+        std::env::set_var("MICROVM_TEST_ENV_ITEM", "v");
+        assert_eq!(
+            env_item("MICROVM_TEST_ENV_ITEM"),
+            Some("MICROVM_TEST_ENV_ITEM=v".into())
+        );
+        assert_eq!(env_item("MICROVM_TEST_UNSET_VARIABLE"), None);
+    }
+}
