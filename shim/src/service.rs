@@ -97,6 +97,9 @@ struct Proc {
     state: Mutex<ProcState>,
     /// Becomes true once the exit is recorded (and TaskExit published).
     exited: watch::Sender<bool>,
+    /// CloseIO came before Start (containerd's copy of an empty stdin can finish that early):
+    /// the process starts without stdin.
+    stdin_closed: std::sync::atomic::AtomicBool,
 }
 
 impl Proc {
@@ -113,6 +116,7 @@ impl Proc {
                 exited_at: None,
             }),
             exited: watch::channel(false).0,
+            stdin_closed: Default::default(),
         })
     }
 
@@ -461,6 +465,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
+        tracing::info!("create {:?}", req.id);
         let me = &self.inner;
         if me.containers.lock().unwrap().contains_key(&req.id) {
             return Err(status(
@@ -616,6 +621,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
+        tracing::info!("start {:?}", req.id);
         let me = &self.inner;
         let (c, p) = me.process(&req.id, &req.exec_id)?;
         if p.state().status != ProcStatus::Created {
@@ -625,10 +631,13 @@ impl Task for Service {
             ));
         }
         let sandbox = me.sandbox().await?;
-        let io = p
+        let mut io = p
             .stdio
             .open()
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        if p.stdin_closed.load(std::sync::atomic::Ordering::SeqCst) {
+            io.stdin = None;
+        }
         let process = if req.exec_id.is_empty() {
             sandbox.start_container(&c.id, io).await
         } else {
@@ -670,6 +679,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
+        tracing::info!("delete {:?}", req.id);
         let me = &self.inner;
         let (c, p) = me.process(&req.id, &req.exec_id)?;
         let st = p.state();
@@ -732,6 +742,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::ExecProcessRequest,
     ) -> TtrpcResult<api::Empty> {
+        tracing::info!("exec {:?}", req.id);
         let me = &self.inner;
         let c = me.container(&req.id)?;
         if c.init.state().status != ProcStatus::Running {
@@ -781,6 +792,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::ResizePtyRequest,
     ) -> TtrpcResult<api::Empty> {
+        tracing::info!("resize pty {:?}", req.id);
         let me = &self.inner;
         me.process(&req.id, &req.exec_id)?;
         let ws = WindowSize {
@@ -849,6 +861,7 @@ impl Task for Service {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        tracing::info!("kill {:?}", req.id);
         let me = &self.inner;
         let (_, p) = me.process(&req.id, &req.exec_id)?;
         match p.state().status {
@@ -876,9 +889,16 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::CloseIORequest,
     ) -> TtrpcResult<api::Empty> {
+        tracing::info!("close io {:?}", req.id);
         let me = &self.inner;
         let (_, p) = me.process(&req.id, &req.exec_id)?;
-        if req.stdin && p.state().status == ProcStatus::Running {
+        if !req.stdin {
+            return Ok(api::Empty::new());
+        }
+        if p.state().status == ProcStatus::Created {
+            p.stdin_closed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        } else if p.state().status == ProcStatus::Running {
             me.sandbox()
                 .await?
                 .close_stdin(&req.id, &req.exec_id)
@@ -893,6 +913,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::WaitRequest,
     ) -> TtrpcResult<api::WaitResponse> {
+        tracing::info!("wait {:?}", req.id);
         let (_, p) = self.inner.process(&req.id, &req.exec_id)?;
         let mut rx = p.exited.subscribe();
         rx.wait_for(|done| *done)

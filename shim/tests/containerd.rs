@@ -217,7 +217,7 @@ impl Containerd {
     fn dump_logs(&self) {
         let log = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
-        let start = lines.len().saturating_sub(60);
+        let start = lines.len().saturating_sub(200);
         eprintln!(
             "--- containerd.log (end) ---\n{}\n---",
             lines[start..].join("\n")
@@ -552,15 +552,24 @@ fn exec_and_kill(c: &Containerd) -> Result<(), String> {
             out.status.code() == Some(5) && text(&out).contains("out"),
             || format!("exec: {:?} {}", out.status, text(&out)),
         )?;
-        // With a terminal: ctr needs one itself, so run it under script(1).
+        // With a terminal: ctr needs one itself, so run it under script(1); `timeout
+        // --foreground` keeps ctr in the terminal's foreground group (else its tcsetattr stops
+        // it with SIGTTOU).
         let sock = c.sock.display().to_string();
         let out = sh(&format!(
-            "script -qec 'timeout 120 ctr -a {sock} -n default task exec -t --exec-id e2 execk \
+            "script -qec 'timeout --foreground 60 ctr -a {sock} -n default task exec -t --exec-id e2 execk \
              sh -c \"tty; exit 4\"' /dev/null"
         ));
         check(
             out.status.code() == Some(4) && text(&out).contains("/dev/pts/"),
-            || format!("exec -t: {:?} {}", out.status, text(&out)),
+            || {
+                format!(
+                    "exec -t: {:?} {}\ntasks: {}",
+                    out.status,
+                    text(&out),
+                    text(&c.ctr(&["task", "ps", "execk"]))
+                )
+            },
         )?;
         let ps = c.ctr(&["task", "ps", "execk"]);
         check(
@@ -665,6 +674,7 @@ fn after_sigkill(c: &Containerd) -> Result<(), String> {
             .arg("-bundle")
             .arg(&bundle)
             .arg("delete")
+            .env("TTRPC_ADDRESS", c.dir.join("c.sock.ttrpc"))
             .current_dir(&bundle)
             .stdin(Stdio::null())
             .output()
