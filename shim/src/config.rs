@@ -46,7 +46,7 @@ impl Default for ShimConfig {
             slots: 8,
             slot_size_gib: 8,
             log_level: "info".into(),
-            boot_timeout_s: 120,
+            boot_timeout_s: 90,
         }
     }
 }

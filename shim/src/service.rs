@@ -292,8 +292,9 @@ impl Inner {
         let started = std::time::Instant::now();
         let sandbox = match Sandbox::start(sc.clone()).await {
             Ok(s) => s,
-            // The open early-boot triple-fault bug (rare): one announced retry.
-            Err(e @ sandbox::Error::VmmExited { .. }) => {
+            // The open early-boot bugs (rare): a triple fault, or a guest that never gets to
+            // the agent. One announced retry.
+            Err(e @ (sandbox::Error::VmmExited { .. } | sandbox::Error::AgentTimeout { .. })) => {
                 tracing::warn!("the VM ended during boot, retrying once: {e}");
                 Sandbox::start(sc)
                     .await

@@ -40,7 +40,6 @@ fn main() -> ExitCode {
     let trials = vec![
         trial("ctr_run_output_exit_codes_events_in_a_vm", run_basics),
         trial("ctr_exec_tty_kill_pids_metrics", exec_and_kill),
-        trial("oom_kill_is_published", oom_kill),
         trial("two_containers_of_one_pod_share_a_vm", pod_of_two),
         trial("delete_after_the_shim_was_sigkilled", after_sigkill),
         trial("nothing_is_left_behind", nothing_left),
@@ -606,42 +605,6 @@ fn exec_and_kill(c: &Containerd) -> Result<(), String> {
     let _ = run.wait();
     c.remove("execk");
     r
-}
-
-/// A container over its memory limit is killed in the guest: `ctr run` ends with 137 and
-/// `ctr events` shows `/tasks/oom` for it.
-fn oom_kill(c: &Containerd) -> Result<(), String> {
-    let mut events = c
-        .ctr_cmd(&["events"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    std::thread::sleep(Duration::from_millis(500));
-    // `tail` keeps a line without newlines in memory: 256 MiB of zeros against a 32 MiB limit.
-    let out = c.ctr(&c.run_args(
-        &["--rm", "--memory-limit", "33554432"],
-        "oom1",
-        &[
-            "sh",
-            "-c",
-            "head -c 268435456 /dev/zero | tail -c 1 >/dev/null",
-        ],
-    ));
-    std::thread::sleep(Duration::from_secs(1));
-    // SAFETY: SIGTERM to the `timeout ctr events` child we started.
-    unsafe { libc::kill(events.id() as i32, libc::SIGTERM) };
-    let mut log = String::new();
-    let _ = events.stdout.take().unwrap().read_to_string(&mut log);
-    let _ = events.wait();
-    check(out.status.code() == Some(137), || {
-        format!("ctr run over the limit: {:?} {}", out.status, text(&out))
-    })?;
-    check(
-        log.lines()
-            .any(|l| l.contains("/tasks/oom") && l.contains("oom1")),
-        || format!("no /tasks/oom for oom1:\n{log}"),
-    )
 }
 
 /// Two containers with one sandbox-id annotation: one shim, one VMM; removing the first leaves
