@@ -3,10 +3,11 @@
 //! A private containerd runs with its own root, state and socket in a short temporary
 //! directory (on a tmpfs, so the overlayfs snapshotter works), with this crate's
 //! `containerd-shim-microvm-v2` first on its PATH. A one-layer busybox image is built here as an
-//! OCI archive and imported with `ctr images import`. Needs the guest kernel (`MICROVM_KERNEL`),
-//! the static agent (`MICROVM_AGENT`, from `cargo xtask agent`) and `microvm` (`cargo build -p
-//! cli`, found next to the shim binary). On a host whose KVM cannot boot an unmodified guest
-//! the test binary re-runs itself inside the testbed.
+//! OCI archive and imported with `ctr images import`. Needs `microvm` (`cargo build -p cli`,
+//! found next to the shim binary, or `MICROVM_BIN`); the guest kernel (`MICROVM_KERNEL`) and
+//! the static agent (`MICROVM_AGENT`) are found like the shim finds them when unset, the agent
+//! built when missing. On a host whose KVM cannot boot an unmodified guest the test binary
+//! re-runs itself inside the testbed.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,12 @@ fn main() -> ExitCode {
     let mut args = Arguments::from_args();
     args.test_threads = Some(1);
     if !args.list && !testbed::in_testbed() {
+        // Found the way the shim finds them (or built, for the agent) unless named: `cargo
+        // xtask test` sets only MICROVM_KERNEL.
+        if let Err(e) = find_artifacts() {
+            eprintln!("containerd tests: {e}");
+            return ExitCode::from(101);
+        }
         if let Err(why) = vmm::host::check_can_boot_guests() {
             return testbed::relay_current_exe("containerd tests", &why.to_string(), RELAY_ENV);
         }
@@ -49,6 +56,46 @@ fn main() -> ExitCode {
         c.stop();
     }
     conclusion.exit_code()
+}
+
+/// Sets MICROVM_KERNEL and MICROVM_AGENT where unset: `sandbox::locate`'s places, and for the
+/// agent a build of it (`cargo xtask agent`'s command) when none is there.
+fn find_artifacts() -> Result<(), String> {
+    if std::env::var_os("MICROVM_KERNEL").is_none() {
+        let k = sandbox::locate::kernel().map_err(|e| e.to_string())?;
+        // SAFETY: set before any other thread of this process exists.
+        unsafe { std::env::set_var("MICROVM_KERNEL", k) };
+    }
+    if std::env::var_os("MICROVM_AGENT").is_none() {
+        let agent = match sandbox::locate::agent() {
+            Ok(a) => a,
+            Err(_) => {
+                let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+                let target = Path::new(SHIM).ancestors().nth(2).unwrap().join("guest");
+                eprintln!(
+                    "containerd tests: building the static agent in {}",
+                    target.display()
+                );
+                let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+                let status = Command::new(cargo)
+                    .args(["build", "--release", "-p", "guest-agent"])
+                    .args(["--target", "x86_64-unknown-linux-gnu", "--target-dir"])
+                    .arg(&target)
+                    .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                    .env_remove("CARGO_ENCODED_RUSTFLAGS")
+                    .current_dir(root)
+                    .status()
+                    .map_err(|e| format!("cannot run cargo: {e}"))?;
+                if !status.success() {
+                    return Err(format!("building the static agent failed ({status})"));
+                }
+                target.join("x86_64-unknown-linux-gnu/release/microvm-agent")
+            }
+        };
+        // SAFETY: as above.
+        unsafe { std::env::set_var("MICROVM_AGENT", agent) };
+    }
+    Ok(())
 }
 
 fn trial(name: &'static str, f: fn(&Containerd) -> Result<(), String>) -> Trial {
