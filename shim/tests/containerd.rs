@@ -304,11 +304,12 @@ impl Containerd {
         loop {
             let out = self.ctr(&["task", "ls"]);
             let ls = text(&out);
-            if ls
-                .lines()
-                .any(|l| l.split_whitespace().next() == Some(id) && l.contains(status))
-            {
-                return Ok(());
+            let line = ls.lines().find(|l| l.split_whitespace().next() == Some(id));
+            match line {
+                Some(l) if l.contains(status) => return Ok(()),
+                Some(_) => {}
+                None if out.status.success() => return Err(format!("no task {id}:\n{ls}")),
+                None => {}
             }
             if Instant::now() > deadline {
                 return Err(format!("task {id} never became {status}:\n{ls}"));
