@@ -1,0 +1,244 @@
+//! The container's root filesystem on its way into the guest, without a host filesystem
+//! daemon: the snapshotter's mounts (overlay, or a bind for the native snapshotter) are mounted
+//! on the host under the bundle, an ext4 image of that tree is written into the container's
+//! slot disk with `mke2fs -d`, and the tree is unmounted again. The guest mounts the slot
+//! read-only with a tmpfs overlay on top (the container can write; writes stay in the guest).
+
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("mount the container rootfs ({fstype} {what}) on {target}: {reason}")]
+    Mount {
+        fstype: String,
+        what: String,
+        target: PathBuf,
+        reason: String,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("mke2fs -d {tree} into {out} failed ({status}): {stderr}")]
+    Mke2fs {
+        tree: PathBuf,
+        out: PathBuf,
+        status: String,
+        stderr: String,
+    },
+    #[error("the container rootfs needs an image of {need_mib} MiB but a slot disk holds {slot_mib} MiB (raise slot_size_gib in the shim config)")]
+    TooBig { need_mib: u64, slot_mib: u64 },
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RootfsError {
+    let context = context.into();
+    move |source| RootfsError::Io { context, source }
+}
+
+/// One mount from containerd's create request.
+#[derive(Debug, Clone)]
+pub struct HostMount {
+    pub fstype: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+/// Mounts the snapshotter's mounts, in order, on `target` (as runc's shim does).
+pub fn mount_all(mounts: &[HostMount], target: &Path) -> Result<(), RootfsError> {
+    fs::create_dir_all(target).map_err(io(format!("create {}", target.display())))?;
+    for m in mounts {
+        containerd_shim::mount::mount_rootfs(
+            Some(m.fstype.as_str()),
+            Some(m.source.as_str()),
+            &m.options,
+            target,
+        )
+        .map_err(|e| RootfsError::Mount {
+            fstype: m.fstype.clone(),
+            what: m.source.clone(),
+            target: target.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+/// Unmounts everything on `target` (several stacked mounts too); a target with nothing mounted
+/// is fine, so this is safe to repeat.
+pub fn unmount_all(target: &Path) -> Result<(), RootfsError> {
+    let Ok(c) = CString::new(target.as_os_str().as_bytes()) else {
+        return Ok(());
+    };
+    for _ in 0..16 {
+        if !is_mount_point(target) {
+            return Ok(());
+        }
+        // SAFETY: umount2 with a valid NUL-terminated path.
+        let r = unsafe { libc::umount2(c.as_ptr(), 0) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            // Busy (a stray open file): detach, so the bundle can still be removed.
+            // SAFETY: as above.
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+                return Err(io(format!("unmount {}", target.display()))(e));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether something is mounted exactly on `path` (per /proc/self/mountinfo).
+pub fn is_mount_point(path: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|mp| unescape_mountinfo(mp) == want)
+    })
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Bytes and inodes a tree needs (files rounded up to 4 KiB blocks).
+fn tree_usage(tree: &Path) -> Result<(u64, u64), RootfsError> {
+    let mut bytes = 0u64;
+    let mut inodes = 0u64;
+    let mut stack = vec![tree.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = fs::read_dir(&dir).map_err(io(format!("read {}", dir.display())))?;
+        for e in entries {
+            let e = e.map_err(io(format!("read {}", dir.display())))?;
+            let md = fs::symlink_metadata(e.path())
+                .map_err(io(format!("stat {}", e.path().display())))?;
+            inodes += 1;
+            bytes += md.size().div_ceil(4096) * 4096 + 4096;
+            if md.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok((bytes, inodes))
+}
+
+/// The ext4 image size for a tree: its usage plus a quarter, plus 16 MiB of metadata room.
+pub fn image_size_for(tree: &Path) -> Result<(u64, u64), RootfsError> {
+    let (bytes, inodes) = tree_usage(tree)?;
+    let size = (bytes + bytes / 4 + (16 << 20)).div_ceil(1 << 20) << 20;
+    Ok((size, inodes * 2 + 1024))
+}
+
+/// Writes an ext4 filesystem holding a copy of `tree` (ownership, modes, links and xattrs
+/// kept) into `out`, sized for the tree (at most `max_bytes`). `out` may be a larger file such
+/// as a slot disk: only the filesystem's own length is written (mke2fs discards, i.e. punches,
+/// that range first, so the file stays sparse and no stale blocks remain). Returns the
+/// filesystem's size in bytes.
+pub fn rootfs_image(tree: &Path, out: &Path, max_bytes: u64) -> Result<u64, RootfsError> {
+    let (size, inodes) = image_size_for(tree)?;
+    if size > max_bytes {
+        return Err(RootfsError::TooBig {
+            need_mib: size >> 20,
+            slot_mib: max_bytes >> 20,
+        });
+    }
+    let output = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-O", "^has_journal"])
+        .arg("-N")
+        .arg(inodes.to_string())
+        .arg("-d")
+        .arg(tree)
+        .arg(out)
+        .arg(format!("{}k", size >> 10))
+        .output()
+        .map_err(io("run mke2fs (install e2fsprogs)"))?;
+    if !output.status.success() {
+        return Err(RootfsError::Mke2fs {
+            tree: tree.to_path_buf(),
+            out: out.to_path_buf(),
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    Ok(size)
+}
+
+/// Creates (or resizes) a sparse slot disk of `bytes`: no blocks are used until an image is
+/// written into it.
+pub fn create_slot(path: &Path, bytes: u64) -> Result<(), RootfsError> {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io(format!("create {}", path.display())))?;
+    f.set_len(bytes)
+        .map_err(io(format!("size {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+
+    /// A real mke2fs into a sparse slot: the filesystem holds the tree's files (checked with
+    /// debugfs) and the slot keeps its length.
+    #[test]
+    fn image_into_a_sparse_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        fs::create_dir_all(tree.join("bin")).unwrap();
+        fs::write(tree.join("bin/hello"), b"hello from the image\n").unwrap();
+        std::os::unix::fs::symlink("hello", tree.join("bin/link")).unwrap();
+        let slot = dir.path().join("slot0");
+        create_slot(&slot, 1 << 30).unwrap();
+        assert_eq!(fs::metadata(&slot).unwrap().blocks(), 0);
+        let size = rootfs_image(&tree, &slot, 1 << 30).unwrap();
+        assert!((16 << 20..64 << 20).contains(&size), "{size}");
+        let md = fs::metadata(&slot).unwrap();
+        assert_eq!(md.len(), 1 << 30);
+        assert!(md.blocks() * 512 < 64 << 20, "the slot stays sparse");
+        let out = Command::new("debugfs")
+            .args(["-R", "cat /bin/hello"])
+            .arg(&slot)
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "hello from the image\n"
+        );
+        // Too small a slot: a clear error, nothing written.
+        let e = rootfs_image(&tree, &dir.path().join("x"), 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("slot_size_gib"), "{e}");
+        assert!(!dir.path().join("x").exists());
+    }
+}
