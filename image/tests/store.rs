@@ -645,6 +645,79 @@ fn ext4_from_dir_fits_many_files_and_checks_clean() {
     assert!(err.to_string().contains("not a directory"), "{err}");
 }
 
+#[test]
+fn ext4_in_place_keeps_a_slot_sparse_and_writable_disks_get_room_and_a_journal() {
+    use image::disk::{ext4_with, Ext4Options};
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("hello"), b"hello").unwrap();
+
+    // A 1 GiB sparse slot: the filesystem goes in at the start, the slot keeps its length
+    // and stays (nearly) unallocated.
+    let slot = tmp.path().join("slot");
+    std::fs::File::create(&slot)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let opts = Ext4Options {
+        in_place: true,
+        ..Default::default()
+    };
+    let fs_size = ext4_with(&tree, &slot, &opts).unwrap();
+    let md = std::fs::metadata(&slot).unwrap();
+    assert_eq!(md.len(), 1 << 30, "the slot keeps its length");
+    assert!(
+        fs_size < 64 << 20 && md.blocks() * 512 <= fs_size,
+        "{fs_size} {}",
+        md.blocks()
+    );
+    assert_eq!(stat(&slot, "/hello").unwrap().size, 5);
+
+    // Too small a limit: refused, naming the sizes.
+    let err = ext4_with(
+        &tree,
+        &slot,
+        &Ext4Options {
+            in_place: true,
+            max_bytes: Some(1 << 20),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("at most 1 MiB"), "{err}");
+
+    // A writable disk: a journal and at least the free room asked for.
+    let rw = tmp.path().join("rw.ext4");
+    ext4_with(
+        &tree,
+        &rw,
+        &Ext4Options {
+            free_bytes: 256 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let out = std::process::Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(&rw)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("has_journal"), "{text}");
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    assert!(
+        field("Free blocks:") * field("Block size:") >= 256 << 20,
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn local_names_are_used_without_a_registry_and_removed_one_at_a_time() {
     let (tmp, store) = store();
