@@ -305,11 +305,8 @@ impl Containerd {
             let out = self.ctr(&["task", "ls"]);
             let ls = text(&out);
             let line = ls.lines().find(|l| l.split_whitespace().next() == Some(id));
-            match line {
-                Some(l) if l.contains(status) => return Ok(()),
-                Some(_) => {}
-                None if out.status.success() => return Err(format!("no task {id}:\n{ls}")),
-                None => {}
+            if line.is_some_and(|l| l.contains(status)) {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(format!("task {id} never became {status}:\n{ls}"));
@@ -318,10 +315,14 @@ impl Containerd {
         }
     }
 
+    /// Kills and deletes the task (if there is one) and the container.
     fn remove(&self, id: &str) {
-        let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
-        let _ = self.wait_status(id, "STOPPED");
-        let _ = self.ctr(&["task", "delete", id]);
+        let ls = text(&self.ctr(&["task", "ls"]));
+        if ls.lines().any(|l| l.split_whitespace().next() == Some(id)) {
+            let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+            let _ = self.wait_status(id, "STOPPED");
+            let _ = self.ctr(&["task", "delete", id]);
+        }
         let _ = self.ctr(&["container", "delete", id]);
     }
 }
