@@ -52,60 +52,6 @@ pub fn parse(s: &str) -> Result<VolumeSpec, String> {
     })
 }
 
-/// Bytes the tree takes, roughly as ext4 stores it (4 KiB blocks, one per entry at least).
-fn tree_bytes(dir: &Path) -> Result<u64> {
-    let mut total = 0u64;
-    for e in fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
-        let e = e?;
-        let md = e.path().symlink_metadata()?;
-        total += md.len().div_ceil(4096) * 4096 + 4096;
-        if md.is_dir() {
-            total += tree_bytes(&e.path())?;
-        }
-    }
-    Ok(total)
-}
-
-/// An ext4 image of `dir` at `out`, sized for the tree plus `room` bytes of free space (a
-/// sparse file: the room costs nothing until written).
-pub fn ext4_from_dir(dir: &Path, out: &Path, room: u64) -> Result<()> {
-    let used = tree_bytes(dir)?;
-    let size = (used + used / 4 + room + (16 << 20)).div_ceil(1 << 20) << 20;
-    let f = fs::File::create(out).with_context(|| format!("create {}", out.display()))?;
-    f.set_len(size)?;
-    drop(f);
-    let mut cmd = Command::new("mke2fs");
-    cmd.args([
-        "-q",
-        "-F",
-        "-t",
-        "ext4",
-        "-b",
-        "4096",
-        "-E",
-        "lazy_itable_init=0",
-    ]);
-    if room == 0 {
-        // Mounted read-only only: no journal to replay.
-        cmd.args(["-O", "^has_journal"]);
-    }
-    let o = cmd
-        .arg("-d")
-        .arg(dir)
-        .arg(out)
-        .stdin(Stdio::null())
-        .output()
-        .context("run mke2fs (e2fsprogs)")?;
-    if !o.status.success() {
-        bail!(
-            "mke2fs -d {} failed: {}",
-            dir.display(),
-            String::from_utf8_lossy(&o.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 /// Free space a rw volume's disk gets for the container's writes.
 pub const RW_ROOM: u64 = 1 << 30;
 
@@ -118,7 +64,13 @@ pub fn build_disk(v: &VolumeSpec, disk: &Path) -> Result<()> {
             v.host.display()
         );
     }
-    ext4_from_dir(&v.host, disk, if v.read_only { 0 } else { RW_ROOM })
+    let opts = image::disk::Ext4Options {
+        free_bytes: if v.read_only { 0 } else { RW_ROOM },
+        keep_root_owner: true,
+        ..Default::default()
+    };
+    image::disk::ext4_with(&v.host, disk, &opts)
+        .map(drop)
         .with_context(|| format!("volume {}", v.host.display()))
 }
 

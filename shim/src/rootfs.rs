@@ -7,9 +7,7 @@
 use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
@@ -25,15 +23,8 @@ pub enum RootfsError {
         context: String,
         source: std::io::Error,
     },
-    #[error("mke2fs -d {tree} into {out} failed ({status}): {stderr}")]
-    Mke2fs {
-        tree: PathBuf,
-        out: PathBuf,
-        status: String,
-        stderr: String,
-    },
-    #[error("the container rootfs needs an image of {need_mib} MiB but a slot disk holds {slot_mib} MiB (raise slot_size_gib in the shim config)")]
-    TooBig { need_mib: u64, slot_mib: u64 },
+    #[error("the container's rootfs image: {source} (a slot disk holds {slot_mib} MiB; raise slot_size_gib in the shim config for larger images)")]
+    Image { source: image::Error, slot_mib: u64 },
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RootfsError {
@@ -125,66 +116,20 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Bytes and inodes a tree needs (files rounded up to 4 KiB blocks).
-fn tree_usage(tree: &Path) -> Result<(u64, u64), RootfsError> {
-    let mut bytes = 0u64;
-    let mut inodes = 0u64;
-    let mut stack = vec![tree.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let entries = fs::read_dir(&dir).map_err(io(format!("read {}", dir.display())))?;
-        for e in entries {
-            let e = e.map_err(io(format!("read {}", dir.display())))?;
-            let md = fs::symlink_metadata(e.path())
-                .map_err(io(format!("stat {}", e.path().display())))?;
-            inodes += 1;
-            bytes += md.size().div_ceil(4096) * 4096 + 4096;
-            if md.is_dir() {
-                stack.push(e.path());
-            }
-        }
-    }
-    Ok((bytes, inodes))
-}
-
-/// The ext4 image size for a tree: its usage plus a quarter, plus 16 MiB of metadata room.
-pub fn image_size_for(tree: &Path) -> Result<(u64, u64), RootfsError> {
-    let (bytes, inodes) = tree_usage(tree)?;
-    let size = (bytes + bytes / 4 + (16 << 20)).div_ceil(1 << 20) << 20;
-    Ok((size, inodes * 2 + 1024))
-}
-
 /// Writes an ext4 filesystem holding a copy of `tree` (ownership, modes, links and xattrs
-/// kept) into `out`, sized for the tree (at most `max_bytes`). `out` may be a larger file such
-/// as a slot disk: only the filesystem's own length is written (mke2fs discards, i.e. punches,
-/// that range first, so the file stays sparse and no stale blocks remain). Returns the
-/// filesystem's size in bytes.
+/// kept) into the slot disk `out`, at most `max_bytes` (the slot's size). Only the
+/// filesystem's own length at the start of the slot is written, so the file stays sparse.
+/// Returns the filesystem's size in bytes.
 pub fn rootfs_image(tree: &Path, out: &Path, max_bytes: u64) -> Result<u64, RootfsError> {
-    let (size, inodes) = image_size_for(tree)?;
-    if size > max_bytes {
-        return Err(RootfsError::TooBig {
-            need_mib: size >> 20,
-            slot_mib: max_bytes >> 20,
-        });
-    }
-    let output = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-O", "^has_journal"])
-        .arg("-N")
-        .arg(inodes.to_string())
-        .arg("-d")
-        .arg(tree)
-        .arg(out)
-        .arg(format!("{}k", size >> 10))
-        .output()
-        .map_err(io("run mke2fs (install e2fsprogs)"))?;
-    if !output.status.success() {
-        return Err(RootfsError::Mke2fs {
-            tree: tree.to_path_buf(),
-            out: out.to_path_buf(),
-            status: output.status.to_string(),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        });
-    }
-    Ok(size)
+    let opts = image::disk::Ext4Options {
+        in_place: true,
+        max_bytes: Some(max_bytes),
+        ..Default::default()
+    };
+    image::disk::ext4_with(tree, out, &opts).map_err(|source| RootfsError::Image {
+        source,
+        slot_mib: max_bytes >> 20,
+    })
 }
 
 /// Creates (or resizes) a sparse slot disk of `bytes`: no blocks are used until an image is
@@ -203,6 +148,8 @@ pub fn create_slot(path: &Path, bytes: u64) -> Result<(), RootfsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use std::process::Command;
 
     #[test]
     fn mountinfo_escapes() {

@@ -5,7 +5,7 @@
 //! - `testbed -- CMD...`: run CMD as root inside an emulated nested-KVM host.
 //! - `test`: everything CI runs.
 //! - `demo`: the README's main command.
-//! - `bench boot`: boot-time and overhead figures.
+//! - `bench boot`: boot-time and overhead figures; `bench run`: `microvm run` end to end.
 
 mod agent;
 mod bench;
@@ -35,7 +35,8 @@ enum Cmd {
     Testbed(testbed::TestbedArgs),
     /// Run everything CI runs: lints, unit tests, guest-booting tests (in the testbed if needed).
     Test(test::TestArgs),
-    /// Print benchmark figures (`boot`: setup time, boot to init vs QEMU microvm, RSS).
+    /// Print benchmark figures (`boot`: setup time, boot to init vs QEMU microvm, RSS; `run`:
+    /// `microvm run IMG true` cold and warm with its phases, next to crun and runc).
     Bench(bench::BenchArgs),
     /// Build everything and boot a microVM that greets (through the testbed where needed).
     Demo,

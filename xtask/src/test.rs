@@ -24,7 +24,20 @@ pub struct TestArgs {
 }
 
 /// Packages the guest tests need on the host (or, through the shared root, in the testbed).
-pub const TEST_DEBS: &[&str] = &["e2fsprogs", "busybox-static", "cpio"];
+/// What the tests run for real: e2fsprogs (disks), busybox (test images), Debian's registry
+/// and skopeo (`microvm run` from a registry), containerd (the shim), `script` (ttys);
+/// libssl-dev and pkg-config build oci-client's TLS.
+pub const TEST_DEBS: &[&str] = &[
+    "e2fsprogs",
+    "busybox-static",
+    "cpio",
+    "docker-registry",
+    "skopeo",
+    "containerd",
+    "bsdutils",
+    "libssl-dev",
+    "pkg-config",
+];
 
 pub fn run_tests(args: &TestArgs) -> Result<()> {
     ensure_debs(TEST_DEBS)?;
@@ -53,11 +66,14 @@ pub fn run_tests(args: &TestArgs) -> Result<()> {
     run(Command::new(&cargo)
         .args(["build", "--workspace", "--bins"])
         .current_dir(&root))?;
+    step("the static guest agent");
+    let agent = crate::agent::build()?;
     step("cargo test");
     run(Command::new(&cargo)
         .args(["test", "--workspace"])
         .args(&args.cargo_args)
         .env("MICROVM_KERNEL", &vmlinux)
+        .env("MICROVM_AGENT", &agent)
         .current_dir(&root))?;
     Ok(())
 }
