@@ -363,40 +363,15 @@ fn build_image() -> Result<TestImage, Box<dyn std::error::Error>> {
 
 /// Builds the static agent (what `cargo xtask agent` does) unless `MICROVM_AGENT` names one.
 fn build_agent() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("MICROVM_AGENT") {
-        return Ok(PathBuf::from(p));
-    }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let target = exe
         .ancestors()
         .nth(3)
-        .ok_or("cannot locate the target directory")?
-        .join("guest");
+        .ok_or("cannot locate the target directory")?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .ok_or("no workspace root")?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "--release",
-            "-p",
-            "guest-agent",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-            "--target-dir",
-        ])
-        .arg(&target)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .current_dir(root)
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("building the static agent failed ({status})"));
-    }
-    Ok(target.join("x86_64-unknown-linux-gnu/release/microvm-agent"))
+    testbed::static_agent(root, target)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -196,38 +196,13 @@ fn profile_dir() -> Result<String, String> {
 
 /// Builds the static agent (the documented command) unless `MICROVM_AGENT` names one.
 fn build_agent() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("MICROVM_AGENT") {
-        return Ok(PathBuf::from(p));
-    }
-    let target = target_dir()?.join("guest");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .ok_or("no workspace root")?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!(
-        "guest tests: building the static agent in {}",
-        target.display()
-    );
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "guest-agent",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-            "--target-dir",
-        ])
-        .arg(&target)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .current_dir(root)
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("building the static agent failed ({status})"));
+    if std::env::var_os("MICROVM_AGENT").is_none() {
+        eprintln!("guest tests: building the static agent");
     }
-    Ok(target.join("x86_64-unknown-linux-gnu/release/microvm-agent"))
+    testbed::static_agent(root, &target_dir()?)
 }
 
 /// An ext4 image with busybox-static and its applets in /bin, made once per test process.

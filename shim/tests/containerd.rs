@@ -71,25 +71,9 @@ fn find_artifacts() -> Result<(), String> {
             Ok(a) => a,
             Err(_) => {
                 let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-                let target = Path::new(SHIM).ancestors().nth(2).unwrap().join("guest");
-                eprintln!(
-                    "containerd tests: building the static agent in {}",
-                    target.display()
-                );
-                let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-                let status = Command::new(cargo)
-                    .args(["build", "--release", "-p", "guest-agent"])
-                    .args(["--target", "x86_64-unknown-linux-gnu", "--target-dir"])
-                    .arg(&target)
-                    .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                    .env_remove("CARGO_ENCODED_RUSTFLAGS")
-                    .current_dir(root)
-                    .status()
-                    .map_err(|e| format!("cannot run cargo: {e}"))?;
-                if !status.success() {
-                    return Err(format!("building the static agent failed ({status})"));
-                }
-                target.join("x86_64-unknown-linux-gnu/release/microvm-agent")
+                let target = Path::new(SHIM).ancestors().nth(2).unwrap();
+                eprintln!("containerd tests: building the static agent");
+                testbed::static_agent(root, target)?
             }
         };
         // SAFETY: as above.

@@ -157,6 +157,43 @@ pub fn cache_dir() -> PathBuf {
     PathBuf::from(home).join(".cache/microvm")
 }
 
+/// The target triple of the static guest agent (glibc with `+crt-static`; see
+/// ../shared/TESTBED.md).
+pub const AGENT_TRIPLE: &str = "x86_64-unknown-linux-gnu";
+
+/// The static guest agent for tests and xtask: `$MICROVM_AGENT` when set, else a build of the
+/// workspace at `workspace` (incremental) into `<target_dir>/guest`, where
+/// `sandbox::locate::agent` also looks. A separate target directory, because the static
+/// RUSTFLAGS would otherwise invalidate every host build.
+pub fn static_agent(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("MICROVM_AGENT") {
+        return Ok(PathBuf::from(p));
+    }
+    let target = target_dir.join("guest");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "--release",
+            "-p",
+            "guest-agent",
+            "--target",
+            AGENT_TRIPLE,
+        ])
+        .arg("--target-dir")
+        .arg(&target)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .current_dir(workspace)
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("building the static agent failed ({status})"));
+    }
+    Ok(target.join(AGENT_TRIPLE).join("release/microvm-agent"))
+}
+
 /// Re-runs the current executable, with the same arguments and the environment variables named
 /// in `env_keys` (where set), inside L1, and returns its exit status: how a test binary that
 /// needs real KVM or cgroup v2 runs on a host without them. `label` prefixes the messages;
