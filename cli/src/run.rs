@@ -464,7 +464,7 @@ async fn execute(plan: &Plan, rd: &RunDir, stdio: Stdio, t: &mut Timings) -> Res
     // The open early-boot triple-fault bug (see the README): one announced retry.
     let sb = match Sandbox::start(cfg.clone()).await {
         Ok(sb) => sb,
-        Err(e @ sandbox::Error::VmmExited { .. }) => {
+        Err(e @ sandbox::Error::VmmExited { .. }) if e.to_string().contains("triple-faulted") => {
             tracing::warn!("the VM did not start ({e}); retrying once");
             Sandbox::start(cfg).await.context("start the VM")?
         }

@@ -374,6 +374,28 @@ fn build_agent() -> Result<PathBuf, String> {
     testbed::static_agent(root, target)
 }
 
+/// `stderr` without `microvm run`'s announced retry of a VM that triple-faulted during early
+/// boot (the open bug in the README): a multi-line WARN from "the VM did not start" to
+/// "retrying once". Everything else stays, so the container's own stderr is still compared
+/// exactly.
+fn without_boot_retry(stderr: &str) -> String {
+    let mut out = String::new();
+    let mut in_warning = false;
+    for line in stderr.split_inclusive('\n') {
+        if !in_warning && line.contains("WARN") && line.contains("the VM did not start (") {
+            in_warning = true;
+        }
+        if in_warning {
+            if line.trim_end().ends_with("retrying once") {
+                in_warning = false;
+            }
+            continue;
+        }
+        out.push_str(line);
+    }
+    out
+}
+
 // ---------------------------------------------------------------------------------------------
 // The scenarios.
 
@@ -384,7 +406,7 @@ fn semantics(env: &Env) {
     let o = env.microvm(&["run", "--rm", img], None);
     assert_eq!(o.code, 3, "{o:?}");
     assert_eq!(o.stdout, "out-from-image\n", "{o:?}");
-    assert_eq!(o.stderr, "err-line\n", "{o:?}");
+    assert_eq!(without_boot_retry(&o.stderr), "err-line\n", "{o:?}");
     let ps = env.microvm(&["ps", "-a", "-q"], None);
     assert_eq!(
         (ps.code, ps.stdout.as_str()),
@@ -616,7 +638,7 @@ fn detached(env: &Env) {
     assert!(ps.stdout.contains("exited (0)"), "{ps:?}");
     let o = env.microvm(&["logs", "web"], None);
     assert_eq!(o.stdout, "started\ngot-usr1\ngot-term\n", "{o:?}");
-    assert_eq!(o.stderr, "to-stderr\n", "{o:?}");
+    assert_eq!(without_boot_retry(&o.stderr), "to-stderr\n", "{o:?}");
     let o = env.microvm(&["exec", "web", "true"], None);
     assert_ne!(o.code, 0, "exec into an ended run: {o:?}");
     let o = env.microvm(&["rm", "web"], None);
