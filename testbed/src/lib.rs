@@ -76,6 +76,8 @@ pub const DEFAULT_MEMORY_MIB: u32 = 4096;
 pub const DEFAULT_SMP: u32 = 2;
 /// How long a run may take, boot included, unless [`Testbed::timeout`] says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+/// How long [`relay_current_exe`] lets one run of a test binary in L1 take.
+pub const RELAY_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// Set to `1` in CMD's environment; see [`in_testbed`].
 pub const IN_TESTBED_VAR: &str = "MICROVM_IN_TESTBED";
 
@@ -211,13 +213,28 @@ pub fn relay_current_exe(label: &str, why: &str, env_keys: &[&str]) -> std::proc
         }
     }
     let cwd = std::env::current_dir().expect("cwd");
-    match tb.run(&argv, &cwd) {
-        Ok(code) => std::process::ExitCode::from(code.clamp(0, 255) as u8),
-        Err(e) => {
-            eprintln!("{label}: the testbed failed: {e}");
-            std::process::ExitCode::from(101)
+    // A test binary's whole run, boot included, takes minutes; a frozen L1 must not eat CI's
+    // budget for the default 40 minutes.
+    let tb = tb.timeout(RELAY_TIMEOUT);
+    for attempt in 1..=2 {
+        match tb.run(&argv, &cwd) {
+            Ok(code) => return std::process::ExitCode::from(code.clamp(0, 255) as u8),
+            // L1 itself failed (its kernel panicked or it froze): not a verdict on the tests.
+            // Seen under load with nested SVM emulated by TCG (README: open bugs), so one
+            // announced re-run of the whole binary.
+            Err(e @ (Error::NoExitStatus { .. } | Error::Timeout(_))) if attempt == 1 => {
+                eprintln!(
+                    "{label}: WARNING: L1 itself failed ({e}); re-running the tests once in a \
+                     fresh L1"
+                );
+            }
+            Err(e) => {
+                eprintln!("{label}: the testbed failed: {e}");
+                return std::process::ExitCode::from(101);
+            }
         }
     }
+    unreachable!("the second attempt returns")
 }
 
 /// A configured L1: build one with [`Testbed::new`] and the builder methods, then [`Testbed::run`].
