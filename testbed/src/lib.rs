@@ -248,6 +248,9 @@ pub struct Testbed {
     shares: Vec<PathBuf>,
     /// Echo the raw console to stderr (`MICROVM_TESTBED_VERBOSE=1`).
     verbose: bool,
+    /// A QEMU monitor on this unix socket (`MICROVM_TESTBED_MONITOR=PATH`), to look at a stuck
+    /// L1 from outside (`info cpus`, `info registers -a`).
+    monitor: Option<PathBuf>,
     /// A bad `MICROVM_TESTBED_*` value, reported by `run`.
     env_error: Option<String>,
 }
@@ -263,6 +266,7 @@ impl Testbed {
     /// overridden by `MICROVM_TESTBED_CPU`, `MICROVM_TESTBED_MEM` (MiB) and `MICROVM_TESTBED_SMP`.
     /// With `MICROVM_TESTBED_VERBOSE=1`, L1's whole console is also copied to stderr, each line
     /// prefixed with the seconds since QEMU started (to debug L1 or see where its time goes).
+    /// With `MICROVM_TESTBED_MONITOR=PATH`, QEMU's human monitor listens on that unix socket.
     pub fn new() -> Self {
         let mut tb = Testbed {
             cpu: DEFAULT_CPU.to_string(),
@@ -272,6 +276,7 @@ impl Testbed {
             env: Vec::new(),
             shares: Vec::new(),
             verbose: std::env::var_os("MICROVM_TESTBED_VERBOSE").is_some_and(|v| v == "1"),
+            monitor: std::env::var_os("MICROVM_TESTBED_MONITOR").map(PathBuf::from),
             env_error: None,
         };
         if let Some(cpu) = std::env::var_os("MICROVM_TESTBED_CPU") {
@@ -520,6 +525,12 @@ impl Testbed {
         .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=1"])
         // The console, and with it CMD's output, on QEMU's stdout.
         .args(["-serial", "stdio"]);
+        if let Some(path) = &self.monitor {
+            let mut opt = OsString::from("unix:");
+            opt.push(qemu_escape(path.as_os_str()));
+            opt.push(",server=on,wait=off");
+            qemu.arg("-monitor").arg(opt);
+        }
         let mut virtfs = |path: &Path, tag: &str, readonly: bool| {
             let mut opt = OsString::from("local,path=");
             opt.push(qemu_escape(path.as_os_str()));
