@@ -39,6 +39,9 @@
 //!   TCG runs this small model faster than `max` (about 3.0 s vs 4.2 s for the same L2 boot). Its
 //!   drawback: no XSAVE, so a VMM that needs `KVM_CAP_XCRS` (Firecracker) refuses to start; use
 //!   `max` for that ([`Testbed::cpu`] or `MICROVM_TESTBED_CPU`).
+//! - **One vCPU** ([`DEFAULT_SMP`]): with two, QEMU's multi-threaded TCG sometimes left one vCPU
+//!   executing a stale INT3 that the other had patched away in `__schedule` (KVM flips a static
+//!   branch there when L1's first VM is created or its last destroyed), and L1 froze.
 //! - **Output**: CMD's stdout and stderr share the serial console with the kernel. The kernel runs
 //!   `quiet loglevel=1`, CMD's output is framed by markers with a per-run nonce (which also carry
 //!   its exit status), and console lines shaped like kernel messages are dropped. Since CMD's
@@ -49,7 +52,10 @@
 //! - **Exit**: `/init` reboots when CMD is done; QEMU runs with `-no-reboot` and the kernel with
 //!   `panic=-1`, so both a normal end and a kernel panic end QEMU at once.
 //!
-//! `MICROVM_TESTBED_VERBOSE=1` copies L1's whole console, with times, to stderr.
+//! `MICROVM_TESTBED_VERBOSE=1` copies L1's whole console, with times, to stderr;
+//! `MICROVM_TESTBED_MONITOR=PATH` opens QEMU's monitor on a unix socket, to see where a stuck L1
+//! is (`info registers -a`; symbols from L1's `/proc/kallsyms`, which does not move: PVH boot
+//! skips KASLR).
 //!
 //! Timings under TCG are not comparable to real hardware: compare ratios measured in one L1.
 
@@ -71,9 +77,17 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_CPU: &str = "qemu64,+svm,+npt";
 /// L1's memory unless `MICROVM_TESTBED_MEM` or [`Testbed::memory_mib`] says otherwise.
 pub const DEFAULT_MEMORY_MIB: u32 = 4096;
-/// L1's virtual CPUs unless `MICROVM_TESTBED_SMP` or [`Testbed::smp`] says otherwise. TCG runs
-/// them on separate host threads (MTTCG); the development machines have 2 cores.
-pub const DEFAULT_SMP: u32 = 2;
+/// L1's virtual CPUs unless `MICROVM_TESTBED_SMP` or [`Testbed::smp`] says otherwise.
+///
+/// One, because QEMU 7.2's multi-threaded TCG does not always make one vCPU see code that
+/// another vCPU patched: when KVM in L1 creates its first VM or destroys its last one, L1's
+/// kernel flips the `preempt_notifier_key` static branch inside `__schedule` with `text_poke_bp`
+/// (an INT3 first, then the new bytes), and with two vCPUs the other vCPU was seen (QEMU monitor,
+/// `info registers -a` every second for 30 s) looping forever on that INT3 at `__schedule+0x2aa`
+/// while its twin spun on the runqueue lock in `native_queued_spin_lock_slowpath`: L1 froze,
+/// which L1's kernel reported as a soft lockup or, once, as a corrupted scheduler stack. With one
+/// vCPU there is nobody to race; the tests run about a third slower.
+pub const DEFAULT_SMP: u32 = 1;
 /// How long a run may take, boot included, unless [`Testbed::timeout`] says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 /// How long [`relay_current_exe`] lets one run of a test binary in L1 take.

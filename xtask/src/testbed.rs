@@ -14,7 +14,7 @@ pub struct TestbedArgs {
     /// L1's memory in MiB [default: $MICROVM_TESTBED_MEM, else 4096]
     #[arg(long, value_name = "MIB")]
     mem: Option<u32>,
-    /// L1's virtual CPUs [default: $MICROVM_TESTBED_SMP, else 2]
+    /// L1's virtual CPUs [default: $MICROVM_TESTBED_SMP, else 1]
     #[arg(long, value_name = "N")]
     smp: Option<u32>,
     /// Sets a variable in CMD's environment (repeatable)
