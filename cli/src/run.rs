@@ -605,9 +605,15 @@ async fn run_container(
     if stdio == Stdio::Foreground {
         tasks.push(sb.forward_signals(&plan.id, "")?);
         if plan.tty {
+            // The terminal whose size the pty follows: stdin's, else stdout's (`-t` without
+            // `-i` may have stdin redirected, like docker).
             let stdin = std::io::stdin();
-            if sandbox::window_size(&stdin.as_fd()).is_some() {
-                tasks.push(sb.forward_window_size(&plan.id, "", stdin.as_fd())?);
+            let stdout = std::io::stdout();
+            let terminal = [stdin.as_fd(), stdout.as_fd()]
+                .into_iter()
+                .find(|fd| sandbox::window_size(fd).is_some());
+            if let Some(terminal) = terminal {
+                tasks.push(sb.forward_window_size(&plan.id, "", terminal)?);
             }
         }
     }
