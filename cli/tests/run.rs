@@ -493,7 +493,8 @@ fn semantics(env: &Env) {
 }
 
 /// `-e` (value and from the host), `--env-file`, `-w`, `-u`, `--hostname`, `--entrypoint`;
-/// `-i` streams stdin; `-t` gives a pty.
+/// the container's loopback is up (its flags, and a line over 127.0.0.1); `-i` streams stdin;
+/// `-t` gives a pty.
 fn env_user_stdin_tty(env: &Env) {
     let img = env.img.layout();
     let env_file = env.dir.join("env");
@@ -516,13 +517,16 @@ fn env_user_stdin_tty(env: &Env) {
         "sh",
         img,
         "-c",
-        "echo $FOO $HOST_VAR $FROM_FILE $IMG_VAR; pwd; id -u; id -g; hostname; touch /tmp/mine",
+        "echo $FOO $HOST_VAR $FROM_FILE $IMG_VAR; pwd; id -u; id -g; hostname; touch /tmp/mine; \
+         [ $(( $(cat /sys/class/net/lo/flags) & 1 )) = 1 ] && echo lo-up; \
+         nc -l -p 7777 > /tmp/got & l=$!; sleep 1; echo over-lo | nc 127.0.0.1 7777 || kill $l; \
+         wait; cat /tmp/got",
     ]);
     c.env("HOST_VAR", "from-host");
     let o = run_cmd(c, None);
     assert_eq!(o.code, 0, "{o:?}");
     assert_eq!(
-        o.stdout, "bar from-host file-value from-image\n/tmp\n1000\n1000\nbox1\n",
+        o.stdout, "bar from-host file-value from-image\n/tmp\n1000\n1000\nbox1\nlo-up\nover-lo\n",
         "{o:?}"
     );
     // A user by name, resolved in the image's /etc/passwd.
