@@ -58,6 +58,7 @@ fn main() -> ExitCode {
     }
     let mut trials = vec![
         trial("run_image_config_streams_and_exit_codes", semantics),
+        trial("run_ctrl_c_during_boot_and_after_start", ctrl_c),
         trial("run_env_workdir_user_stdin_and_tty", env_user_stdin_tty),
         trial(
             "run_tty_resize_and_terminal_restored",
@@ -490,6 +491,142 @@ fn semantics(env: &Env) {
         ps.stdout.contains("exited (137)") && ps.stdout.contains("exited (127)"),
         "{ps:?}"
     );
+}
+
+/// SIGINT to `microvm run` while its VM boots ends the run at once: 130, the command never
+/// ran, the VMM killed and reaped, nothing left with `--rm`. Once the container runs, SIGINT
+/// goes to the container.
+fn ctrl_c(env: &Env) {
+    let img = env.img.layout();
+    let mut during_boot =
+        Watched::spawn(env.cmd(&["run", "--rm", img, "sh", "-c", "echo started; sleep 30"]));
+    // As soon as the VMM runs (a guest boot takes seconds): microvm listens from before it
+    // starts the VMM.
+    let deadline = Instant::now() + TIMEOUT;
+    while vmm_processes(&env.home).is_empty() {
+        assert!(
+            during_boot.child.try_wait().unwrap().is_none(),
+            "microvm ended before its VMM started: {:?}",
+            during_boot.finish()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no VMM started within {TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let signalled = Instant::now();
+    during_boot.signal(libc::SIGINT);
+    let o = during_boot.finish();
+    let took = signalled.elapsed();
+    assert_eq!(o.code, 130, "{o:?}");
+    assert!(
+        took < Duration::from_secs(15),
+        "took {took:?} after SIGINT: {o:?}"
+    );
+    assert!(!o.stdout.contains("started"), "the command ran: {o:?}");
+    assert!(
+        o.stderr.contains("SIGINT while the VM was starting"),
+        "{o:?}"
+    );
+    let left = vmm_processes(&env.home);
+    assert!(left.is_empty(), "VMM processes left: {left:?}");
+    let ps = env.microvm(&["ps", "-a", "-q"], None);
+    assert_eq!((ps.code, ps.stdout.as_str()), (0, ""), "{ps:?}");
+
+    // After the container started: the container's trap gets it.
+    let running = Watched::spawn(env.cmd(&[
+        "run",
+        "--rm",
+        img,
+        "sh",
+        "-c",
+        "trap 'echo got-int; exit 7' INT; echo started; while true; do sleep 0.2; done",
+    ]));
+    let line = match running.lines.recv_timeout(TIMEOUT) {
+        Ok(line) => line,
+        Err(_) => panic!("no output: {:?}", running.finish()),
+    };
+    assert_eq!(line, "started");
+    std::thread::sleep(Duration::from_secs(1));
+    running.signal(libc::SIGINT);
+    let o = running.finish();
+    assert_eq!((o.code, o.stdout.as_str()), (7, "got-int\n"), "{o:?}");
+    assert!(vmm_processes(&env.home).is_empty());
+    let ps = env.microvm(&["ps", "-a", "-q"], None);
+    assert_eq!((ps.code, ps.stdout.as_str()), (0, ""), "{ps:?}");
+}
+
+/// A `microvm` child whose stdout lines arrive as they are written.
+struct Watched {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Watched {
+    fn spawn(mut c: Command) -> Watched {
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(stdout).map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut stderr = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        Watched {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    fn signal(&self, signo: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signo) };
+    }
+
+    /// Waits for the end (killing it after [`TIMEOUT`]); the output not received yet.
+    fn finish(mut self) -> Out {
+        let code = wait_with_timeout(&mut self.child);
+        let stdout: String = self.lines.iter().map(|l| l + "\n").collect();
+        Out {
+            code,
+            stdout,
+            stderr: self.stderr.join().unwrap(),
+        }
+    }
+}
+
+/// The VMM processes (`microvm boot ...`) whose arguments name a path under `home` (the run's
+/// sockets and initramfs are in its run directory), as their command lines.
+fn vmm_processes(home: &Path) -> Vec<String> {
+    let home = home.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.get(1).is_some_and(|a| a == "boot") && args.iter().any(|a| a.contains(&home)) {
+            found.push(args.join(" "));
+        }
+    }
+    found
 }
 
 /// `-e` (value and from the host), `--env-file`, `-w`, `-u`, `--hostname`, `--entrypoint`;
