@@ -450,34 +450,60 @@ async fn execute(plan: &Plan, rd: &RunDir, stdio: Stdio, t: &mut Timings) -> Res
     if let Ok(level) = std::env::var("MICROVM_AGENT_LOG") {
         cfg.cmdline.push_str(&format!(" RUST_LOG={level}"));
     }
-    if stdio == Stdio::Foreground {
-        // The VMM runs in our process group, so a Ctrl-C at the terminal would reach and kill it
-        // too. An ignored disposition survives exec: the VMM inherits it. For us it lasts until
-        // `forward_signals` installs its handlers (Ctrl-C during the boot is ignored).
-        // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
-        unsafe {
-            libc::signal(libc::SIGINT, libc::SIG_IGN);
-            libc::signal(libc::SIGQUIT, libc::SIG_IGN);
-        }
-    }
-    let phase = Instant::now();
-    // The open early-boot triple-fault bug (see the README): one announced retry.
-    let sb = match Sandbox::start(cfg.clone()).await {
-        Ok(sb) => sb,
-        Err(e @ sandbox::Error::VmmExited { .. }) if e.to_string().contains("triple-faulted") => {
-            tracing::warn!("the VM did not start ({e}); retrying once");
-            Sandbox::start(cfg).await.context("start the VM")?
-        }
-        Err(e) => return Err(anyhow!(e).context("start the VM")),
+    // In the foreground, a signal that ends programs (a Ctrl-C at the terminal, a `kill`)
+    // ends the run while the VM boots and the container is being started: listened for before
+    // the VMM starts. The handlers do not reach the VMM: handled signals are reset to their
+    // defaults at exec, and the VMM is in a process group of its own, out of the terminal's
+    // reach. Once the container runs, `forward_signals` hands them to it instead.
+    let mut boot_signals = match stdio {
+        Stdio::Foreground => Some(BootSignals::listen()?),
+        Stdio::Detached => None,
     };
-    t.sandbox_start = phase.elapsed();
     let phase = Instant::now();
-    let ended = run_container(&sb, plan, rd, stdio, t).await;
+    let booting = async {
+        // The open early-boot triple-fault bug (see the README): one announced retry.
+        let sb = match Sandbox::start(cfg.clone()).await {
+            Ok(sb) => sb,
+            Err(e @ sandbox::Error::VmmExited { .. })
+                if e.to_string().contains("triple-faulted") =>
+            {
+                tracing::warn!("the VM did not start ({e}); retrying once");
+                Sandbox::start(cfg).await.context("start the VM")?
+            }
+            Err(e) => return Err(anyhow!(e).context("start the VM")),
+        };
+        t.sandbox_start = phase.elapsed();
+        let started = start_container(&sb, plan, rd, stdio, t).await;
+        Ok((sb, started))
+    };
+    let (sb, started) = match boot_signals.as_mut() {
+        None => booting.await?,
+        Some(signals) => tokio::select! {
+            booted = booting => booted?,
+            // The boot's future is dropped: a started VMM is killed and reaped, its sockets
+            // removed (the sandbox's `Vmm` drop), a raw terminal restored.
+            signo = signals.recv() => {
+                return Ok(Ended {
+                    code: 128 + signo,
+                    note: Some(format!(
+                        "{} while the VM was starting; the run ended",
+                        signal_name(signo)
+                    )),
+                });
+            }
+        },
+    };
+    let running_since = Instant::now();
+    let ended = match started {
+        Ok(Started::Running(process, raw)) => {
+            wait_container(&sb, plan, rd, stdio, process, raw, boot_signals).await
+        }
+        Ok(Started::Ended(ended)) => Ok(ended),
+        Err(e) => Err(e),
+    };
     let code_known = Instant::now();
     if ended.is_ok() {
-        t.workload = code_known
-            .duration_since(phase)
-            .saturating_sub(t.container_start);
+        t.workload = code_known.duration_since(running_since);
     }
     let down = sb.shutdown(Duration::from_secs(30)).await;
     if let Err(e) = down {
@@ -487,13 +513,74 @@ async fn execute(plan: &Plan, rd: &RunDir, stdio: Stdio, t: &mut Timings) -> Res
     ended
 }
 
-async fn run_container(
+/// The signals that end a foreground run during its boot: those a terminal or `kill` sends to
+/// end a program. (Handled rather than ignored: an ignored disposition would survive the VMM's
+/// exec.)
+struct BootSignals(Vec<(i32, tokio::signal::unix::Signal)>);
+
+impl BootSignals {
+    fn listen() -> Result<BootSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut listeners = Vec::new();
+        for k in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            let s = signal(SignalKind::from_raw(k))
+                .with_context(|| format!("handle {}", signal_name(k)))?;
+            listeners.push((k, s));
+        }
+        Ok(BootSignals(listeners))
+    }
+
+    fn poll_any(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<i32> {
+        for (k, s) in &mut self.0 {
+            if let std::task::Poll::Ready(Some(())) = s.poll_recv(cx) {
+                return std::task::Poll::Ready(*k);
+            }
+        }
+        std::task::Poll::Pending
+    }
+
+    /// The next one to arrive.
+    async fn recv(&mut self) -> i32 {
+        std::future::poll_fn(|cx| self.poll_any(cx)).await
+    }
+
+    /// The ones that arrived and were not received yet.
+    fn arrived(&mut self) -> Vec<i32> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut out = Vec::new();
+        while let std::task::Poll::Ready(k) = self.poll_any(&mut cx) {
+            out.push(k);
+        }
+        out
+    }
+}
+
+fn signal_name(signo: i32) -> String {
+    match signo {
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        libc::SIGQUIT => "SIGQUIT".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+/// How far [`start_container`] got.
+enum Started {
+    /// The container's process runs (and the terminal is raw while it does, with `-it`).
+    Running(sandbox::Process, Option<crate::term::RawMode>),
+    /// It could not be started (a missing or non-executable program).
+    Ended(Ended),
+}
+
+/// Creates the sandbox and the container and starts the container's process.
+async fn start_container(
     sb: &Sandbox,
     plan: &Plan,
     rd: &RunDir,
     stdio: Stdio,
     t: &mut Timings,
-) -> Result<Ended> {
+) -> Result<Started> {
     let phase = Instant::now();
     sb.create_sandbox(&SandboxSettings {
         hostname: plan.hostname.clone(),
@@ -588,14 +675,28 @@ async fn run_container(
                 },
                 |x| x.code,
             );
-            return Ok(Ended {
+            return Ok(Started::Ended(Ended {
                 code,
                 note: Some(format!("{e}")),
-            });
+            }));
         }
         Err(e) => return Err(e.into()),
     };
     t.container_start = phase.elapsed();
+    Ok(Started::Running(process, raw))
+}
+
+/// Runs the started container to its end; `boot_signals` (foreground) are handed over to
+/// `forward_signals`.
+async fn wait_container(
+    sb: &Sandbox,
+    plan: &Plan,
+    rd: &RunDir,
+    stdio: Stdio,
+    process: sandbox::Process,
+    raw: Option<crate::term::RawMode>,
+    boot_signals: Option<BootSignals>,
+) -> Result<Ended> {
     // Now `exec`, `stop` and `kill` can reach it, and `run -d` returns.
     rd.update(|r| {
         r.status = Status::Running;
@@ -603,11 +704,25 @@ async fn run_container(
     })?;
     let mut tasks = Vec::new();
     if stdio == Stdio::Foreground {
+        // Those that came after `start_container` answered and before `forward_signals`
+        // listens go to the container too.
+        let arrived = boot_signals.map(|mut s| s.arrived()).unwrap_or_default();
         tasks.push(sb.forward_signals(&plan.id, "")?);
+        for signo in arrived {
+            if let Err(e) = sb.signal(&plan.id, "", signo, false).await {
+                tracing::debug!("forwarding signal {signo}: {e}");
+            }
+        }
         if plan.tty {
+            // The terminal whose size the pty follows: stdin's, else stdout's (`-t` without
+            // `-i` may have stdin redirected, like docker).
             let stdin = std::io::stdin();
-            if sandbox::window_size(&stdin.as_fd()).is_some() {
-                tasks.push(sb.forward_window_size(&plan.id, "", stdin.as_fd())?);
+            let stdout = std::io::stdout();
+            let terminal = [stdin.as_fd(), stdout.as_fd()]
+                .into_iter()
+                .find(|fd| sandbox::window_size(fd).is_some());
+            if let Some(terminal) = terminal {
+                tasks.push(sb.forward_window_size(&plan.id, "", terminal)?);
             }
         }
     }

@@ -307,6 +307,10 @@ fn child_steps(launch: &Launch<'_>, stdio: &ChildStdio) -> StepResult<Infallible
         } => {
             namespaces::join(&joined.others)?;
             namespaces::unshare_new(prep.namespaces.unshare)?;
+            if prep.namespaces.unshare.contains(CloneFlags::CLONE_NEWNET) {
+                namespaces::loopback_up()
+                    .map_err(|e| ChildError::errno("loopback", "bringing lo up", e))?;
+            }
             process::set_hostname(prep.hostname.as_deref(), prep.domainname.as_deref())?;
             process::apply_sysctls(&prep.sysctl)?;
             mounts::prepare_rootfs(rootfs, &prep.rootfs)?;

@@ -112,7 +112,7 @@ impl NamespaceHolder {
             Some(errno) => {
                 let e = nix::errno::Errno::from_raw(i32::from(*errno));
                 return Err(Error::io(
-                    format!("namespace holder: unshare({others:?})"),
+                    format!("namespace holder: unshare({others:?}), then lo up"),
                     e,
                 ));
             }
@@ -172,7 +172,8 @@ impl NamespaceHolder {
 /// The forked holder: enters the namespaces, reports, drops every inherited fd, sleeps.
 fn holder_main(flags: CloneFlags, report: std::os::fd::BorrowedFd<'_>) -> ! {
     // SAFETY: everything below is a plain system call on values owned by this (just forked,
-    // single-threaded) process: signal dispositions, unshare, write, close_range, pause, _exit.
+    // single-threaded) process: signal dispositions, unshare, the loopback ioctls, write,
+    // close_range, pause, _exit.
     unsafe {
         for sig in 1..=64 {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
@@ -186,7 +187,15 @@ fn holder_main(flags: CloneFlags, report: std::os::fd::BorrowedFd<'_>) -> ! {
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         libc::setsid();
     }
-    let result: u8 = match unshare(flags) {
+    // A new network namespace gets its loopback up, as a container's own does.
+    let entered = unshare(flags).and_then(|()| {
+        if flags.contains(CloneFlags::CLONE_NEWNET) {
+            namespaces::loopback_up()
+        } else {
+            Ok(())
+        }
+    });
+    let result: u8 = match entered {
         Ok(()) => 0,
         Err(e) => (e as i32).clamp(1, 255) as u8,
     };

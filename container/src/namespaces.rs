@@ -6,6 +6,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 
+use nix::errno::Errno;
 use nix::sched::{setns, unshare, CloneFlags};
 use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType};
 
@@ -185,6 +186,40 @@ pub(crate) fn unshare_new(flags: CloneFlags) -> StepResult {
         return Ok(());
     }
     unshare(flags).map_err(|e| ChildError::errno("unshare", format!("unshare({flags:?})"), e))
+}
+
+/// Brings up the loopback device of the calling process's network namespace: a new namespace
+/// has `lo` down, and docker (even with `--network none`) gives containers `127.0.0.1`. Two
+/// ioctls on a throwaway socket, `SIOCGIFFLAGS` then `SIOCSIFFLAGS` with `IFF_UP`; only system
+/// calls and no allocation, so forked children of a threaded process may call it.
+pub(crate) fn loopback_up() -> Result<(), Errno> {
+    // SAFETY: socket(2) with constant arguments; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: ifreq is plain data (a name and a union of integers); all zeros is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS fills in the flags of the interface named in `req`, which outlives
+    // the call; then the flags member of the union is the one the kernel wrote.
+    let result = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            Err(Errno::last())
+        } else {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
+                Err(Errno::last())
+            } else {
+                Ok(())
+            }
+        }
+    };
+    // SAFETY: closes the socket opened above, once.
+    unsafe { libc::close(fd) };
+    result
 }
 
 /// Child of `exec`: enters the running init's namespaces through its pidfd (one `setns` for

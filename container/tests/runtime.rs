@@ -80,6 +80,7 @@ fn main() -> ExitCode {
         trial("caps_nnp_oom_score_and_sysctl", process_attributes),
         trial("device_rules_are_enforced", device_rules),
         trial("namespace_holder_keeps_pod_namespaces", namespace_holder),
+        trial("loopback_is_up_in_new_network_namespaces", loopback_up),
     ];
     if args.list {
         return libtest_mimic::run(&args, trials).exit_code();
@@ -948,6 +949,56 @@ fn namespace_holder() -> Result<(), Failed> {
     holder.kill().map_err(|e| e.to_string())?;
     let code = wait_exit(pid)?;
     check(code == 137, || format!("holder exit {code}"))
+}
+
+/// A container's new network namespace, and a pod holder's, have `lo` up (docker's behaviour
+/// even with `--network none`): the UP bit in its flags, and a TCP connection over 127.0.0.1
+/// between two processes of the container.
+fn loopback_up() -> Result<(), Failed> {
+    const IFF_UP: u32 = 0x1;
+    let flags = |out: &Output| -> Result<u32, Failed> {
+        let first = out.stdout.lines().next().unwrap_or_default();
+        u32::from_str_radix(first.trim_start_matches("0x"), 16)
+            .map_err(|_| format!("no flags in {out:?}").into())
+    };
+    // Our own network namespace is not the container's: its lo says nothing about the test.
+    let here = fs::read_link("/proc/self/ns/net").unwrap();
+    let out = run(
+        "lo",
+        spec(&[
+            "sh",
+            "-c",
+            "cat /sys/class/net/lo/flags; readlink /proc/self/ns/net; \
+             nc -l -p 7777 > /tmp/got & l=$!; sleep 1; echo over-lo | nc 127.0.0.1 7777 || kill $l; \
+             wait; cat /tmp/got",
+        ]),
+    )?;
+    expect_ok(&out)?;
+    check(flags(&out)? & IFF_UP != 0, || {
+        format!("lo is down: {out:?}")
+    })?;
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    check(lines.get(1) != here.to_str().as_ref(), || {
+        format!("the container shares the test's network namespace: {out:?}")
+    })?;
+    check(lines.get(2) == Some(&"over-lo"), || {
+        format!("nothing came over 127.0.0.1: {out:?}")
+    })?;
+
+    let holder = NamespaceHolder::spawn(&[LinuxNamespaceType::Network])
+        .map_err(|e| format!("spawn: {e}"))?;
+    let s = spec(&["sh", "-c", "cat /sys/class/net/lo/flags"]);
+    let mut c = create_joining("lo-held", s, holder.join_list()).map_err(|e| e.to_string())?;
+    let out = run_in(&mut c);
+    c.destroy().map_err(|e| e.to_string())?;
+    let pid = holder.pid();
+    holder.kill().map_err(|e| e.to_string())?;
+    wait_exit(pid)?;
+    let out = out?;
+    expect_ok(&out)?;
+    check(flags(&out)? & IFF_UP != 0, || {
+        format!("lo of the holder's namespace is down: {out:?}")
+    })
 }
 
 fn memory_oom() -> Result<(), Failed> {

@@ -215,6 +215,7 @@ async fn absurd_sizes_are_refused_by_the_limits() {
         max_entries: 50,
         max_total_bytes: 8 << 20,
         max_entry_bytes: 4 << 20,
+        max_header_bytes: 1 << 20,
     });
     let canary = tempfile::tempdir().unwrap();
 
@@ -283,4 +284,77 @@ async fn a_layer_that_is_not_a_tar_is_a_clear_error() {
     let err = store.rootfs_disk(&image).unwrap_err().to_string();
     assert!(err.contains(&digest), "{err}");
     assert!(walk(&store.root().join("tmp")).is_empty());
+}
+
+/// PAX extensions and GNU long names/link targets are held in memory by the tar reader before
+/// their entry is seen: past `max_header_bytes` the layer is refused while they are read, and
+/// records within the bound still unpack.
+#[tokio::test]
+async fn oversized_header_records_are_refused() {
+    let (tmp, store) = store();
+    let store = store.with_unpack_limits(UnpackLimits {
+        max_header_bytes: 64 << 10,
+        ..UnpackLimits::default()
+    });
+    let canary = tempfile::tempdir().unwrap();
+    let huge = vec![b'a'; 200 << 10];
+    let cases = [
+        Case {
+            what: "huge GNU long name",
+            layer: Layer::new()
+                .file("before", b"ok", 0o644, 0, 0)
+                .raw("././@LongLink", tar::EntryType::GNULongName, None, &huge)
+                .file("after", b"x", 0o644, 0, 0)
+                .finish(),
+            entry: "the one after before",
+            reason: "more than 65536 bytes",
+        },
+        Case {
+            what: "huge GNU long link",
+            layer: Layer::new()
+                .file("before", b"ok", 0o644, 0, 0)
+                .raw("././@LongLink", tar::EntryType::GNULongLink, None, &huge)
+                .symlink("after", "x")
+                .finish(),
+            entry: "the one after before",
+            reason: "header records",
+        },
+        Case {
+            what: "huge PAX extension",
+            layer: Layer::new()
+                .file_with_xattrs("first", b"x", 0o644, &[("user.big", &huge)])
+                .finish(),
+            entry: "the first",
+            reason: "PAX extensions",
+        },
+    ];
+    for case in &cases {
+        refused(&store, tmp.path(), case, canary.path()).await;
+    }
+
+    // Within the bound: a 3 KiB xattr (what fits an ext4 block) and a 304-byte path (a GNU long
+    // name record).
+    let long_name = format!("d/{}/{}", "n".repeat(200), "m".repeat(100));
+    let value = vec![b'v'; 3 << 10];
+    let fine = Layer::new()
+        .file_with_xattrs("with-xattr", b"x", 0o644, &[("user.big", &value)])
+        .file(&long_name, b"long\n", 0o644, 0, 0)
+        .finish();
+    let img = TestImage::new(
+        vec![
+            compress(&busybox_layer().finish(), Compression::Gzip),
+            compress(&fine, Compression::Gzip),
+        ],
+        &["/bin/sh"],
+    );
+    let layout = tmp.path().join("fine");
+    img.write_layout(&layout, None);
+    let (image, _) = store
+        .ensure(layout.to_str().unwrap(), &PullOptions::default())
+        .await
+        .unwrap();
+    let disk = store.rootfs_disk(&image).unwrap().path;
+    assert_eq!(cat(&disk, &format!("/{long_name}")), "long\n");
+    let xattrs = debugfs(&disk, "ea_list /with-xattr");
+    assert!(xattrs.contains("user.big"), "{xattrs}");
 }

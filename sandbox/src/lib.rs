@@ -469,6 +469,12 @@ impl Sandbox {
             .arg("--vsock")
             .arg(format!("{},{}", cfg.guest_cid, uds.display()))
             .stdin(Stdio::null());
+        // A process group of its own: a terminal's SIGINT, SIGQUIT or SIGTSTP goes to the
+        // foreground group (the program that started the sandbox), never to the VMM, so that
+        // program decides what a Ctrl-C does (end the sandbox, which kills the VMM on drop, or
+        // forward it to the guest). No PR_SET_PDEATHSIG: it fires when the spawning *thread*
+        // exits, and async runtimes start and end their threads at will.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         for d in &cfg.disks {
             let mut arg = d.path.clone().into_os_string();
             if d.read_only {
