@@ -22,7 +22,6 @@ const RELAY_ENV: &[&str] = &[
     "MICROVM_KERNEL",
     "MICROVM_AGENT",
     "MICROVM_AGENT_LOG",
-    "MICROVM_TEST_REGISTRY",
     "RUST_LOG",
     "RUST_BACKTRACE",
     "RUN_TEST_VERBOSE",
@@ -56,7 +55,7 @@ fn main() -> ExitCode {
             return testbed::relay_current_exe("run tests", &why.to_string(), RELAY_ENV);
         }
     }
-    let mut trials = vec![
+    let trials = vec![
         trial("run_image_config_streams_and_exit_codes", semantics),
         trial("run_ctrl_c_during_boot_and_after_start", ctrl_c),
         trial("run_env_workdir_user_stdin_and_tty", env_user_stdin_tty),
@@ -67,14 +66,8 @@ fn main() -> ExitCode {
         trial("run_memory_limit_and_volumes", memory_and_volumes),
         trial("run_detached_exec_stop_logs", detached),
         trial("pull_images_rmi", pull_images_rmi),
+        trial("run_from_layout_archive_and_registry", image_sources),
     ];
-    // KNOWN PROBLEM (README, "Not yet"): in the emulated testbed this scenario (Debian's
-    // docker-registry and skopeo next to a microVM) soft-locks L1's kernel in 3 of 4 recent
-    // runs, so CI runs it only when MICROVM_TEST_REGISTRY=1 until that is understood. Registry
-    // pulls themselves are tested on the host in image/tests/registry.rs.
-    if std::env::var_os("MICROVM_TEST_REGISTRY").is_some_and(|v| v == "1") {
-        trials.push(trial("run_from_layout_archive_and_registry", image_sources));
-    }
     libtest_mimic::run(&args, trials).exit_code()
 }
 
