@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use crate::config::ShimConfig;
 use crate::pod;
 use crate::rootfs::{self, HostMount};
-use crate::stdio::StdioPaths;
+use crate::stdio::{LogContext, Logger, StdioPaths};
 
 /// `Any.type_url` of CRI's runtime options for runtimes it does not know (`ConfigPath`).
 const RUNTIME_OPTIONS_TYPE: &str = "runtimeoptions.v1.Options";
@@ -100,6 +100,8 @@ struct Proc {
     /// CloseIO came before Start (containerd's copy of an empty stdin can finish that early):
     /// the process starts without stdin.
     stdin_closed: std::sync::atomic::AtomicBool,
+    /// The `binary://` logging program fed by the process's output, ended after the exit.
+    logger: Mutex<Option<Logger>>,
 }
 
 impl Proc {
@@ -117,11 +119,20 @@ impl Proc {
             }),
             exited: watch::channel(false).0,
             stdin_closed: Default::default(),
+            logger: Mutex::new(None),
         })
     }
 
     fn state(&self) -> ProcState {
         self.state.lock().unwrap().clone()
+    }
+
+    /// Lets the logging binary (if any) finish, in the background: called once the process's
+    /// output is complete (or it never started).
+    fn finish_logger(&self) {
+        if let Some(logger) = self.logger.lock().unwrap().take() {
+            tokio::task::spawn_blocking(move || logger.finish());
+        }
     }
 
     fn set_exit(&self, code: u32) {
@@ -376,6 +387,7 @@ impl Inner {
             })
             .await;
             proc_.exited.send_replace(true);
+            proc_.finish_logger();
         });
     }
 
@@ -430,6 +442,26 @@ pub fn config_path_from_options(any: &Any) -> Option<PathBuf> {
         input.skip_field(wt).ok()?;
     }
     None
+}
+
+/// `Any.type_url` (typeurl's name) of runtime-spec `LinuxResources`, the JSON containerd
+/// sends in UpdateTaskRequest for Linux containers.
+const LINUX_RESOURCES_TYPE: &str = "opencontainers/runtime-spec/1/LinuxResources";
+
+/// The `LinuxResources` JSON of an update, checked by decoding it (an error names the type or
+/// the field at fault); other types (e.g. `WindowsResources`) are refused.
+pub fn linux_resources_json(any: &Any) -> Result<Vec<u8>, String> {
+    let name = any.type_url.trim_start_matches('/');
+    if !(name == LINUX_RESOURCES_TYPE || name.ends_with(&format!("/{LINUX_RESOURCES_TYPE}"))) {
+        return Err(format!(
+            "update resources of type {:?}: only runtime-spec LinuxResources ({LINUX_RESOURCES_TYPE}) \
+             is supported",
+            any.type_url
+        ));
+    }
+    let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
+        .map_err(|e| format!("update resources are not a valid LinuxResources JSON: {e}"))?;
+    serde_json::to_vec(&resources).map_err(|e| e.to_string())
 }
 
 /// Host bind mounts cannot reach the guest (no shared filesystem): they are left out, with a
@@ -632,19 +664,35 @@ impl Task for Service {
             ));
         }
         let sandbox = me.sandbox().await?;
-        let mut io = p
-            .stdio
-            .open()
-            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        // Blocking: a logging binary is waited for until it is ready.
+        let (stdio, container_id, namespace) =
+            (p.stdio.clone(), c.id.clone(), me.namespace.clone());
+        let opened = tokio::task::spawn_blocking(move || {
+            stdio.open(LogContext {
+                container_id: &container_id,
+                namespace: &namespace,
+            })
+        })
+        .await
+        .map_err(|e| status(Code::INTERNAL, e.to_string()))?
+        .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let mut io = opened.io;
+        *p.logger.lock().unwrap() = opened.logger;
         if p.stdin_closed.load(std::sync::atomic::Ordering::SeqCst) {
             io.stdin = None;
         }
-        let process = if req.exec_id.is_empty() {
+        let process = match if req.exec_id.is_empty() {
             sandbox.start_container(&c.id, io).await
         } else {
             sandbox.exec(&c.id, &req.exec_id, &p.spec, io).await
-        }
-        .map_err(agent_err)?;
+        } {
+            Ok(process) => process,
+            Err(e) => {
+                // The output descriptors are gone with the failed start: the logger reads EOF.
+                p.finish_logger();
+                return Err(agent_err(e));
+            }
+        };
         let pid = process.pid;
         {
             let mut s = p.state.lock().unwrap();
@@ -1007,11 +1055,22 @@ impl Task for Service {
     async fn update(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::UpdateTaskRequest,
+        req: api::UpdateTaskRequest,
     ) -> TtrpcResult<api::Empty> {
-        Err(unimplemented(
-            "Update (the guest agent has no RPC to change a container's cgroup resources yet)",
-        ))
+        tracing::info!("update {:?}", req.id);
+        let me = &self.inner;
+        let c = me.container(&req.id)?;
+        let any = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "update without resources"))?;
+        let json = linux_resources_json(any).map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
+        me.sandbox()
+            .await?
+            .update_container(&c.id, &json)
+            .await
+            .map_err(agent_err)?;
+        Ok(api::Empty::new())
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, _req: api::PauseRequest) -> TtrpcResult<api::Empty> {
@@ -1058,6 +1117,35 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(config_path_from_options(&other), None);
+    }
+
+    #[test]
+    fn update_resources_decoding() {
+        let any = |type_url: &str, value: &str| Any {
+            type_url: type_url.into(),
+            value: value.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let json = linux_resources_json(&any(
+            "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+            r#"{"memory":{"limit":50000000},"cpu":{"quota":20000}}"#,
+        ))
+        .unwrap();
+        let back: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back["memory"]["limit"], 50000000);
+        assert_eq!(back["cpu"]["quota"], 20000);
+        let e = linux_resources_json(&any(
+            "types.containerd.io/opencontainers/runtime-spec/1/WindowsResources",
+            "{}",
+        ))
+        .unwrap_err();
+        assert!(e.contains("WindowsResources") && e.contains("only"), "{e}");
+        let e = linux_resources_json(&any(
+            "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+            r#"{"memory":{"limit":"lots"}}"#,
+        ))
+        .unwrap_err();
+        assert!(e.contains("not a valid LinuxResources"), "{e}");
     }
 
     #[test]
