@@ -169,6 +169,10 @@ struct Inner {
     exit: Arc<ExitSignal>,
     pod: tokio::sync::Mutex<Pod>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// The OOM-kill count last published per container. Both the agent's OOM events and each
+    /// exit (which checks the count first) publish through it, so TaskOOM precedes the
+    /// TaskExit of a process the OOM killer ended, and no kill is published twice.
+    oom_published: tokio::sync::Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Clone)]
@@ -198,6 +202,7 @@ impl Service {
                     oom_task: None,
                 }),
                 containers: Mutex::new(HashMap::new()),
+                oom_published: Default::default(),
             }),
         }
     }
@@ -348,13 +353,26 @@ impl Inner {
         tokio::spawn(async move {
             while let Ok(ev) = sandbox.next_oom_event().await {
                 let Some(me) = me.upgrade() else { return };
-                me.publish(TaskOOM {
-                    container_id: ev.container_id,
-                    ..Default::default()
-                })
-                .await;
+                me.publish_oom(&ev.container_id, ev.oom_kill_count).await;
             }
         })
+    }
+
+    /// Publishes TaskOOM if `count` is above the OOM-kill count already published for the
+    /// container.
+    async fn publish_oom(&self, container_id: &str, count: u64) {
+        let mut published = self.oom_published.lock().await;
+        let seen = published.entry(container_id.to_string()).or_default();
+        if count <= *seen {
+            return;
+        }
+        *seen = count;
+        tracing::info!(container = container_id, oom_kills = count, "OOM kill");
+        self.publish(TaskOOM {
+            container_id: container_id.into(),
+            ..Default::default()
+        })
+        .await;
     }
 
     /// Runs a started process's exit collection: waits for it (and its output), records the
@@ -370,6 +388,16 @@ impl Inner {
                     255
                 }
             };
+            // An OOM kill that ended it is published first (the agent's OOM event may still
+            // be on its way).
+            if code == 128 + libc::SIGKILL as u32 {
+                if let Some(sb) = me.pod.lock().await.sandbox.clone() {
+                    if let Ok(stats) = sb.stats(&proc_.container_id).await {
+                        me.publish_oom(&proc_.container_id, stats.oom_kill_count)
+                            .await;
+                    }
+                }
+            }
             proc_.set_exit(code);
             let st = proc_.state();
             let id = if proc_.exec_id.is_empty() {
@@ -769,6 +797,7 @@ impl Task for Service {
         }
         let _ = rootfs::unmount_all(&c.bundle.join("rootfs"));
         me.containers.lock().unwrap().remove(&c.id);
+        me.oom_published.lock().await.remove(&c.id);
         me.publish(TaskDelete {
             container_id: c.id.clone(),
             pid: st.pid,
