@@ -686,11 +686,13 @@ fn exec_and_kill(c: &Containerd) -> Result<(), String> {
         check(cg("memory.max") == (true, "52428800".to_string()), || {
             "memory.max changed by a refused update".into()
         })?;
-        let p = c.ctr(&["task", "pause", "execk"]);
-        check(
-            !p.status.success() && text(&p).contains("not implemented"),
-            || format!("pause must be unimplemented: {}", text(&p)),
-        )?;
+        for cmd in ["pause", "resume", "checkpoint"] {
+            let p = c.ctr(&["task", cmd, "execk"]);
+            check(
+                !p.status.success() && text(&p).contains("not implemented"),
+                || format!("{cmd} must be unimplemented: {}", text(&p)),
+            )?;
+        }
         let k = c.ctr(&["task", "kill", "-s", "SIGKILL", "execk"]);
         check(k.status.success(), || format!("kill: {}", text(&k)))?;
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -707,9 +709,9 @@ fn exec_and_kill(c: &Containerd) -> Result<(), String> {
         }
     })();
     let _ = run.kill();
-    let _ = run.wait();
+    let ran = run.wait_with_output().map(|o| text(&o)).unwrap_or_default();
     c.remove("execk");
-    r
+    r.map_err(|e| format!("{e}\n--- the attached `ctr run` printed ---\n{ran}"))
 }
 
 const LINUX_RESOURCES: &str = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
