@@ -377,7 +377,12 @@ impl Inner {
 
     /// Runs a started process's exit collection: waits for it (and its output), records the
     /// exit, publishes TaskExit, then wakes Wait.
-    fn spawn_waiter(self: &Arc<Self>, proc_: Arc<Proc>, process: sandbox::Process) {
+    fn spawn_waiter(
+        self: &Arc<Self>,
+        proc_: Arc<Proc>,
+        process: sandbox::Process,
+        sandbox: std::sync::Weak<Sandbox>,
+    ) {
         let me = self.clone();
         tokio::spawn(async move {
             let pid = process.pid;
@@ -391,7 +396,8 @@ impl Inner {
             // An OOM kill that ended it is published first (the agent's OOM event may still
             // be on its way).
             if code == 128 + libc::SIGKILL as u32 {
-                if let Some(sb) = me.pod.lock().await.sandbox.clone() {
+                // Not through the pod lock: a Create in progress holds it for seconds.
+                if let Some(sb) = sandbox.upgrade() {
                     if let Ok(stats) = sb.stats(&proc_.container_id).await {
                         me.publish_oom(&proc_.container_id, stats.oom_kill_count)
                             .await;
@@ -744,7 +750,7 @@ impl Task for Service {
             .await;
         }
         // Only now: the exit event must follow the start event.
-        me.spawn_waiter(p, process);
+        me.spawn_waiter(p, process, Arc::downgrade(&sandbox));
         Ok(api::StartResponse {
             pid,
             ..Default::default()
