@@ -12,7 +12,7 @@ use agent_protocol::agent::{self as pb, Empty};
 use agent_protocol::stdio::{Header, Reply};
 use agent_protocol::ttrpc::{self, r#async::TtrpcContext, Code};
 use async_trait::async_trait;
-use oci_spec::runtime::LinuxNamespaceType;
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources};
 use tokio::sync::watch;
 use tokio_vsock::VsockStream;
 
@@ -1094,6 +1094,37 @@ impl agent_protocol::agent_ttrpc::Agent for Agent {
             oom_kill_count: oom,
             ..Default::default()
         })
+    }
+
+    async fn update_container(
+        &self,
+        _: &TtrpcContext,
+        req: pb::UpdateContainerRequest,
+    ) -> Result<Empty> {
+        self.rpc_log("UpdateContainer", &req.container_id);
+        self.check_serving()?;
+        let resources: LinuxResources =
+            serde_json::from_slice(&req.resources_json).map_err(|e| {
+                status(
+                    Code::INVALID_ARGUMENT,
+                    format!("resources_json is not an OCI LinuxResources object: {e}"),
+                )
+            })?;
+        let entry = self.container(&req.container_id)?;
+        let handle = entry.container.clone();
+        tokio::task::spawn_blocking(move || {
+            let guard = handle.lock().unwrap_or_else(|e| e.into_inner());
+            let c = guard
+                .as_ref()
+                .ok_or_else(|| status(Code::NOT_FOUND, "container removed"))?;
+            c.update(&resources).map_err(|e| {
+                let (code, _) = classify(&e);
+                status(code, format!("update container {}: {e}", c.id()))
+            })
+        })
+        .await
+        .map_err(internal)??;
+        Ok(Empty::new())
     }
 
     async fn get_oom_event(

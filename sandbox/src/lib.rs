@@ -843,6 +843,21 @@ impl Sandbox {
             .map_err(|e| Error::rpc("Stats", e))
     }
 
+    /// Changes a container's cgroup resources: `resources_json` is an OCI runtime-spec
+    /// `linux.resources` object (`LinuxResources`) as JSON; only the fields it has change.
+    pub async fn update_container(&self, container_id: &str, resources_json: &[u8]) -> Result<()> {
+        let req = pb::UpdateContainerRequest {
+            container_id: container_id.into(),
+            resources_json: resources_json.to_vec(),
+            ..Default::default()
+        };
+        self.client
+            .update_container(self.ctx(), &req)
+            .await
+            .map_err(|e| Error::rpc("UpdateContainer", e))?;
+        Ok(())
+    }
+
     /// Waits for the next out-of-memory kill in any container.
     pub async fn next_oom_event(&self) -> Result<pb::OomEvent> {
         self.client

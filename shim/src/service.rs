@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use crate::config::ShimConfig;
 use crate::pod;
 use crate::rootfs::{self, HostMount};
-use crate::stdio::StdioPaths;
+use crate::stdio::{LogContext, Logger, StdioPaths};
 
 /// `Any.type_url` of CRI's runtime options for runtimes it does not know (`ConfigPath`).
 const RUNTIME_OPTIONS_TYPE: &str = "runtimeoptions.v1.Options";
@@ -100,6 +100,8 @@ struct Proc {
     /// CloseIO came before Start (containerd's copy of an empty stdin can finish that early):
     /// the process starts without stdin.
     stdin_closed: std::sync::atomic::AtomicBool,
+    /// The `binary://` logging program fed by the process's output, ended after the exit.
+    logger: Mutex<Option<Logger>>,
 }
 
 impl Proc {
@@ -117,11 +119,20 @@ impl Proc {
             }),
             exited: watch::channel(false).0,
             stdin_closed: Default::default(),
+            logger: Mutex::new(None),
         })
     }
 
     fn state(&self) -> ProcState {
         self.state.lock().unwrap().clone()
+    }
+
+    /// Lets the logging binary (if any) finish, in the background: called once the process's
+    /// output is complete (or it never started).
+    fn finish_logger(&self) {
+        if let Some(logger) = self.logger.lock().unwrap().take() {
+            tokio::task::spawn_blocking(move || logger.finish());
+        }
     }
 
     fn set_exit(&self, code: u32) {
@@ -158,6 +169,10 @@ struct Inner {
     exit: Arc<ExitSignal>,
     pod: tokio::sync::Mutex<Pod>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// The OOM-kill count last published per container. Both the agent's OOM events and each
+    /// exit (which checks the count first) publish through it, so TaskOOM precedes the
+    /// TaskExit of a process the OOM killer ended, and no kill is published twice.
+    oom_published: tokio::sync::Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Clone)]
@@ -187,6 +202,7 @@ impl Service {
                     oom_task: None,
                 }),
                 containers: Mutex::new(HashMap::new()),
+                oom_published: Default::default(),
             }),
         }
     }
@@ -337,18 +353,36 @@ impl Inner {
         tokio::spawn(async move {
             while let Ok(ev) = sandbox.next_oom_event().await {
                 let Some(me) = me.upgrade() else { return };
-                me.publish(TaskOOM {
-                    container_id: ev.container_id,
-                    ..Default::default()
-                })
-                .await;
+                me.publish_oom(&ev.container_id, ev.oom_kill_count).await;
             }
         })
     }
 
+    /// Publishes TaskOOM if `count` is above the OOM-kill count already published for the
+    /// container.
+    async fn publish_oom(&self, container_id: &str, count: u64) {
+        let mut published = self.oom_published.lock().await;
+        let seen = published.entry(container_id.to_string()).or_default();
+        if count <= *seen {
+            return;
+        }
+        *seen = count;
+        tracing::info!(container = container_id, oom_kills = count, "OOM kill");
+        self.publish(TaskOOM {
+            container_id: container_id.into(),
+            ..Default::default()
+        })
+        .await;
+    }
+
     /// Runs a started process's exit collection: waits for it (and its output), records the
     /// exit, publishes TaskExit, then wakes Wait.
-    fn spawn_waiter(self: &Arc<Self>, proc_: Arc<Proc>, process: sandbox::Process) {
+    fn spawn_waiter(
+        self: &Arc<Self>,
+        proc_: Arc<Proc>,
+        process: sandbox::Process,
+        sandbox: std::sync::Weak<Sandbox>,
+    ) {
         let me = self.clone();
         tokio::spawn(async move {
             let pid = process.pid;
@@ -359,6 +393,17 @@ impl Inner {
                     255
                 }
             };
+            // An OOM kill that ended it is published first (the agent's OOM event may still
+            // be on its way).
+            if code == 128 + libc::SIGKILL as u32 {
+                // Not through the pod lock: a Create in progress holds it for seconds.
+                if let Some(sb) = sandbox.upgrade() {
+                    if let Ok(stats) = sb.stats(&proc_.container_id).await {
+                        me.publish_oom(&proc_.container_id, stats.oom_kill_count)
+                            .await;
+                    }
+                }
+            }
             proc_.set_exit(code);
             let st = proc_.state();
             let id = if proc_.exec_id.is_empty() {
@@ -376,6 +421,7 @@ impl Inner {
             })
             .await;
             proc_.exited.send_replace(true);
+            proc_.finish_logger();
         });
     }
 
@@ -430,6 +476,26 @@ pub fn config_path_from_options(any: &Any) -> Option<PathBuf> {
         input.skip_field(wt).ok()?;
     }
     None
+}
+
+/// `Any.type_url` (typeurl's name) of runtime-spec `LinuxResources`, the JSON containerd
+/// sends in UpdateTaskRequest for Linux containers.
+const LINUX_RESOURCES_TYPE: &str = "opencontainers/runtime-spec/1/LinuxResources";
+
+/// The `LinuxResources` JSON of an update, checked by decoding it (an error names the type or
+/// the field at fault); other types (e.g. `WindowsResources`) are refused.
+pub fn linux_resources_json(any: &Any) -> Result<Vec<u8>, String> {
+    let name = any.type_url.trim_start_matches('/');
+    if !(name == LINUX_RESOURCES_TYPE || name.ends_with(&format!("/{LINUX_RESOURCES_TYPE}"))) {
+        return Err(format!(
+            "update resources of type {:?}: only runtime-spec LinuxResources ({LINUX_RESOURCES_TYPE}) \
+             is supported",
+            any.type_url
+        ));
+    }
+    let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
+        .map_err(|e| format!("update resources are not a valid LinuxResources JSON: {e}"))?;
+    serde_json::to_vec(&resources).map_err(|e| e.to_string())
 }
 
 /// Host bind mounts cannot reach the guest (no shared filesystem): they are left out, with a
@@ -632,19 +698,35 @@ impl Task for Service {
             ));
         }
         let sandbox = me.sandbox().await?;
-        let mut io = p
-            .stdio
-            .open()
-            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        // Blocking: a logging binary is waited for until it is ready.
+        let (stdio, container_id, namespace) =
+            (p.stdio.clone(), c.id.clone(), me.namespace.clone());
+        let opened = tokio::task::spawn_blocking(move || {
+            stdio.open(LogContext {
+                container_id: &container_id,
+                namespace: &namespace,
+            })
+        })
+        .await
+        .map_err(|e| status(Code::INTERNAL, e.to_string()))?
+        .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let mut io = opened.io;
+        *p.logger.lock().unwrap() = opened.logger;
         if p.stdin_closed.load(std::sync::atomic::Ordering::SeqCst) {
             io.stdin = None;
         }
-        let process = if req.exec_id.is_empty() {
+        let process = match if req.exec_id.is_empty() {
             sandbox.start_container(&c.id, io).await
         } else {
             sandbox.exec(&c.id, &req.exec_id, &p.spec, io).await
-        }
-        .map_err(agent_err)?;
+        } {
+            Ok(process) => process,
+            Err(e) => {
+                // The output descriptors are gone with the failed start: the logger reads EOF.
+                p.finish_logger();
+                return Err(agent_err(e));
+            }
+        };
         let pid = process.pid;
         {
             let mut s = p.state.lock().unwrap();
@@ -668,7 +750,7 @@ impl Task for Service {
             .await;
         }
         // Only now: the exit event must follow the start event.
-        me.spawn_waiter(p, process);
+        me.spawn_waiter(p, process, Arc::downgrade(&sandbox));
         Ok(api::StartResponse {
             pid,
             ..Default::default()
@@ -721,6 +803,7 @@ impl Task for Service {
         }
         let _ = rootfs::unmount_all(&c.bundle.join("rootfs"));
         me.containers.lock().unwrap().remove(&c.id);
+        me.oom_published.lock().await.remove(&c.id);
         me.publish(TaskDelete {
             container_id: c.id.clone(),
             pid: st.pid,
@@ -1007,11 +1090,22 @@ impl Task for Service {
     async fn update(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::UpdateTaskRequest,
+        req: api::UpdateTaskRequest,
     ) -> TtrpcResult<api::Empty> {
-        Err(unimplemented(
-            "Update (the guest agent has no RPC to change a container's cgroup resources yet)",
-        ))
+        tracing::info!("update {:?}", req.id);
+        let me = &self.inner;
+        let c = me.container(&req.id)?;
+        let any = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "update without resources"))?;
+        let json = linux_resources_json(any).map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
+        me.sandbox()
+            .await?
+            .update_container(&c.id, &json)
+            .await
+            .map_err(agent_err)?;
+        Ok(api::Empty::new())
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, _req: api::PauseRequest) -> TtrpcResult<api::Empty> {
@@ -1058,6 +1152,35 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(config_path_from_options(&other), None);
+    }
+
+    #[test]
+    fn update_resources_decoding() {
+        let any = |type_url: &str, value: &str| Any {
+            type_url: type_url.into(),
+            value: value.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let json = linux_resources_json(&any(
+            "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+            r#"{"memory":{"limit":50000000},"cpu":{"quota":20000}}"#,
+        ))
+        .unwrap();
+        let back: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back["memory"]["limit"], 50000000);
+        assert_eq!(back["cpu"]["quota"], 20000);
+        let e = linux_resources_json(&any(
+            "types.containerd.io/opencontainers/runtime-spec/1/WindowsResources",
+            "{}",
+        ))
+        .unwrap_err();
+        assert!(e.contains("WindowsResources") && e.contains("only"), "{e}");
+        let e = linux_resources_json(&any(
+            "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+            r#"{"memory":{"limit":"lots"}}"#,
+        ))
+        .unwrap_err();
+        assert!(e.contains("not a valid LinuxResources"), "{e}");
     }
 
     #[test]

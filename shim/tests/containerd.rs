@@ -48,6 +48,7 @@ fn main() -> ExitCode {
         trial("ctr_run_output_exit_codes_events_in_a_vm", run_basics),
         trial("ctr_exec_tty_kill_pids_metrics", exec_and_kill),
         trial("two_containers_of_one_pod_share_a_vm", pod_of_two),
+        trial("pod_vm_size_oom_event_and_log_uris", pod_size_oom_logs),
         trial("delete_after_the_shim_was_sigkilled", after_sigkill),
         trial("nothing_is_left_behind", nothing_left),
     ];
@@ -480,6 +481,21 @@ fn shim_pids() -> Vec<u32> {
     pids
 }
 
+/// Whether a running process has `arg` among its arguments.
+fn processes_with_arg(arg: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let zombie = std::fs::read_to_string(e.path().join("stat"))
+                .unwrap_or_default()
+                .contains(") Z ");
+            !zombie && cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes())
+        })
+}
+
 fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !f() {
@@ -564,7 +580,15 @@ fn run_basics(c: &Containerd) -> Result<(), String> {
 /// kill` ending an attached `ctr run` with 137.
 fn exec_and_kill(c: &Containerd) -> Result<(), String> {
     let mut run = c
-        .ctr_cmd(&c.run_args(&[], "execk", &["sleep", "1000"]))
+        .ctr_cmd(&c.run_args(
+            // ctr's default spec has no /sys/fs/cgroup: mount it to read the limits inside.
+            &[
+                "--mount",
+                "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=ro:nosuid",
+            ],
+            "execk",
+            &["sleep", "1000"],
+        ))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -614,11 +638,61 @@ fn exec_and_kill(c: &Containerd) -> Result<(), String> {
             m.status.success() && text(&m).contains("pids.current"),
             || format!("task metrics: {}", text(&m)),
         )?;
-        let p = c.ctr(&["task", "pause", "execk"]);
+        // Update (containerd's Tasks.Update; ctr 1.6 has no `task update`): new cgroup limits
+        // in the guest, read back inside the container (its cgroup's path from
+        // /proc/self/cgroup: with or without a cgroup namespace).
+        let cg = |file: &str| {
+            let out = c.ctr(&[
+                "task",
+                "exec",
+                "--exec-id",
+                &format!("cg-{}", file.replace('.', "-")),
+                "execk",
+                "sh",
+                "-c",
+                &format!("cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/{file}"),
+            ]);
+            (out.status.success(), text(&out).trim().to_string())
+        };
+        let before = cg("memory.max");
+        check(before == (true, "max".to_string()), || {
+            format!("memory.max before the update: {before:?}")
+        })?;
+        grpc_task_update(
+            &c.sock,
+            "execk",
+            LINUX_RESOURCES,
+            r#"{"memory":{"limit":52428800},"cpu":{"quota":20000}}"#,
+        )
+        .map_err(|e| format!("Tasks.Update: {e}"))?;
+        let after = cg("memory.max");
+        check(after == (true, "52428800".to_string()), || {
+            format!("memory.max after `ctr task update --memory-limit 52428800`: {after:?}")
+        })?;
+        let cpu = cg("cpu.max");
+        check(cpu == (true, "20000 100000".to_string()), || {
+            format!("cpu.max after `ctr task update --cpu-quota 20000`: {cpu:?}")
+        })?;
+        let m = c.ctr(&["task", "metrics", "execk"]);
+        check(text(&m).contains("52428800"), || {
+            format!("task metrics after the update (memory limit): {}", text(&m))
+        })?;
+        // Not Linux resources: refused, nothing changes.
+        let e = grpc_task_update(&c.sock, "execk", WINDOWS_RESOURCES, "{}").unwrap_err();
         check(
-            !p.status.success() && text(&p).contains("not implemented"),
-            || format!("pause must be unimplemented: {}", text(&p)),
+            e.contains("status 3") && e.contains("only runtime-spec LinuxResources"),
+            || format!("Tasks.Update with WindowsResources: {e}"),
         )?;
+        check(cg("memory.max") == (true, "52428800".to_string()), || {
+            "memory.max changed by a refused update".into()
+        })?;
+        for cmd in ["pause", "resume", "checkpoint"] {
+            let p = c.ctr(&["task", cmd, "execk"]);
+            check(
+                !p.status.success() && text(&p).contains("not implemented"),
+                || format!("{cmd} must be unimplemented: {}", text(&p)),
+            )?;
+        }
         let k = c.ctr(&["task", "kill", "-s", "SIGKILL", "execk"]);
         check(k.status.success(), || format!("kill: {}", text(&k)))?;
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -635,9 +709,95 @@ fn exec_and_kill(c: &Containerd) -> Result<(), String> {
         }
     })();
     let _ = run.kill();
-    let _ = run.wait();
+    let ran = run.wait_with_output().map(|o| text(&o)).unwrap_or_default();
     c.remove("execk");
-    r
+    r.map_err(|e| format!("{e}\n--- the attached `ctr run` printed ---\n{ran}"))
+}
+
+const LINUX_RESOURCES: &str = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
+const WINDOWS_RESOURCES: &str =
+    "types.containerd.io/opencontainers/runtime-spec/1/WindowsResources";
+
+/// containerd's `Tasks.Update` over its gRPC socket (Debian's ctr 1.6.20 has no `task
+/// update`; containerd passes the request to the shim's Task.Update as it does for CRI's
+/// UpdateContainerResources). One unary gRPC call on HTTP/2: the request is
+/// `containerd.services.tasks.v1.UpdateTaskRequest` {container_id = 1, resources = 2}, which
+/// has the shim API's `UpdateTaskRequest` field numbers, so that type encodes it.
+fn grpc_task_update(sock: &Path, id: &str, type_url: &str, json: &str) -> Result<(), String> {
+    use containerd_shim_protos::api::UpdateTaskRequest;
+    use containerd_shim_protos::protobuf::well_known_types::any::Any;
+    use containerd_shim_protos::protobuf::{Message, MessageField};
+    let req = UpdateTaskRequest {
+        id: id.into(),
+        resources: MessageField::some(Any {
+            type_url: type_url.into(),
+            value: json.as_bytes().to_vec(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let body = req.write_to_bytes().map_err(|e| e.to_string())?;
+    // gRPC message framing: not compressed, big-endian length.
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&body);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let e = |what: &str, err: &dyn std::fmt::Display| format!("{what}: {err}");
+        let stream = tokio::net::UnixStream::connect(sock)
+            .await
+            .map_err(|x| e("connect", &x))?;
+        let (client, conn) = h2::client::handshake(stream)
+            .await
+            .map_err(|x| e("HTTP/2 handshake", &x))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut client = client.ready().await.map_err(|x| e("HTTP/2", &x))?;
+        let request = http::Request::builder()
+            .method("POST")
+            .uri("http://containerd/containerd.services.tasks.v1.Tasks/Update")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("containerd-namespace", "default")
+            .body(())
+            .map_err(|x| e("request", &x))?;
+        let (response, mut send) = client
+            .send_request(request, false)
+            .map_err(|x| e("send", &x))?;
+        send.send_data(bytes::Bytes::from(framed), true)
+            .map_err(|x| e("send", &x))?;
+        let (parts, mut body) = response.await.map_err(|x| e("response", &x))?.into_parts();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(|x| e("response body", &x))?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        let trailers = body
+            .trailers()
+            .await
+            .map_err(|x| e("trailers", &x))?
+            .unwrap_or_default();
+        // A trailers-only reply (errors) carries the status in the headers.
+        let get = |k: &str| {
+            trailers
+                .get(k)
+                .or_else(|| parts.headers.get(k))
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        match get("grpc-status").as_str() {
+            "0" => Ok(()),
+            code => Err(format!(
+                "gRPC status {code} (HTTP {}): {}",
+                parts.status,
+                get("grpc-message")
+            )),
+        }
+    })
 }
 
 /// Two containers with one sandbox-id annotation: one shim, one VMM; removing the first leaves
@@ -674,6 +834,203 @@ fn pod_of_two(c: &Containerd) -> Result<(), String> {
     c.remove("pod1");
     c.remove("pod1-b");
     r
+}
+
+/// Starts `ctr events` (stopped and read by [`EventLog::topics`]).
+struct EventLog(Child);
+
+impl EventLog {
+    fn start(c: &Containerd) -> Result<EventLog, String> {
+        let child = c
+            .ctr_cmd(&["events"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(EventLog(child))
+    }
+
+    /// Stops it; returns the whole log and the `/tasks/...` topics of lines naming `id`.
+    fn topics(mut self, id: &str) -> Result<(String, Vec<String>), String> {
+        std::thread::sleep(Duration::from_secs(1));
+        // SAFETY: SIGTERM to the `timeout ctr events` child we started.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let mut log = String::new();
+        self.0
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut log)
+            .map_err(|e| e.to_string())?;
+        let _ = self.0.wait();
+        let topics = log
+            .lines()
+            .filter(|l| l.contains(&format!("\"{id}\"")))
+            .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("/tasks/")))
+            .map(String::from)
+            .collect();
+        Ok((log, topics))
+    }
+}
+
+/// One pod VM for: its size from CRI's sandbox annotations (MemTotal, nproc in the guest);
+/// an OOM kill under `--memory-limit` (exit 137, `/tasks/oom` before `/tasks/exit`, the output
+/// printed before the kill arrives); `--log-uri file://` and `binary://` (a logger script).
+fn pod_size_oom_logs(c: &Containerd) -> Result<(), String> {
+    let pod = "io.kubernetes.cri.sandbox-id=pod2";
+    let events = EventLog::start(c)?;
+    let r = (|| {
+        // The first container sizes the VM: 256 MiB (shim config) + 128 MiB, 1 + 1 vCPU.
+        let out = c.ctr(&c.run_args(
+            &[
+                "-d",
+                "--annotation",
+                pod,
+                "--annotation",
+                "io.kubernetes.cri.sandbox-memory=134217728",
+                "--annotation",
+                "io.kubernetes.cri.sandbox-cpu-quota=50000",
+                "--annotation",
+                "io.kubernetes.cri.sandbox-cpu-period=100000",
+            ],
+            "pod2",
+            &["sleep", "1000"],
+        ));
+        check(out.status.success(), || {
+            format!("ctr run -d pod2: {}", text(&out))
+        })?;
+        c.wait_status("pod2", "RUNNING")?;
+        let out = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "size",
+            "pod2",
+            "sh",
+            "-c",
+            "nproc; grep MemTotal /proc/meminfo",
+        ]);
+        let size = text(&out);
+        let mut words = size.split_whitespace();
+        let nproc = words.next().and_then(|w| w.parse::<u32>().ok());
+        let mem_kib = words.nth(1).and_then(|w| w.parse::<u64>().ok());
+        check(nproc == Some(2), || format!("nproc in the pod VM: {size}"))?;
+        // MemTotal is the RAM less what the kernel keeps: above 256 MiB, at most 384 MiB.
+        check(
+            mem_kib.is_some_and(|k| k > 300 << 10 && k <= 384 << 10),
+            || format!("MemTotal of a 384 MiB pod VM: {size}"),
+        )?;
+
+        // OOM: dd's 64 MiB buffer under a 32 MiB limit. dd is the container's init (exec),
+        // so its SIGKILL is the task's exit.
+        let out = c.ctr(&c.run_args(
+            &["--rm", "--annotation", pod, "--memory-limit", "33554432"],
+            "pod2-oom",
+            &[
+                "sh",
+                "-c",
+                "echo before; exec dd if=/dev/zero of=/dev/null bs=64M count=1",
+            ],
+        ));
+        check(out.status.code() == Some(137), || {
+            format!(
+                "OOM-killed container exited {:?}: {}",
+                out.status,
+                text(&out)
+            )
+        })?;
+        check(
+            String::from_utf8_lossy(&out.stdout).contains("before"),
+            || format!("output before the OOM kill lost: {}", text(&out)),
+        )?;
+
+        // file://: both streams appended to the file.
+        let log = c.dir.join("logs/file.log");
+        let out = c.ctr(&c.run_args(
+            &[
+                "--rm",
+                "--annotation",
+                pod,
+                "--log-uri",
+                &format!("file://{}", log.display()),
+            ],
+            "pod2-file",
+            &["sh", "-c", "echo to-stdout; echo to-stderr >&2"],
+        ));
+        check(out.status.success(), || {
+            format!("ctr run --log-uri file://: {}", text(&out))
+        })?;
+        wait_until("the file:// log", 30, || {
+            let t = std::fs::read_to_string(&log).unwrap_or_default();
+            t.contains("to-stdout\n") && t.contains("to-stderr\n")
+        })
+        .map_err(|e| format!("{e}: {:?}", std::fs::read_to_string(&log)))?;
+
+        // binary://: a logger script (fd 3 stdout, fd 4 stderr, fd 5 ready).
+        let script = c.dir.join("logger.sh");
+        let bin_out = c.dir.join("binary.log");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n\
+                 echo \"id=$CONTAINER_ID ns=$CONTAINER_NAMESPACE $1=$2\" > {o}.env\n\
+                 exec 5>&-\n\
+                 /bin/cat <&3 > {o}.stdout &\n\
+                 /bin/cat <&4 > {o}.stderr\n\
+                 wait\n",
+                o = bin_out.display()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+        let out = c.ctr(&c.run_args(
+            &[
+                "--rm",
+                "--annotation",
+                pod,
+                "--log-uri",
+                &format!("binary://{}?tag=web", script.display()),
+            ],
+            "pod2-bin",
+            &["sh", "-c", "echo to-stdout; echo to-stderr >&2"],
+        ));
+        check(out.status.success(), || {
+            format!("ctr run --log-uri binary://: {}", text(&out))
+        })?;
+        let read = |ext: &str| {
+            std::fs::read_to_string(format!("{}.{ext}", bin_out.display())).unwrap_or_default()
+        };
+        wait_until("the logging binary's files", 30, || {
+            read("stdout") == "to-stdout\n" && read("stderr") == "to-stderr\n"
+        })
+        .map_err(|e| {
+            format!(
+                "{e}: stdout {:?} stderr {:?} env {:?}",
+                read("stdout"),
+                read("stderr"),
+                read("env")
+            )
+        })?;
+        check(read("env") == "id=pod2-bin ns=default tag=web\n", || {
+            format!(
+                "logging binary's environment and arguments: {:?}",
+                read("env")
+            )
+        })?;
+        wait_until("the logging binary to end", 30, || {
+            !processes_with_arg(&script.to_string_lossy())
+        })
+    })();
+    c.remove("pod2");
+    let (log, topics) = events.topics("pod2-oom")?;
+    r?;
+    let oom = topics.iter().position(|t| t == "/tasks/oom");
+    let exit = topics.iter().position(|t| t == "/tasks/exit");
+    check(oom.is_some() && exit.is_some() && oom < exit, || {
+        format!("task events of pod2-oom (want /tasks/oom before /tasks/exit): {topics:?}\n{log}")
+    })
 }
 
 /// SIGKILL the shim: containerd's cleanup (the shim binary's `delete`) kills the VMM and
