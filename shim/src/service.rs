@@ -97,9 +97,12 @@ struct Proc {
     state: Mutex<ProcState>,
     /// Becomes true once the exit is recorded (and TaskExit published).
     exited: watch::Sender<bool>,
-    /// CloseIO came before Start (containerd's copy of an empty stdin can finish that early):
-    /// the process starts without stdin.
+    /// CloseIO came (containerd's copy of a short stdin can finish before or during Start):
+    /// Start drops `stdin_writer` as soon as it has one.
     stdin_closed: std::sync::atomic::AtomicBool,
+    /// Our write end of the stdin FIFO while the process runs; CloseIO drops it, so the guest's
+    /// stdin ends after everything containerd wrote has been copied.
+    stdin_writer: Mutex<Option<std::os::fd::OwnedFd>>,
     /// The `binary://` logging program fed by the process's output, ended after the exit.
     logger: Mutex<Option<Logger>>,
 }
@@ -119,6 +122,7 @@ impl Proc {
             }),
             exited: watch::channel(false).0,
             stdin_closed: Default::default(),
+            stdin_writer: Mutex::new(None),
             logger: Mutex::new(None),
         })
     }
@@ -710,10 +714,13 @@ impl Task for Service {
         .await
         .map_err(|e| status(Code::INTERNAL, e.to_string()))?
         .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let mut io = opened.io;
+        let io = opened.io;
         *p.logger.lock().unwrap() = opened.logger;
+        // Stored first, then the flag read; CloseIO sets the flag first, then takes the writer:
+        // whichever comes second drops it, even when CloseIO arrives while we start.
+        *p.stdin_writer.lock().unwrap() = opened.stdin_writer;
         if p.stdin_closed.load(std::sync::atomic::Ordering::SeqCst) {
-            io.stdin = None;
+            p.stdin_writer.lock().unwrap().take();
         }
         let process = match if req.exec_id.is_empty() {
             sandbox.start_container(&c.id, io).await
@@ -979,16 +986,13 @@ impl Task for Service {
         if !req.stdin {
             return Ok(api::Empty::new());
         }
-        if p.state().status == ProcStatus::Created {
-            p.stdin_closed
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-        } else if p.state().status == ProcStatus::Running {
-            me.sandbox()
-                .await?
-                .close_stdin(&req.id, &req.exec_id)
-                .await
-                .map_err(agent_err)?;
-        }
+        // containerd calls CloseIO once its own input has ended, possibly before or during
+        // Start. Dropping our write end of the FIFO makes the copy into the guest end, after
+        // everything written so far, with end-of-file (an RPC to close the guest's stdin at
+        // once could overtake data still on its way).
+        p.stdin_closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(p.stdin_writer.lock().unwrap().take());
         Ok(api::Empty::new())
     }
 

@@ -132,20 +132,31 @@ fn clear_nonblock(fd: &OwnedFd) {
     }
 }
 
-/// stdin: opened read-write, so the open never blocks and the FIFO never reads as end-of-file
-/// before containerd's writer has connected (containerd closes the guest's stdin explicitly
-/// with CloseIO when its own input ends).
-fn open_input(p: &str) -> Result<OwnedFd, StdioError> {
+/// stdin: the read end, plus a write end of our own. The read end is opened non-blocking (so the
+/// open never waits for containerd's writer) and then switched to blocking for the copy thread.
+/// Our write end keeps the FIFO from reading as end-of-file before containerd's writer has
+/// connected; CloseIO drops it, so the reader sees end-of-file once containerd's writer is gone
+/// too and everything written before has been read: no input is lost to the close.
+fn open_input(p: &str) -> Result<(OwnedFd, OwnedFd), StdioError> {
     let path = path_of(p);
-    let f = OpenOptions::new()
+    let err = |source| StdioError::Open {
+        path: path.into(),
+        source,
+    };
+    let reader: OwnedFd = OpenOptions::new()
         .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(err)?
+        .into();
+    // A reader exists now, so this open does not block.
+    let writer: OwnedFd = OpenOptions::new()
         .write(true)
         .open(path)
-        .map_err(|source| StdioError::Open {
-            path: path.into(),
-            source,
-        })?;
-    Ok(f.into())
+        .map_err(err)?
+        .into();
+    clear_nonblock(&reader);
+    Ok((reader, writer))
 }
 
 /// stdout/stderr: opened write-only and non-blocking (the open fails at once instead of
@@ -378,6 +389,8 @@ impl Logger {
 pub struct OpenedIo {
     pub io: ProcessIo,
     pub logger: Option<Logger>,
+    /// Our write end of the stdin FIFO: drop it on CloseIO (see `open_input`).
+    pub stdin_writer: Option<OwnedFd>,
 }
 
 impl StdioPaths {
@@ -414,9 +427,13 @@ impl StdioPaths {
     /// FIFO then). Blocking: a logging binary is waited for until ready.
     pub fn open(&self, ctx: LogContext<'_>) -> Result<OpenedIo, StdioError> {
         self.check()?;
-        let stdin = (!self.stdin.is_empty())
+        let (stdin, stdin_writer) = match (!self.stdin.is_empty())
             .then(|| open_input(&self.stdin))
-            .transpose()?;
+            .transpose()?
+        {
+            Some((reader, writer)) => (Some(reader), Some(writer)),
+            None => (None, None),
+        };
         let (stdout, stderr, logger) = match parse_sink(&self.stdout)? {
             Sink::Fifos => {
                 let stdout = (!self.stdout.is_empty())
@@ -444,6 +461,7 @@ impl StdioPaths {
                 terminal: self.terminal.then_some(INITIAL_WINDOW),
             },
             logger,
+            stdin_writer,
         })
     }
 }

@@ -9,7 +9,7 @@
 //! built when missing. On a host whose KVM cannot boot an unmodified guest the test binary
 //! re-runs itself inside the testbed.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
@@ -1021,7 +1021,33 @@ fn pod_size_oom_logs(c: &Containerd) -> Result<(), String> {
         })?;
         wait_until("the logging binary to end", 30, || {
             !processes_with_arg(&script.to_string_lossy())
-        })
+        })?;
+
+        // stdin: ctr writes its stdin into the FIFO and, at its end, calls CloseIO, which must
+        // close the process's stdin in the guest; otherwise `cat` never ends (ctr_cmd's
+        // `timeout` would fail the test).
+        let mut child = c
+            .ctr_cmd(&c.run_args(
+                &["--rm", "--annotation", pod],
+                "pod2-stdin",
+                &["sh", "-c", "cat; echo stdin-closed"],
+            ))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin
+            .write_all(b"line-one\nline-two\n")
+            .map_err(|e| e.to_string())?;
+        drop(stdin);
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        check(
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout) == "line-one\nline-two\nstdin-closed\n",
+            || format!("ctr run -i with piped stdin: {}", text(&out)),
+        )
     })();
     c.remove("pod2");
     let (log, topics) = events.topics("pod2-oom")?;
