@@ -35,7 +35,8 @@ use crate::devices::legacy::{
     BootMarker, ConsoleWriter, EventFdTrigger, SerialConsole, BOOT_MARKER_PORT, I8042, I8042_PORT,
     SERIAL_PORT,
 };
-use crate::devices::virtio::{block::Block, rng::Rng, vsock::Vsock, MmioTransport, VirtioDevice};
+use crate::devices::virtio::{block::Block, rng::Rng, vsock::Vsock, MmioTransport};
+use crate::devices::virtio::{Subscriber as VirtioSubscriber, VirtioDevice, VirtioEvents};
 use crate::devices::virtio::{MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::devices::{lock, Bus};
 use crate::vcpu::{ExitSignal, Vcpu};
@@ -381,7 +382,7 @@ struct VirtioAttacher<'a> {
 impl VirtioAttacher<'_> {
     fn attach<D>(&mut self, device: Arc<Mutex<D>>) -> Result<(), VmmError>
     where
-        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+        D: VirtioDevice + VirtioEvents + 'static,
     {
         let irq = layout::VIRTIO_IRQ_FIRST + self.next;
         if irq > layout::IRQ_MAX {
@@ -394,7 +395,7 @@ impl VirtioAttacher<'_> {
         self.next += 1;
         let transport = MmioTransport::new(self.mem.clone(), device.clone())?;
         self.vm.register_irqfd(transport.irq().eventfd(), irq)?;
-        for (i, evt) in lock(&device).queue_events().iter().enumerate() {
+        for (i, evt) in lock(&device).core().queue_events().iter().enumerate() {
             self.vm.register_ioevent(
                 evt,
                 &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
@@ -410,7 +411,8 @@ impl VirtioAttacher<'_> {
         self.cmdline
             .add_virtio_mmio_device(MMIO_WINDOW_SIZE, GuestAddress(base), irq, None)
             .map_err(VmmError::Cmdline)?;
-        self.subscribers.push(device);
+        self.subscribers
+            .push(Arc::new(Mutex::new(VirtioSubscriber(device))));
         Ok(())
     }
 }

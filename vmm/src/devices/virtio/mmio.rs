@@ -130,11 +130,11 @@ impl MmioTransport {
         match offset {
             reg::MAGIC_VALUE => MMIO_MAGIC_VALUE,
             reg::VERSION => MMIO_VERSION,
-            reg::DEVICE_ID => device.device_type(),
+            reg::DEVICE_ID => device.core().device_type(),
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => device.avail_features() as u32,
-                1 => (device.avail_features() >> 32) as u32,
+                0 => device.core().avail_features() as u32,
+                1 => (device.core().avail_features() >> 32) as u32,
                 _ => 0,
             },
             reg::QUEUE_NUM_MAX => sel_queue.map_or(0, |q| q.max_size() as u32),
@@ -198,7 +198,7 @@ impl MmioTransport {
             // device does not have); the device's own eventfds carry real notifications.
             reg::QUEUE_NOTIFY => {
                 let device = lock(&self.device);
-                match device.queue_events().get(v as usize) {
+                match device.core().queue_events().get(v as usize) {
                     Some(evt) => {
                         if let Err(e) = evt.write(1) {
                             error!("virtio-mmio: cannot signal queue {v}: {e}");
@@ -235,14 +235,14 @@ impl MmioTransport {
         }
         if newly & status::FEATURES_OK != 0 {
             let mut device = lock(&self.device);
-            let unsupported = self.acked_features & !device.avail_features();
+            let unsupported = self.acked_features & !device.core().avail_features();
             if unsupported != 0 {
                 guest_warn!("virtio-mmio: driver accepted unoffered features {unsupported:#x}");
                 // Leave FEATURES_OK clear: the driver reads it back and gives up (3.1.1).
                 self.status = v & !status::FEATURES_OK;
                 return;
             }
-            device.set_acked_features(self.acked_features);
+            device.core_mut().set_acked_features(self.acked_features);
         }
         self.status = v;
         if newly & status::DRIVER_OK != 0 && self.status & status::FEATURES_OK != 0 {
@@ -252,7 +252,7 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         let mut device = lock(&self.device);
-        if device.is_activated() {
+        if device.core().is_activated() {
             return;
         }
         // The device gets its own copies; ours keep answering register reads.
@@ -270,7 +270,7 @@ impl MmioTransport {
         if let Err(e) = result {
             error!(
                 "virtio-mmio: cannot activate device type {}: {e}",
-                device.device_type()
+                device.core().device_type()
             );
             self.status |= status::DEVICE_NEEDS_RESET;
             let _ = self.irq.trigger(VIRTIO_MMIO_INT_CONFIG);
@@ -279,9 +279,7 @@ impl MmioTransport {
 
     fn reset(&mut self) {
         let mut device = lock(&self.device);
-        if device.is_activated() {
-            device.reset();
-        }
+        device.reset();
         self.queues = fresh_queues(&*device);
         drop(device);
         self.status = 0;
@@ -333,6 +331,7 @@ impl BusDevice for MmioTransport {
 
 fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
     device
+        .core()
         .queue_max_sizes()
         .iter()
         .map(|&max| Queue::new(max).expect("device queue sizes are powers of two"))
@@ -348,30 +347,22 @@ pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::{ActivateError, VIRTIO_F_VERSION_1};
+    use crate::devices::virtio::{ActivateError, DeviceCore, VIRTIO_F_VERSION_1};
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EventFd;
 
     struct DummyDevice {
-        evts: Vec<EventFd>,
-        acked: u64,
-        activated: bool,
+        core: DeviceCore,
         activations: usize,
         config: [u8; 8],
     }
 
     impl VirtioDevice for DummyDevice {
-        fn device_type(&self) -> u32 {
-            4
+        fn core(&self) -> &DeviceCore {
+            &self.core
         }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16, 16]
-        }
-        fn avail_features(&self) -> u64 {
-            VIRTIO_F_VERSION_1 | 1
-        }
-        fn set_acked_features(&mut self, features: u64) {
-            self.acked = features;
+        fn core_mut(&mut self) -> &mut DeviceCore {
+            &mut self.core
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             let off = offset as usize;
@@ -379,37 +370,32 @@ mod tests {
                 data.copy_from_slice(src);
             }
         }
-        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-        fn queue_events(&self) -> &[EventFd] {
-            &self.evts
-        }
-        fn activate(
-            &mut self,
-            _mem: GuestMemoryMmap,
-            queues: Vec<Queue>,
-            _irq: Arc<IrqTrigger>,
-        ) -> Result<(), ActivateError> {
+        fn activated(&mut self) -> Result<(), ActivateError> {
+            let queues = &self.core.active().unwrap().queues;
             if queues.iter().any(|q| !q.ready()) {
                 return Err(ActivateError::InvalidQueue(0));
             }
-            self.activated = true;
             self.activations += 1;
             Ok(())
         }
-        fn reset(&mut self) {
-            self.activated = false;
+    }
+
+    impl DummyDevice {
+        fn is_active(&self) -> bool {
+            self.core.is_activated()
         }
-        fn is_activated(&self) -> bool {
-            self.activated
+        fn acked(&self) -> u64 {
+            self.core.acked_features()
+        }
+        fn evts(&self) -> &[EventFd] {
+            self.core.queue_events()
         }
     }
 
     fn transport() -> (MmioTransport, Arc<Mutex<DummyDevice>>) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let dev = Arc::new(Mutex::new(DummyDevice {
-            evts: vec![EventFd::new(0).unwrap(), EventFd::new(0).unwrap()],
-            acked: 0,
-            activated: false,
+            core: DeviceCore::new("dummy", 4, VIRTIO_F_VERSION_1 | 1, &[16, 16]).unwrap(),
             activations: 0,
             config: *b"abcdefgh",
         }));
@@ -482,8 +468,8 @@ mod tests {
         setup_queue(&mut t, 0, 0x1000);
         setup_queue(&mut t, 1, 0x4000);
         w(&mut t, reg::STATUS, 0xf);
-        assert!(dev.lock().unwrap().activated);
-        assert_eq!(dev.lock().unwrap().acked, VIRTIO_F_VERSION_1);
+        assert!(dev.lock().unwrap().is_active());
+        assert_eq!(dev.lock().unwrap().acked(), VIRTIO_F_VERSION_1);
         w(&mut t, reg::STATUS, 0xf);
         assert_eq!(dev.lock().unwrap().activations, 1);
         // Queue registers are frozen while running.
@@ -492,7 +478,7 @@ mod tests {
         assert_eq!(r(&mut t, reg::QUEUE_READY), 1);
         // Reset returns everything to the initial state.
         w(&mut t, reg::STATUS, 0);
-        assert!(!dev.lock().unwrap().activated);
+        assert!(!dev.lock().unwrap().is_active());
         assert_eq!(r(&mut t, reg::STATUS), 0);
         assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
     }
@@ -517,7 +503,7 @@ mod tests {
         negotiate(&mut t);
         setup_queue(&mut t, 0, 0x1000); // queue 1 never made ready
         w(&mut t, reg::STATUS, 0xf);
-        assert!(!dev.lock().unwrap().activated);
+        assert!(!dev.lock().unwrap().is_active());
         assert_ne!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
         assert_ne!(r(&mut t, reg::INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG, 0);
     }
@@ -545,7 +531,7 @@ mod tests {
     fn notify_register_signals_queue_eventfd() {
         let (mut t, dev) = transport();
         w(&mut t, reg::QUEUE_NOTIFY, 1);
-        assert_eq!(dev.lock().unwrap().evts[1].read().unwrap(), 1);
+        assert_eq!(dev.lock().unwrap().evts()[1].read().unwrap(), 1);
     }
 
     #[test]

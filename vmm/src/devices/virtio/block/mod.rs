@@ -6,5 +6,8 @@
 
 mod device;
 mod event_handler;
+mod request;
+#[cfg(test)]
+mod tests;
 
 pub use device::{Block, BlockError};

@@ -1,84 +1,62 @@
 //! State of the virtio-rng device and its request processing.
 
-use std::sync::Arc;
+use std::ops::ControlFlow;
 
-use tracing::error;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestMemoryMmap, ReadVolatile, VolatileMemoryError, VolatileSlice};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::devices::virtio::{
-    device_type, take_queues, ActivateError, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_MMIO_INT_VRING,
-};
+use crate::devices::virtio::{device_type, DeviceCore, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZES: &[u16] = &[256];
 /// Bytes handed out per request at most, so one guest request cannot make the event thread
 /// spend long in `getrandom`.
 const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
 
-/// What an activated device holds.
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    irq: Arc<IrqTrigger>,
-}
-
 pub struct Rng {
-    pub(super) queue_evts: [EventFd; 1],
-    acked_features: u64,
-    active: Option<Active>,
+    pub(super) core: DeviceCore,
 }
 
 impl Rng {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
-            queue_evts: [EventFd::new(EFD_NONBLOCK)?],
-            acked_features: 0,
-            active: None,
+            core: DeviceCore::new(
+                "virtio-rng",
+                device_type::RNG,
+                VIRTIO_F_VERSION_1,
+                QUEUE_SIZES,
+            )?,
         })
     }
 
     /// Serves every available request on the queue and interrupts the guest if it asked for it.
     pub(super) fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let mem = &active.mem;
-        let mut used_any = false;
-        while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let mut written: u32 = 0;
-            for desc in chain {
-                if !desc.is_write_only() {
-                    // The request queue carries only device-writable buffers (5.4.6.1).
-                    guest_warn!("virtio-rng: read-only descriptor in a request; skipped");
-                    continue;
-                }
-                let len = desc.len().min(MAX_BYTES_PER_REQUEST - written);
-                if len == 0 {
-                    break;
-                }
-                match mem.read_volatile_from(desc.addr(), &mut HostRandom, len as usize) {
-                    Ok(n) => written += n as u32,
-                    Err(e) => {
-                        guest_warn!("virtio-rng: bad buffer {:#x}+{len}: {e}", desc.addr().0);
-                        break;
-                    }
-                }
-            }
-            if let Err(e) = active.queue.add_used(mem, head, written) {
-                guest_warn!("virtio-rng: cannot return descriptor {head}: {e}");
-                break;
-            }
-            used_any = true;
+        self.core
+            .serve_queue(0, |mem, chain| ControlFlow::Continue(fill(mem, chain)));
+    }
+}
+
+/// Fills a request's device-writable buffers; returns the bytes written.
+fn fill(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    let mut written: u32 = 0;
+    for desc in chain {
+        if !desc.is_write_only() {
+            // The request queue carries only device-writable buffers (5.4.6.1).
+            guest_warn!("virtio-rng: read-only descriptor in a request; skipped");
+            continue;
         }
-        if used_any && active.queue.needs_notification(mem).unwrap_or(true) {
-            if let Err(e) = active.irq.trigger(VIRTIO_MMIO_INT_VRING) {
-                error!("virtio-rng: cannot interrupt the guest: {e}");
+        let len = desc.len().min(MAX_BYTES_PER_REQUEST - written);
+        if len == 0 {
+            break;
+        }
+        match mem.read_volatile_from(desc.addr(), &mut HostRandom, len as usize) {
+            Ok(n) => written += n as u32,
+            Err(e) => {
+                guest_warn!("virtio-rng: bad buffer {:#x}+{len}: {e}", desc.addr().0);
+                break;
             }
         }
     }
+    written
 }
 
 /// The host's `getrandom(2)` as a `ReadVolatile` source, so bytes go straight into guest memory
@@ -103,59 +81,27 @@ impl ReadVolatile for HostRandom {
 }
 
 impl VirtioDevice for Rng {
-    fn device_type(&self) -> u32 {
-        device_type::RNG
+    // virtio-rng has no configuration space: the defaults read zeroes and ignore writes.
+    fn core(&self) -> &DeviceCore {
+        &self.core
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        QUEUE_SIZES
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
     }
 
-    fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features;
-    }
-
-    fn read_config(&self, _offset: u64, _data: &mut [u8]) {
-        // virtio-rng has no configuration space.
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        guest_warn!("virtio-rng: config write at {offset:#x} ignored (no config space)");
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        irq: Arc<IrqTrigger>,
-    ) -> Result<(), ActivateError> {
-        let [queue] = take_queues::<1>(&mem, queues)?;
-        self.active = Some(Active { mem, queue, irq });
+    fn activated(&mut self) -> Result<(), crate::devices::virtio::ActivateError> {
         // Requests may have been queued before DRIVER_OK.
         self.process_queue();
         Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::{IrqTrigger, VIRTIO_MMIO_INT_VRING};
+    use std::sync::Arc;
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -169,8 +115,9 @@ mod tests {
         vq.build_desc_chain(descs).unwrap();
         let mut rng = Rng::new().unwrap();
         let irq = Arc::new(IrqTrigger::new().unwrap());
-        rng.activate(mem.clone(), vec![vq.create_queue().unwrap()], irq)
+        rng.activate(mem.clone(), vec![vq.create_queue().unwrap()], irq.clone())
             .unwrap();
+        assert_ne!(irq.status() & VIRTIO_MMIO_INT_VRING, 0, "no interrupt");
         (rng, vq)
     }
 
@@ -183,7 +130,7 @@ mod tests {
             VRING_DESC_F_WRITE as u16,
             0,
         ))];
-        let (rng, vq) = active_rng(&mem, &descs);
+        let (_rng, vq) = active_rng(&mem, &descs);
         let used = vq.used();
         assert_eq!(used.idx().load(), 1);
         assert_eq!(used.ring().ref_at(0).unwrap().load().len(), 512);
@@ -193,7 +140,6 @@ mod tests {
             buf.iter().filter(|&&b| b != 0).count() > 400,
             "buffer was not filled"
         );
-        assert!(rng.active.as_ref().unwrap().irq.status() & VIRTIO_MMIO_INT_VRING != 0);
     }
 
     #[test]

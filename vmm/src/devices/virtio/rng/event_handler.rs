@@ -1,24 +1,10 @@
-//! virtio-rng event handling, in the VMM event thread.
-
-use event_manager::{EventOps, Events, MutEventSubscriber};
-use tracing::error;
-use vmm_sys_util::epoll::EventSet;
+//! virtio-rng event handling, in the VMM event thread: one queue, nothing on the host side.
 
 use super::Rng;
+use crate::devices::virtio::VirtioEvents;
 
-impl MutEventSubscriber for Rng {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
-            error!("virtio-rng: cannot register queue event: {e}");
-        }
-    }
-
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() != std::os::fd::AsRawFd::as_raw_fd(&self.queue_evts[0]) {
-            return;
-        }
-        // Draining the eventfd first means a notification arriving while we work is not lost.
-        let _ = self.queue_evts[0].read();
+impl VirtioEvents for Rng {
+    fn queue_notified(&mut self, _index: usize) {
         self.process_queue();
     }
 }

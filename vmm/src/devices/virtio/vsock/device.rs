@@ -1,19 +1,13 @@
 //! The virtio side of the vsock device: configuration space, queues, and the processing entry
 //! points the event handler calls.
 
+use std::ops::ControlFlow;
 use std::path::Path;
-use std::sync::Arc;
-
-use tracing::error;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::muxer::{GuestRx, VsockMuxer};
 use super::VsockError;
 use crate::devices::virtio::{
-    device_type, read_config_space, take_queues, ActivateError, IrqTrigger, VirtioDevice,
-    VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
+    device_type, read_config_space, ActivateError, DeviceCore, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
 /// Queue sizes: rx (host → guest), tx (guest → host), event.
@@ -22,41 +16,10 @@ pub(super) const RXQ: usize = 0;
 pub(super) const TXQ: usize = 1;
 pub(super) const EVQ: usize = 2;
 
-/// What an activated device holds.
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: [Queue; 3],
-    irq: Arc<IrqTrigger>,
-}
-
-impl Active {
-    /// Interrupts the guest once for everything returned this round, if it wants to know.
-    fn notify(&mut self, rx_used: bool, tx_used: bool) {
-        let mut needed = false;
-        if rx_used {
-            needed |= self.queues[RXQ]
-                .needs_notification(&self.mem)
-                .unwrap_or(true);
-        }
-        if tx_used {
-            needed |= self.queues[TXQ]
-                .needs_notification(&self.mem)
-                .unwrap_or(true);
-        }
-        if needed {
-            if let Err(e) = self.irq.trigger(VIRTIO_MMIO_INT_VRING) {
-                error!("vsock: cannot interrupt the guest: {e}");
-            }
-        }
-    }
-}
-
 /// A virtio-vsock device whose host side is a Unix socket (see the module documentation).
 pub struct Vsock {
+    pub(super) core: DeviceCore,
     guest_cid: u64,
-    pub(super) queue_evts: [EventFd; 3],
-    acked_features: u64,
-    active: Option<Active>,
     pub(super) muxer: VsockMuxer,
     /// The tx queue was left with packets because control packets were backed up.
     tx_stalled: bool,
@@ -71,17 +34,14 @@ impl Vsock {
         if !(3..u64::from(u32::MAX)).contains(&guest_cid) {
             return Err(VsockError::InvalidCid(guest_cid));
         }
-        let evt = || {
-            EventFd::new(EFD_NONBLOCK).map_err(|source| VsockError::Sys {
+        let core = DeviceCore::new("vsock", device_type::VSOCK, VIRTIO_F_VERSION_1, QUEUE_SIZES)
+            .map_err(|source| VsockError::Sys {
                 what: "a queue eventfd",
                 source,
-            })
-        };
+            })?;
         Ok(Self {
+            core,
             guest_cid,
-            queue_evts: [evt()?, evt()?, evt()?],
-            acked_features: 0,
-            active: None,
             muxer: VsockMuxer::new(guest_cid, uds_path)?,
             tx_stalled: false,
         })
@@ -94,70 +54,62 @@ impl Vsock {
 
     /// Handles the guest's packets on the tx queue.
     pub(super) fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let mem = &active.mem;
-        let [rxq, txq, _] = &mut active.queues;
-        let mut tx_used = false;
-        self.tx_stalled = false;
-        loop {
-            if self.muxer.ctl_backlogged() {
-                self.tx_stalled = true;
-                break;
-            }
-            let Some(chain) = txq.pop_descriptor_chain(mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            self.muxer.handle_tx_chain(mem, chain);
-            if let Err(e) = txq.add_used(mem, head, 0) {
-                guest_warn!("vsock: cannot return tx descriptor {head}: {e}");
-            }
-            tx_used = true;
-        }
-        let mut rx = GuestRx {
-            mem,
-            queue: rxq,
-            used: false,
-        };
-        self.muxer.flush_ctl(&mut rx);
-        let rx_used = rx.used;
-        active.notify(rx_used, tx_used);
+        let muxer = &mut self.muxer;
+        // The tx queue is not read while control packets for the guest are backed up.
+        self.tx_stalled = muxer.ctl_backlogged();
+        let tx_used = !self.tx_stalled
+            && self.core.process_chains(TXQ, |mem, chain| {
+                muxer.handle_tx_chain(mem, chain);
+                if muxer.ctl_backlogged() {
+                    ControlFlow::Break(0)
+                } else {
+                    ControlFlow::Continue(0)
+                }
+            });
+        self.tx_stalled |= self.muxer.ctl_backlogged();
+        let rx_used = self.with_rx(|muxer, rx| {
+            muxer.flush_ctl(rx);
+        });
+        self.signal(rx_used, tx_used);
     }
 
     /// The guest added rx buffers.
     pub(super) fn process_rx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let rx_used = self.with_rx(|muxer, rx| muxer.on_rx_buffers(rx));
+        self.signal(rx_used, false);
+        self.resume_tx();
+    }
+
+    /// Host streams, the listener or the handshake timer are ready.
+    pub(super) fn process_backend(&mut self) {
+        if !self.core.is_activated() {
+            self.muxer.process_events(None);
             return;
+        }
+        let rx_used = self.with_rx(|muxer, rx| muxer.process_events(Some(rx)));
+        self.signal(rx_used, false);
+        self.resume_tx();
+    }
+
+    /// Runs `f` with the muxer and the guest's rx queue; returns whether `f` used rx buffers.
+    fn with_rx(&mut self, f: impl FnOnce(&mut VsockMuxer, &mut GuestRx<'_>)) -> bool {
+        let Some(active) = self.core.active_mut() else {
+            return false;
         };
         let mut rx = GuestRx {
             mem: &active.mem,
             queue: &mut active.queues[RXQ],
             used: false,
         };
-        self.muxer.on_rx_buffers(&mut rx);
-        let rx_used = rx.used;
-        active.notify(rx_used, false);
-        self.resume_tx();
+        f(&mut self.muxer, &mut rx);
+        rx.used
     }
 
-    /// Host streams, the listener or the handshake timer are ready.
-    pub(super) fn process_backend(&mut self) {
-        match self.active.as_mut() {
-            Some(active) => {
-                let mut rx = GuestRx {
-                    mem: &active.mem,
-                    queue: &mut active.queues[RXQ],
-                    used: false,
-                };
-                self.muxer.process_events(Some(&mut rx));
-                let rx_used = rx.used;
-                active.notify(rx_used, false);
-                self.resume_tx();
-            }
-            None => self.muxer.process_events(None),
-        }
+    /// Interrupts the guest once for everything returned this round, if it wants to know.
+    fn signal(&mut self, rx_used: bool, tx_used: bool) {
+        let used = [(RXQ, rx_used), (TXQ, tx_used)];
+        self.core
+            .signal_used(used.into_iter().filter(|u| u.1).map(|u| u.0));
     }
 
     fn resume_tx(&mut self) {
@@ -168,20 +120,12 @@ impl Vsock {
 }
 
 impl VirtioDevice for Vsock {
-    fn device_type(&self) -> u32 {
-        device_type::VSOCK
+    fn core(&self) -> &DeviceCore {
+        &self.core
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        QUEUE_SIZES
-    }
-
-    fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features;
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -189,22 +133,7 @@ impl VirtioDevice for Vsock {
         read_config_space(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        guest_warn!("vsock: config write at {offset:#x} ignored (read-only config space)");
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        irq: Arc<IrqTrigger>,
-    ) -> Result<(), ActivateError> {
-        let queues = take_queues::<3>(&mem, queues)?;
-        self.active = Some(Active { mem, queues, irq });
+    fn activated(&mut self) -> Result<(), ActivateError> {
         self.muxer.set_guest_active(true);
         // Packets and buffers may have been queued before DRIVER_OK.
         self.process_tx();
@@ -212,14 +141,9 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
-    fn reset(&mut self) {
+    fn resetting(&mut self) {
         // Every connection goes: the guest's sockets died with its driver.
-        self.active = None;
         self.tx_stalled = false;
         self.muxer.set_guest_active(false);
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
     }
 }
