@@ -32,6 +32,10 @@ pub struct BootArgs {
     /// A virtio-rng device fed by the host's getrandom(2).
     #[arg(long)]
     rng: bool,
+    /// A virtio-net device on host tap TAP (created if missing). Default MAC: 02:00 and four
+    /// bytes derived from the tap name; default MTU 1500. Repeatable: eth0, eth1, ...
+    #[arg(long = "net", value_name = "TAP[,mac=XX:XX:XX:XX:XX:XX][,mtu=N]", value_parser = |s: &str| s.parse::<vmm::NetConfig>())]
+    nets: Vec<vmm::NetConfig>,
     /// Boot even on a host whose KVM cannot run an unmodified guest kernel (for PVM guest
     /// kernels).
     #[arg(long)]
@@ -87,6 +91,7 @@ pub fn boot(args: BootArgs) -> Result<i32> {
         disks: args.disks,
         vsock: args.vsock,
         rng: args.rng,
+        nets: args.nets,
         console: Box::new(std::io::stdout()),
     };
     vmm::run(config).context("cannot run the VM")

@@ -5,6 +5,7 @@
 //! (see `testbed/`), with the same arguments; on a host with hardware KVM it runs directly.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         trial("block_ro_and_rw_disks", block_disks),
         trial("vsock_1mib_both_ways", vsock_both_ways),
         trial("hwrng_yields_bytes", hwrng),
+        trial("net_tcp_1mib_echo_mac_and_mtu", net_tcp_echo),
         trial(
             "hostile_queue_scribbling_does_not_crash_vmm",
             hostile_scribble,
@@ -174,8 +176,9 @@ fn block_disks(art: &Artifacts, dir: &Path) {
 
 const VSOCK_BYTES: u64 = 1 << 20;
 
-/// Echoes one connection back to its sender; returns (bytes, checksum).
-fn echo_stream(mut s: UnixStream) -> (u64, u64) {
+/// Echoes one connection back to its sender, then shuts its write side with `shut_write`;
+/// returns (bytes, checksum).
+fn echo_stream<S: Read + Write>(mut s: S, shut_write: impl FnOnce(&S)) -> (u64, u64) {
     let mut buf = vec![0u8; 64 * 1024];
     let (mut total, mut hash) = (0u64, FNV_INIT);
     loop {
@@ -187,7 +190,7 @@ fn echo_stream(mut s: UnixStream) -> (u64, u64) {
         s.write_all(&buf[..n]).expect("write");
         total += n as u64;
     }
-    s.shutdown(std::net::Shutdown::Write).unwrap();
+    shut_write(&s);
     (total, hash)
 }
 
@@ -200,7 +203,10 @@ fn vsock_both_ways(art: &Artifacts, dir: &Path) {
     let uds = dir.join("vsock.sock");
     // Guest -> host: the guest connects to host port 5000; we echo.
     let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
-    let host_echo = std::thread::spawn(move || echo_stream(listener.accept().unwrap().0));
+    let host_echo = std::thread::spawn(move || {
+        let s = listener.accept().unwrap().0;
+        echo_stream(s, |s| s.shutdown(std::net::Shutdown::Write).unwrap())
+    });
     let body = format!(
         "guest-tool vsock-echo 6000 & ECHO=$!; \
          guest-tool vsock-send 2 5000 {VSOCK_BYTES}; wait $ECHO"
@@ -254,6 +260,68 @@ fn vsock_both_ways(art: &Artifacts, dir: &Path) {
     assert_eq!(value_of(&out.stdout, "fnv"), format!("{want:016x}"));
 }
 
+const NET_BYTES: u64 = 1 << 20;
+const NET_TAP: &str = "mvtap0";
+
+fn ip(args: &str) {
+    let out = Command::new("ip")
+        .args(args.split_whitespace())
+        .output()
+        .expect("ip (iproute2)");
+    assert!(out.status.success(), "ip {args}: {out:?}");
+}
+
+/// Runs `f` in a thread of its own inside a new network namespace (the namespace is per thread;
+/// a VMM started there inherits it), with the tun driver loaded.
+fn in_own_netns(f: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(move || {
+        // SAFETY: unshare(2) with a flag; it affects only this thread and its children.
+        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
+        if !Path::new("/dev/net/tun").exists() {
+            // In the testbed, tun is a module of L1's kernel.
+            let _ = Command::new("modprobe").arg("tun").status();
+        }
+        f();
+    })
+    .join()
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+}
+
+/// The guest brings eth0 up with the configured MAC and MTU and echoes 1 MiB over TCP through a
+/// host tap, which the test creates and addresses in a network namespace of its own.
+fn net_tcp_echo(art: &Artifacts, dir: &Path) {
+    let (art, dir) = (art.clone(), dir.to_path_buf());
+    in_own_netns(move || net_tcp_echo_in_own_netns(&art, &dir));
+}
+
+fn net_tcp_echo_in_own_netns(art: &Artifacts, dir: &Path) {
+    ip(&format!("tuntap add dev {NET_TAP} mode tap"));
+    ip(&format!("addr add 10.0.2.1/24 dev {NET_TAP}"));
+    ip(&format!("link set {NET_TAP} up"));
+    let listener = TcpListener::bind("10.0.2.1:5000").unwrap();
+    let host_echo = std::thread::spawn(move || {
+        let s = listener.accept().unwrap().0;
+        echo_stream(s, |s| s.shutdown(std::net::Shutdown::Write).unwrap())
+    });
+    let body = format!(
+        "ip link set eth0 up && ip addr add 10.0.2.2/24 dev eth0 && \
+         echo MAC=$(cat /sys/class/net/eth0/address) MTU=$(cat /sys/class/net/eth0/mtu) && \
+         guest-tool tcp-send 10.0.2.1 5000 {NET_BYTES}"
+    );
+    let initrd = initramfs(art, dir, &body);
+    let out = Boot::new(art, &initrd)
+        .arg("--net")
+        .arg(format!("{NET_TAP},mac=52:54:00:12:34:56,mtu=1400"))
+        .run_retrying_early_triple_fault();
+    out.expect_ok(&["TCP-SEND-OK", "GUEST-END rc=0"]);
+    assert_eq!(value_of(&out.stdout, "MAC"), "52:54:00:12:34:56");
+    assert_eq!(value_of(&out.stdout, "MTU"), "1400");
+    let want = expected_hash(NET_BYTES);
+    assert_eq!(host_echo.join().unwrap(), (NET_BYTES, want));
+    assert_eq!(value_of(&out.stdout, "fnv"), format!("{want:016x}"));
+}
+
 fn hwrng(art: &Artifacts, dir: &Path) {
     let body = "echo CURRENT=$(cat /sys/class/misc/hw_random/rng_current); \
         dd if=/dev/hwrng of=/tmp/a bs=1024 count=1 2>/dev/null; \
@@ -274,6 +342,12 @@ fn hwrng(art: &Artifacts, dir: &Path) {
 }
 
 fn hostile_scribble(art: &Artifacts, dir: &Path) {
+    let (art, dir) = (art.clone(), dir.to_path_buf());
+    // In a network namespace of its own for the net device's tap (the VMM creates it).
+    in_own_netns(move || hostile_scribble_in_own_netns(&art, &dir));
+}
+
+fn hostile_scribble_in_own_netns(art: &Artifacts, dir: &Path) {
     let disk = dir.join("scratch.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let uds = dir.join("v.sock");
@@ -284,9 +358,11 @@ fn hostile_scribble(art: &Artifacts, dir: &Path) {
         .arg(&disk)
         .arg("--vsock")
         .arg(format!("3,{}", uds.display()))
+        .arg("--net")
+        .arg("mvtap1")
         .run_retrying_early_triple_fault();
     // The VMM survived: the guest's reset still ended it cleanly.
-    out.expect_ok(&["SCRIBBLE windows=3", "SCRIBBLE-DONE"]);
+    out.expect_ok(&["SCRIBBLE windows=4", "SCRIBBLE-DONE"]);
     assert!(
         out.stderr.contains("virtio"),
         "expected the VMM to log the garbage it refused:\n{}",

@@ -35,7 +35,7 @@ use crate::devices::legacy::{
     BootMarker, ConsoleWriter, EventFdTrigger, SerialConsole, BOOT_MARKER_PORT, I8042, I8042_PORT,
     SERIAL_PORT,
 };
-use crate::devices::virtio::{block::Block, rng::Rng, vsock::Vsock, MmioTransport};
+use crate::devices::virtio::{block::Block, net::Net, rng::Rng, vsock::Vsock, MmioTransport};
 use crate::devices::virtio::{Subscriber as VirtioSubscriber, VirtioDevice, VirtioEvents};
 use crate::devices::virtio::{MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::devices::{lock, Bus};
@@ -60,6 +60,8 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+pub use crate::devices::virtio::net::NetConfig;
+
 /// Everything needed to boot a VM.
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -71,6 +73,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     pub vsock: Option<VsockConfig>,
     pub rng: bool,
+    /// Network devices, eth0, eth1, ... in order.
+    pub nets: Vec<NetConfig>,
     /// Where the serial console's output goes.
     pub console: Box<dyn Write + Send>,
 }
@@ -98,6 +102,11 @@ pub enum VmmError {
     Disk(#[from] crate::devices::virtio::block::BlockError),
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    #[error("network device on tap {tap}: {source}")]
+    Net {
+        tap: String,
+        source: crate::devices::virtio::net::NetError,
+    },
     #[error("too many devices: IRQ lines {first} to {max} are all taken")]
     TooManyDevices { first: u32, max: u32 },
     #[error("event manager: {0}")]
@@ -160,7 +169,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     phase("legacy devices");
 
     // Virtio devices, in a fixed order so guest device names are stable: disks (vda, vdb, ...),
-    // then vsock, then rng.
+    // then vsock, then rng, then network devices (eth0, eth1, ...).
     let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(VmmError::Cmdline)?;
     cmdline
         .insert_str(&config.cmdline)
@@ -185,6 +194,13 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     }
     if config.rng {
         virtio.attach(Arc::new(Mutex::new(Rng::new()?)))?;
+    }
+    for net in &config.nets {
+        let dev = Net::new(&net.tap_name, net.mac, net.mtu).map_err(|source| VmmError::Net {
+            tap: net.tap_name.clone(),
+            source,
+        })?;
+        virtio.attach(Arc::new(Mutex::new(dev)))?;
     }
 
     phase("virtio devices");

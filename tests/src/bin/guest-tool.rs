@@ -1,4 +1,4 @@
-//! Runs inside test guests: the guest end of the vsock tests, and a hostile driver that
+//! Runs inside test guests: the guest end of the vsock and network tests, and a hostile driver that
 //! scribbles on virtio queues. Linux only; talks to the kernel through libc.
 
 use std::fs::File;
@@ -18,13 +18,21 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("vsock-send") => vsock_send(arg(2) as u32, arg(3) as u32, arg(4)),
         Some("vsock-echo") => vsock_echo(arg(2) as u32),
+        Some("tcp-send") => tcp_send(
+            args.get(2).map_or_else(|| usage(), String::as_str),
+            arg(3) as u16,
+            arg(4),
+        ),
         Some("scribble") => scribble(arg(2)),
         _ => usage(),
     }
 }
 
 fn usage() -> ! {
-    eprintln!("usage: guest-tool vsock-send CID PORT BYTES | vsock-echo PORT | scribble ROUNDS");
+    eprintln!(
+        "usage: guest-tool vsock-send CID PORT BYTES | vsock-echo PORT | tcp-send ADDR PORT BYTES \
+         | scribble ROUNDS"
+    );
     std::process::exit(2)
 }
 
@@ -69,6 +77,22 @@ fn vsock_send(cid: u32, port: u32, bytes: u64) {
     check(r, "connect");
     // SAFETY: fd is a connected socket we own.
     let sock = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    send_and_verify_echo(sock, bytes, "VSOCK");
+}
+
+/// Connects to ADDR:PORT over TCP and does what `vsock_send` does.
+fn tcp_send(addr: &str, port: u16, bytes: u64) {
+    let stream = std::net::TcpStream::connect((addr, port)).unwrap_or_else(|e| {
+        eprintln!("connect {addr}:{port}: {e}");
+        std::process::exit(1);
+    });
+    send_and_verify_echo(File::from(OwnedFd::from(stream)), bytes, "TCP");
+}
+
+/// Sends BYTES of the test pattern on `sock` while reading back the peer's echo; prints
+/// `<TAG>-SEND-OK bytes=N fnv=H` if the echo is the same stream.
+fn send_and_verify_echo(sock: File, bytes: u64, tag: &str) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
     let mut writer = sock.try_clone().expect("dup");
     let sender = std::thread::spawn(move || {
         let mut sent = 0u64;
@@ -90,10 +114,10 @@ fn vsock_send(cid: u32, port: u32, bytes: u64) {
     let (received, hash, mismatch) = read_and_verify(sock);
     let sent_hash = sender.join().expect("sender");
     if received != bytes || hash != sent_hash || mismatch {
-        println!("VSOCK-SEND-BAD received={received} of {bytes} mismatch={mismatch}");
+        println!("{tag}-SEND-BAD received={received} of {bytes} mismatch={mismatch}");
         std::process::exit(1);
     }
-    println!("VSOCK-SEND-OK bytes={received} fnv={hash:016x}");
+    println!("{tag}-SEND-OK bytes={received} fnv={hash:016x}");
 }
 
 fn read_and_verify(mut sock: File) -> (u64, u64, bool) {

@@ -15,7 +15,10 @@
 pub mod block;
 mod device;
 mod mmio;
+pub mod net;
 pub mod rng;
+#[cfg(test)]
+pub(crate) mod test_utils;
 pub mod vsock;
 
 pub use device::{

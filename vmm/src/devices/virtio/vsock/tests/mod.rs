@@ -9,10 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use event_manager::{EventManager, SubscriberOps};
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
@@ -20,12 +17,14 @@ use super::device::TXQ;
 use super::muxer::FIRST_LOCAL_PORT;
 use super::packet::*;
 use super::*;
+use crate::devices::virtio::test_utils::{
+    add_chain, queue_with_used_ring, used_elem, used_idx, QSIZE,
+};
 use crate::devices::virtio::{
     IrqTrigger, Subscriber, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
 };
 
 const GUEST_CID: u64 = 3;
-const QSIZE: u16 = 256;
 const MEM_SIZE: usize = 0x100_0000;
 const RX_BUF_BASE: u64 = 0x10_0000;
 const RX_SLOT: u64 = 0x2000;
@@ -65,35 +64,6 @@ struct Guest<'a> {
     tx_sent: u16,
 }
 
-/// Adds a descriptor chain `(addr, len, device-writable)` to a mock queue's avail ring.
-fn add_chain(
-    vq: &MockSplitQueue<'_, GuestMemoryMmap>,
-    next: &mut u16,
-    descs: &[(u64, u32, bool)],
-) -> u16 {
-    let head = *next;
-    for (i, &(addr, len, write)) in descs.iter().enumerate() {
-        let idx = (head + i as u16) % QSIZE;
-        let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-        if i + 1 < descs.len() {
-            flags |= VRING_DESC_F_NEXT as u16;
-        }
-        let desc = SplitDescriptor::new(addr, len, flags, (idx + 1) % QSIZE);
-        vq.desc_table()
-            .store(idx, RawDescriptor::from(desc))
-            .unwrap();
-    }
-    *next = (head + descs.len() as u16) % QSIZE;
-    let avail = vq.avail().idx().load();
-    vq.avail()
-        .ring()
-        .ref_at((avail % QSIZE) as usize)
-        .unwrap()
-        .store(head);
-    vq.avail().idx().store(avail.wrapping_add(1));
-    head
-}
-
 impl<'a> Guest<'a> {
     fn new(mem: &'a GuestMemoryMmap) -> Self {
         Self {
@@ -115,11 +85,7 @@ impl<'a> Guest<'a> {
     fn activate(&self, dev: &mut Vsock) -> Arc<IrqTrigger> {
         let irq = Arc::new(IrqTrigger::new().unwrap());
         dev.core.set_acked_features(VIRTIO_F_VERSION_1);
-        let queue = |vq: &MockSplitQueue<'_, GuestMemoryMmap>, used: u64| {
-            let mut q: Queue = vq.create_queue().unwrap();
-            q.set_used_ring_address(Some(used as u32), Some(0));
-            q
-        };
+        let queue = queue_with_used_ring;
         let queues = vec![
             queue(&self.rxq, RXQ_AT.1),
             queue(&self.txq, TXQ_AT.1),
@@ -223,18 +189,6 @@ impl<'a> Guest<'a> {
     fn rx_used(&self) -> u16 {
         used_idx(self.mem, RXQ_AT.1)
     }
-}
-
-fn used_idx(mem: &GuestMemoryMmap, used_ring: u64) -> u16 {
-    mem.read_obj::<u16>(GuestAddress(used_ring + 2)).unwrap()
-}
-
-/// Used ring element `i`: (descriptor id, length).
-fn used_elem(mem: &GuestMemoryMmap, used_ring: u64, i: u16) -> (u32, u32) {
-    let at = used_ring + 4 + 8 * u64::from(i % QSIZE);
-    let id = mem.read_obj::<u32>(GuestAddress(at)).unwrap();
-    let len = mem.read_obj::<u32>(GuestAddress(at + 4)).unwrap();
-    (id, len)
 }
 
 fn guest_mem() -> GuestMemoryMmap {

@@ -1,0 +1,220 @@
+//! A Linux tap device (`/dev/net/tun`, `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), non-blocking.
+//!
+//! Every frame read or written carries a 12-byte `virtio_net_hdr_v1` in front
+//! (`TUNSETVNETHDRSZ`), the same header the virtio 1.x driver uses, so frames cross between the
+//! guest's buffers and the tap unchanged. `TUNSETOFFLOAD` says which offloaded frames (partial
+//! checksums, TSO/UFO super-frames) the kernel may hand us; it is set from the features the
+//! driver accepted, so the guest never receives a frame it did not ask for.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+/// `sizeof(struct virtio_net_hdr_v1)`: flags, gso_type, hdr_len, gso_size, csum_start,
+/// csum_offset, num_buffers.
+pub const VNET_HDR_LEN: usize = 12;
+
+/// Offload sets tried at creation, richest first; the first the kernel accepts is what the
+/// device may offer the guest (`TUN_F_UFO` is missing from kernels between 4.14 and its return).
+const OFFLOAD_CANDIDATES: &[u32] = &[
+    libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_UFO,
+    libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6,
+    libc::TUN_F_CSUM,
+];
+
+/// Why a tap cannot back a net device.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error(
+        "tap name {0:?} is not a valid interface name (1 to 15 bytes, no '/', '%', NUL or space)"
+    )]
+    InvalidName(String),
+    #[error("cannot open /dev/net/tun: {0}")]
+    OpenTun(io::Error),
+    #[error("cannot attach to tap {name}: {source}")]
+    Attach { name: String, source: io::Error },
+    #[error("tap {name}: {what}: {source}")]
+    Ioctl {
+        name: String,
+        what: &'static str,
+        source: io::Error,
+    },
+}
+
+/// An open tap device.
+#[derive(Debug)]
+pub struct Tap {
+    file: File,
+    name: String,
+    /// The `TUN_F_*` offloads the kernel accepted for this tap.
+    offloads: u32,
+}
+
+impl Tap {
+    /// Attaches to the tap `name`, creating it if it does not exist (it then lives as long as
+    /// this `Tap`, unless made persistent by someone else), with a virtio 1.x header on every frame.
+    pub fn open(name: &str) -> Result<Self, TapError> {
+        let ifr_name = ifr_name(name).ok_or_else(|| TapError::InvalidName(name.to_string()))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(TapError::OpenTun)?;
+        let mut req = IfReq::new(ifr_name);
+        req.data.flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        // SAFETY: TUNSETIFF reads an ifreq, which `req` is; the fd is ours.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+        if r < 0 {
+            return Err(TapError::Attach {
+                name: name.to_string(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        let mut tap = Self {
+            file,
+            name: name.to_string(),
+            offloads: 0,
+        };
+        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
+        let r = unsafe { libc::ioctl(tap.fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
+        tap.check(r, "TUNSETVNETHDRSZ")?;
+        tap.offloads = OFFLOAD_CANDIDATES
+            .iter()
+            .copied()
+            .find(|&o| tap.set_offloads(o).is_ok())
+            .unwrap_or(0);
+        // Nothing offloaded until a driver asks for it.
+        tap.set_offloads(0)?;
+        Ok(tap)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The `TUN_F_*` offloads this tap supports.
+    pub fn supported_offloads(&self) -> u32 {
+        self.offloads
+    }
+
+    /// Lets the kernel hand us frames with the `TUN_F_*` offloads in `flags`.
+    pub fn set_offloads(&self, flags: u32) -> Result<(), TapError> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        let r = unsafe { libc::ioctl(self.fd(), libc::TUNSETOFFLOAD, flags as libc::c_ulong) };
+        self.check(r, "TUNSETOFFLOAD")
+    }
+
+    /// Sets the tap's MTU (so that the host side sends the guest no frame larger than it takes).
+    pub fn set_mtu(&self, mtu: u16) -> Result<(), TapError> {
+        let mut req = IfReq::new(ifr_name(&self.name).unwrap_or_default());
+        req.data.mtu = libc::c_int::from(mtu);
+        // SAFETY: a plain datagram socket for the interface ioctl, closed when `sock` drops.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        self.check(sock, "socket")?;
+        // SAFETY: `sock` is a new fd we own.
+        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+        // SAFETY: SIOCSIFMTU reads an ifreq, which `req` is.
+        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU, &mut req) };
+        self.check(r, "SIOCSIFMTU")
+    }
+
+    /// Reads one frame (header included) into `buf`; `WouldBlock` when none is waiting.
+    pub fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: reads at most `buf.len()` bytes into `buf`.
+        let n = unsafe { libc::read(self.fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Writes one frame (header included).
+    pub fn write_frame(&self, frame: &[u8]) -> io::Result<usize> {
+        // SAFETY: writes `frame.len()` bytes from `frame`.
+        let n = unsafe { libc::write(self.fd(), frame.as_ptr().cast(), frame.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    fn check(&self, r: libc::c_int, what: &'static str) -> Result<(), TapError> {
+        if r < 0 {
+            return Err(TapError::Ioctl {
+                name: self.name.clone(),
+                what,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd()
+    }
+}
+
+/// `struct ifreq` with the two union members used here.
+#[repr(C)]
+struct IfReq {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    data: IfReqData,
+}
+
+#[repr(C)]
+union IfReqData {
+    flags: libc::c_short,
+    mtu: libc::c_int,
+    /// The union's real size (`struct sockaddr` and `struct ifmap` are the largest members).
+    _pad: [u8; 24],
+}
+
+impl IfReq {
+    fn new(name: [libc::c_char; libc::IFNAMSIZ]) -> Self {
+        Self {
+            name,
+            data: IfReqData { _pad: [0; 24] },
+        }
+    }
+}
+
+/// `name` as a NUL-terminated `ifr_name`, if it is a name the kernel would take literally.
+fn ifr_name(name: &str) -> Option<[libc::c_char; libc::IFNAMSIZ]> {
+    let ok = !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b'%' || b == 0 || b.is_ascii_whitespace() || b == b':');
+    if !ok || name == "." || name == ".." {
+        return None;
+    }
+    let mut out = [0 as libc::c_char; libc::IFNAMSIZ];
+    for (o, b) in out.iter_mut().zip(name.bytes()) {
+        *o = b as libc::c_char;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_are_checked() {
+        for bad in ["", "a/b", "tap%d", "sixteen-chars-xx", "a b", "..", "x:1"] {
+            assert!(ifr_name(bad).is_none(), "{bad:?}");
+        }
+        let n = ifr_name("tap0").unwrap();
+        assert_eq!(&n[..5], &[b't' as _, b'a' as _, b'p' as _, b'0' as _, 0]);
+        assert!(ifr_name("fifteen-chars-x").is_some());
+    }
+}
