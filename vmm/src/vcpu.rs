@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::devices::rate_limit::guest_warn;
 use crate::devices::Bus;
 
 /// How the VM ended.
@@ -50,14 +51,20 @@ impl ExitSignal {
     }
 
     pub fn report(&self, exit: VmExit) {
-        if let VmExit::Error(msg) = &exit {
-            error!("{msg}");
-        }
-        if self
+        let first = self
             .code
             .compare_exchange(NO_EXIT, exit.code(), Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-        {
+            .is_ok();
+        // Only the exit that ends the VM gets its error line: every vCPU may fail the same way
+        // once the guest is gone, and those lines would say nothing new.
+        if let VmExit::Error(msg) = &exit {
+            if first {
+                error!("{msg}");
+            } else {
+                debug!("{msg}");
+            }
+        }
+        if first {
             self.stopping.store(true, Ordering::SeqCst);
             let _ = self.evt.write(1);
         }
@@ -175,14 +182,14 @@ impl Vcpu {
             }
             VcpuExit::MmioRead(addr, data) => {
                 if !self.mmio.read(addr, data) {
-                    warn!("vcpu{}: MMIO read of unmapped {addr:#x}", self.index);
+                    guest_warn!("vcpu{}: MMIO read of unmapped {addr:#x}", self.index);
                     data.fill(0xff);
                 }
                 State::Running
             }
             VcpuExit::MmioWrite(addr, data) => {
                 if !self.mmio.write(addr, data) {
-                    warn!("vcpu{}: MMIO write to unmapped {addr:#x}", self.index);
+                    guest_warn!("vcpu{}: MMIO write to unmapped {addr:#x}", self.index);
                 }
                 State::Running
             }

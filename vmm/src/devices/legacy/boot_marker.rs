@@ -3,8 +3,6 @@
 //! Values are labels chosen by the guest (the guest agent writes 1 when it is ready, for
 //! example); Firecracker uses the same port with the value 123.
 
-use tracing::info;
-
 use crate::devices::BusDevice;
 
 pub const BOOT_MARKER_PORT: u64 = 0x3f0;
@@ -29,6 +27,6 @@ impl BusDevice for BootMarker {
         if self.marks.len() < MAX_MARKS {
             self.marks.push((value, ms));
         }
-        info!(target: "boot_marker", "guest boot marker {value} at {ms:.3} ms");
+        guest_info!(target: "boot_marker", "guest boot marker {value} at {ms:.3} ms");
     }
 }

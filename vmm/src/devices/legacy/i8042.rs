@@ -1,7 +1,6 @@
 //! The i8042 keyboard controller, reduced to what matters here: command 0xFE on port 0x64
 //! pulses the CPU reset line, which is how a guest booted with `reboot=k` asks to end the VM.
 
-use tracing::warn;
 use vm_superio::I8042Device;
 
 use super::EventFdTrigger;
@@ -31,7 +30,7 @@ impl BusDevice for I8042 {
             return;
         }
         if let Err(e) = self.0.write(offset as u8, data[0]) {
-            warn!("i8042: cannot signal reset: {e:?}");
+            guest_warn!("i8042: cannot signal reset: {e:?}");
         }
     }
 }

@@ -226,7 +226,7 @@ impl DeviceCore {
         let mut used_any = false;
         loop {
             if let Err(e) = queue.disable_notification(mem) {
-                error!("{name}: queue {index}: cannot disable notifications: {e}");
+                guest_error!("{name}: queue {index}: cannot disable notifications: {e}");
                 return used_any;
             }
             let mut popped = false;
@@ -261,7 +261,7 @@ impl DeviceCore {
                 }
                 Ok(false) => return used_any,
                 Err(e) => {
-                    error!("{name}: queue {index}: cannot enable notifications: {e}");
+                    guest_error!("{name}: queue {index}: cannot enable notifications: {e}");
                     return used_any;
                 }
             }

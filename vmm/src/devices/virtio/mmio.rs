@@ -268,7 +268,7 @@ impl MmioTransport {
             ))),
         };
         if let Err(e) = result {
-            error!(
+            guest_error!(
                 "virtio-mmio: cannot activate device type {}: {e}",
                 device.core().device_type()
             );
