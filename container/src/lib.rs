@@ -28,7 +28,10 @@ mod holder;
 mod mounts;
 mod namespaces;
 mod process;
+mod process_setup;
 mod pty;
+mod resolve;
+mod rootfs;
 mod seccomp;
 mod spec;
 

@@ -47,6 +47,18 @@ fn main() -> ExitCode {
         trial("rlimits_apply", process::rlimits_apply),
         trial("readonly_root_refuses_writes", filesystem::readonly_root),
         trial("masked_path_is_unreadable", filesystem::masked_path),
+        trial(
+            "cwd_through_a_leaked_fd_is_refused",
+            filesystem::cwd_through_a_leaked_fd,
+        ),
+        trial(
+            "executable_through_a_leaked_fd_is_not_found",
+            filesystem::executable_through_a_leaked_fd,
+        ),
+        trial(
+            "image_symlinks_resolve_beneath_the_root",
+            filesystem::image_symlinks_resolve_beneath_the_root,
+        ),
         trial("exit_codes_0_1_and_137", lifecycle::exit_codes),
         trial(
             "missing_binary_is_a_precise_error",

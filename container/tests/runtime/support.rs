@@ -94,7 +94,7 @@ pub fn wait_exit(pid: i32) -> Result<i32, Failed> {
 
 /// A directory with `/bin/busybox`, a link per applet, `/etc/passwd`, `/etc/group` and a
 /// secret file for the masking test.
-pub fn build_rootfs() -> std::io::Result<PathBuf> {
+fn build_rootfs() -> std::io::Result<PathBuf> {
     let dir = tempfile::Builder::new()
         .prefix("container-rootfs-")
         .tempdir()?
@@ -118,6 +118,34 @@ pub fn build_rootfs() -> std::io::Result<PathBuf> {
     fs::create_dir_all(dir.join("etc/secret.d"))?;
     fs::write(dir.join("etc/secret.d/key"), "TOPSECRET\n")?;
     Ok(dir)
+}
+
+/// A fresh copy of the shared root file system, for a test that changes it (`Command` cannot
+/// be used once the reaper thread runs, so it is copied rather than built).
+pub fn copy_of_rootfs() -> std::io::Result<PathBuf> {
+    let dir = tempfile::Builder::new()
+        .prefix("container-rootfs-")
+        .tempdir()?
+        .keep();
+    copy_tree(&rootfs(), &dir)?;
+    Ok(dir)
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            symlink(fs::read_link(&src)?, &dst)?;
+        } else if kind.is_dir() {
+            fs::create_dir(&dst)?;
+            copy_tree(&src, &dst)?;
+        } else {
+            fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
 }
 
 pub fn rootfs() -> PathBuf {
@@ -178,10 +206,20 @@ pub fn create_joining(
     spec: Spec,
     join_namespaces: Vec<(LinuxNamespaceType, PathBuf)>,
 ) -> Result<Container, Error> {
+    create_with_root(name, spec, rootfs(), join_namespaces)
+}
+
+/// A container on a root file system of the test's own (one it may plant symlinks in).
+pub fn create_with_root(
+    name: &str,
+    spec: Spec,
+    rootfs: PathBuf,
+    join_namespaces: Vec<(LinuxNamespaceType, PathBuf)>,
+) -> Result<Container, Error> {
     let id = format!("{name}-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
     Container::create(CreateOptions {
         id,
-        rootfs: rootfs(),
+        rootfs,
         spec,
         cgroup_parent: cgroup_parent(),
         join_namespaces,
