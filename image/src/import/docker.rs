@@ -20,7 +20,7 @@ pub(super) fn import_docker(
 ) -> Result<(Image, Fetched)> {
     let origin = archive.origin();
     let config_bytes = archive
-        .read_small(&entry.config)?
+        .read_small(&entry.config, blob::MAX_CONFIG_BYTES)?
         .ok_or_else(|| Error::InvalidImage {
             origin: origin.clone(),
             reason: format!("the config {} is missing", entry.config),

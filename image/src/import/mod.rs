@@ -15,7 +15,7 @@ use std::path::Path;
 mod docker;
 mod source;
 
-use source::{Archive, BlobSource, LayoutDir};
+use source::{Archive, BlobSource, LayoutDir, MAX_METADATA_BYTES};
 
 pub(crate) fn import_layout_dir(
     store: &ImageStore,
@@ -24,7 +24,7 @@ pub(crate) fn import_layout_dir(
 ) -> Result<(Image, Fetched)> {
     let source = LayoutDir { dir };
     let index = source
-        .read_small("index.json")?
+        .read_small("index.json", MAX_METADATA_BYTES)?
         .ok_or_else(|| Error::InvalidImage {
             origin: source.origin(),
             reason: "a directory given as an image must be an OCI image layout (no index.json)"
@@ -66,7 +66,7 @@ pub(crate) fn import_archive(
     let name = derived_name(path);
     // Docker's RepoTags, when there is a manifest.json (both docker formats have one).
     let mut repo_tags = Vec::new();
-    let docker_manifest = archive.read_small("manifest.json")?;
+    let docker_manifest = archive.read_small("manifest.json", MAX_METADATA_BYTES)?;
     let docker_entry = match &docker_manifest {
         Some(bytes) => {
             let entries: Vec<DockerArchiveEntry> =
@@ -90,7 +90,7 @@ pub(crate) fn import_archive(
         }
         None => None,
     };
-    if let Some(index) = archive.read_small("index.json")? {
+    if let Some(index) = archive.read_small("index.json", MAX_METADATA_BYTES)? {
         return import_oci(store, &archive, &index, &name, repo_tags, opts);
     }
     match docker_entry {
@@ -149,9 +149,16 @@ fn blob_path(digest: &str) -> Result<String> {
     Ok(format!("blobs/sha256/{}", blob::digest_hex(digest)?))
 }
 
-fn read_verified(source: &dyn BlobSource, desc: &Descriptor) -> Result<Vec<u8>> {
+/// A manifest or index of the source, read into memory: refused past `MAX_MANIFEST_BYTES`.
+fn read_manifest(source: &dyn BlobSource, desc: &Descriptor) -> Result<Vec<u8>> {
+    blob::check_size(
+        "manifest",
+        &desc.digest,
+        desc.size,
+        blob::MAX_MANIFEST_BYTES,
+    )?;
     let bytes = source
-        .read_small(&blob_path(&desc.digest)?)?
+        .read_small(&blob_path(&desc.digest)?, blob::MAX_MANIFEST_BYTES)?
         .ok_or_else(|| Error::InvalidImage {
             origin: source.origin(),
             reason: format!("blob {} is missing", desc.digest),
@@ -245,7 +252,7 @@ fn import_oci(
     let mut desc = top.clone();
     let mut depth = 0;
     let (manifest_bytes, config, layers) = loop {
-        let bytes = read_verified(source, &desc)?;
+        let bytes = read_manifest(source, &desc)?;
         match manifest::parse(&bytes, &format!("{origin}: {}", desc.digest))? {
             Kind::Manifest { config, layers } => break (bytes, config, layers),
             Kind::Index(entries) => {
@@ -261,6 +268,12 @@ fn import_oci(
             }
         }
     };
+    blob::check_size(
+        "config",
+        &config.digest,
+        config.size,
+        blob::MAX_CONFIG_BYTES,
+    )?;
     let id = desc.digest.clone();
     if blob::put_bytes(store, &id, &manifest_bytes, &origin)? {
         fetched.blobs_imported += 1;

@@ -6,8 +6,8 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-/// Metadata files (index.json, manifests, configs) are read into memory; refuse absurd ones.
-const MAX_METADATA_BYTES: u64 = 16 << 20;
+/// `index.json` and docker's `manifest.json` are read into memory; refuse absurd ones.
+pub(super) const MAX_METADATA_BYTES: u64 = 16 << 20;
 
 /// Where the blobs of one source are.
 pub(super) trait BlobSource {
@@ -15,20 +15,26 @@ pub(super) trait BlobSource {
     /// A reader over the file at `path` (relative to the layout/archive root) and its size.
     fn open(&self, path: &str) -> Result<Option<(Box<dyn Read + '_>, u64)>>;
 
-    fn read_small(&self, path: &str) -> Result<Option<Vec<u8>>> {
-        let Some((mut reader, size)) = self.open(path)? else {
+    /// The whole file at `path`, refused past `limit` bytes (it is held in memory).
+    fn read_small(&self, path: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        let Some((reader, size)) = self.open(path)? else {
             return Ok(None);
         };
-        if size > MAX_METADATA_BYTES {
-            return Err(Error::InvalidImage {
-                origin: self.origin(),
-                reason: format!("{path} is {size} bytes, too large for metadata"),
-            });
+        let too_large = |size: u64| Error::InvalidImage {
+            origin: self.origin(),
+            reason: format!("{path} is {size} bytes, more than the {limit} bytes allowed"),
+        };
+        if size > limit {
+            return Err(too_large(size));
         }
         let mut bytes = Vec::with_capacity(size as usize);
         reader
+            .take(limit + 1)
             .read_to_end(&mut bytes)
             .map_err(io_err(format!("reading {path} in {}", self.origin())))?;
+        if bytes.len() as u64 > limit {
+            return Err(too_large(bytes.len() as u64));
+        }
         Ok(Some(bytes))
     }
 }
