@@ -46,6 +46,8 @@ use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
 
 pub use error::Error;
 pub use holder::NamespaceHolder;
+/// In-root path resolution, also for the agent's own mounts under a container's root.
+pub use resolve::{fd_path, RootDir};
 pub use spec::{parse_spec, validate_id};
 
 use crate::cgroup::Cgroup;

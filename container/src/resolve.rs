@@ -66,7 +66,7 @@ fn open_how(
 
 /// The path through which the kernel reaches exactly what `fd` refers to: mount targets and
 /// sources given as this path cannot be redirected by a symlink swapped in later.
-pub(crate) fn fd_path(fd: &impl AsRawFd) -> PathBuf {
+pub fn fd_path(fd: &impl AsRawFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
@@ -90,7 +90,7 @@ fn joined(parts: &[&OsStr]) -> PathBuf {
 
 /// A container's root directory, held open.
 #[derive(Debug)]
-pub(crate) struct RootDir {
+pub struct RootDir {
     fd: OwnedFd,
 }
 
