@@ -267,14 +267,22 @@ fn dev_links(root: &RootDir, has_devpts: bool) -> StepResult {
     Ok(())
 }
 
+/// `p` resolved inside the root, or `None` when it does not exist: missing read-only and
+/// masked paths are skipped, as runc does.
+fn existing(root: &RootDir, p: &Path) -> Result<Option<OwnedFd>, Errno> {
+    match root.resolve(p) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(Errno::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// A read-only bind of the path onto itself (missing paths are skipped, as runc does).
 fn readonly_path(root: &RootDir, p: &Path) -> StepResult {
     let err =
         |what: &str, e| ChildError::errno("readonly paths", format!("{}: {what}", p.display()), e);
-    let resolved = match root.resolve(p) {
-        Ok(fd) => fd,
-        Err(Errno::ENOENT) => return Ok(()),
-        Err(e) => return Err(err("resolving", e)),
+    let Some(resolved) = existing(root, p).map_err(|e| err("resolving", e))? else {
+        return Ok(());
     };
     let target = fd_path(&resolved);
     mount(
@@ -294,10 +302,8 @@ fn readonly_path(root: &RootDir, p: &Path) -> StepResult {
 fn mask_path(root: &RootDir, p: &Path) -> StepResult {
     let err =
         |what: &str, e| ChildError::errno("masked paths", format!("{}: {what}", p.display()), e);
-    let target = match root.resolve(p) {
-        Ok(fd) => fd,
-        Err(Errno::ENOENT) => return Ok(()),
-        Err(e) => return Err(err("resolving", e)),
+    let Some(target) = existing(root, p).map_err(|e| err("resolving", e))? else {
+        return Ok(());
     };
     let is_dir = rustix::fs::fstat(&target)
         .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)

@@ -1,6 +1,7 @@
 //! Content-addressed blobs: written to a temporary file, verified by digest and size, then
 //! renamed into `<root>/blobs/sha256/<hex>`.
 
+use crate::manifest::Descriptor;
 use crate::{io_err, Error, ImageStore, Result};
 use sha2::{Digest as _, Sha256};
 use std::io::{Read, Write};
@@ -52,6 +53,21 @@ pub(crate) fn check_size(what: &'static str, digest: &str, size: u64, limit: u64
         });
     }
     Ok(())
+}
+
+/// Refuses a config descriptor past [`MAX_CONFIG_BYTES`].
+pub(crate) fn check_config_size(config: &Descriptor) -> Result<()> {
+    check_size("config", &config.digest, config.size, MAX_CONFIG_BYTES)
+}
+
+/// Refuses a manifest (or index) descriptor past [`MAX_MANIFEST_BYTES`].
+pub(crate) fn check_manifest_size(manifest: &Descriptor) -> Result<()> {
+    check_size(
+        "manifest",
+        &manifest.digest,
+        manifest.size,
+        MAX_MANIFEST_BYTES,
+    )
 }
 
 /// A stored blob read into memory, refused past `limit` bytes (checked before reading, and

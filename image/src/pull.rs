@@ -150,12 +150,7 @@ pub(crate) async fn pull(
                     });
                 }
                 let chosen = manifest::choose_platform(&entries, &format!("{name} ({digest})"))?;
-                blob::check_size(
-                    "manifest",
-                    &chosen.digest,
-                    chosen.size,
-                    blob::MAX_MANIFEST_BYTES,
-                )?;
+                blob::check_manifest_size(chosen)?;
                 let by_digest = reference.clone_with_digest(chosen.digest.clone());
                 (bytes, digest) = fetch_manifest(&client, &by_digest, &auth).await?;
                 if digest != chosen.digest {
@@ -169,12 +164,7 @@ pub(crate) async fn pull(
         }
     };
     // Refused before anything is downloaded or stored.
-    blob::check_size(
-        "config",
-        &config.digest,
-        config.size,
-        blob::MAX_CONFIG_BYTES,
-    )?;
+    blob::check_config_size(&config)?;
     let origin = format!("registry {}", reference.registry());
     blob::put_bytes(store, &digest, &bytes, &origin)?;
     let mut fetched = Fetched::default();

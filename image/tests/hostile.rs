@@ -365,19 +365,7 @@ async fn oversized_header_records_are_refused() {
 #[tokio::test]
 async fn oversized_configs_and_manifests_are_refused_by_digest() {
     let (tmp, store) = store();
-    let layer = compress(
-        &Layer::new().file("f", b"x", 0o644, 0, 0).finish(),
-        Compression::Gzip,
-    );
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
-        "padding": "x".repeat(9 << 20),
-    }))
-    .unwrap();
-    let big_config = TestImage::with_config(vec![layer], config);
+    let big_config = TestImage::with_oversized_config();
     let layout = tmp.path().join("big-config");
     big_config.write_layout(&layout, None);
     let err = store

@@ -414,19 +414,7 @@ async fn basic_auth_registry_needs_the_credentials() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_config_is_refused_before_any_download() {
     let registry = Registry::start(None);
-    let layer = compress(
-        &Layer::new().file("f", b"x", 0o644, 0, 0).finish(),
-        Compression::Gzip,
-    );
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
-        "padding": "x".repeat(9 << 20),
-    }))
-    .unwrap();
-    let img = TestImage::with_config(vec![layer], config);
+    let img = TestImage::with_oversized_config();
     registry
         .push("test/bigconfig:1", &img, &RegistryAuth::Anonymous)
         .await;

@@ -151,12 +151,7 @@ fn blob_path(digest: &str) -> Result<String> {
 
 /// A manifest or index of the source, read into memory: refused past `MAX_MANIFEST_BYTES`.
 fn read_manifest(source: &dyn BlobSource, desc: &Descriptor) -> Result<Vec<u8>> {
-    blob::check_size(
-        "manifest",
-        &desc.digest,
-        desc.size,
-        blob::MAX_MANIFEST_BYTES,
-    )?;
+    blob::check_manifest_size(desc)?;
     let bytes = source
         .read_small(&blob_path(&desc.digest)?, blob::MAX_MANIFEST_BYTES)?
         .ok_or_else(|| Error::InvalidImage {
@@ -268,12 +263,7 @@ fn import_oci(
             }
         }
     };
-    blob::check_size(
-        "config",
-        &config.digest,
-        config.size,
-        blob::MAX_CONFIG_BYTES,
-    )?;
+    blob::check_config_size(&config)?;
     let id = desc.digest.clone();
     if blob::put_bytes(store, &id, &manifest_bytes, &origin)? {
         fetched.blobs_imported += 1;
