@@ -311,7 +311,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         memory_bytes: args.memory,
         cpus: args.cpus,
     };
-    let rd = RunDir::new(&id);
+    let rd = RunDir::new(&id)?;
     // The VMM's vsock socket and its `_<port>` listeners must fit a unix socket path.
     let longest = rd.vsock().as_os_str().len() + "_4294967295".len();
     if longest > 107 {
@@ -321,8 +321,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
             rd.path.display()
         );
     }
-    std::fs::create_dir_all(&rd.path)
-        .with_context(|| format!("create the run directory {}", rd.path.display()))?;
+    rd.create()?;
     let mut record = RunRecord {
         id: id.clone(),
         name,

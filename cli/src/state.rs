@@ -3,30 +3,68 @@
 //! stands), the VMM's `vsock.sock` (how `exec`, `stop` and `kill` reach the guest agent),
 //! `console.log`, the logs of a detached run and its volume disks. Ids are 12 hex digits so
 //! socket paths stay far below the 108-byte limit.
+//!
+//! Whoever can reach a run's directory can reach its guest agent through the socket, so the
+//! state directories are 0700 and their files 0600 from creation (`image::owner_only`), and a
+//! state directory that is a symlink or another user's is refused.
 
+use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use image::owner_only;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::ProcessTemplate;
 
-/// `$MICROVM_HOME`, else `/var/lib/microvm` as root, else `~/.local/share/microvm`.
-pub fn home() -> PathBuf {
-    if let Some(h) = std::env::var_os("MICROVM_HOME") {
-        return PathBuf::from(h);
-    }
+/// `$MICROVM_HOME`, else `/var/lib/microvm` as root, else `$HOME/.local/share/microvm`.
+pub fn home() -> Result<PathBuf> {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/lib/microvm");
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
-    PathBuf::from(home).join(".local/share/microvm")
+    let root = unsafe { libc::geteuid() } == 0;
+    home_from(
+        std::env::var_os("MICROVM_HOME"),
+        std::env::var_os("HOME"),
+        root,
+    )
 }
 
-pub fn runs_dir() -> PathBuf {
-    home().join("runs")
+/// [`home`] from the two variables (an empty one counts as unset). A user other than root
+/// with neither gets an error: there is no shared fallback such as `/tmp`, where another user
+/// could have made the directory first.
+fn home_from(
+    microvm_home: Option<OsString>,
+    home: Option<OsString>,
+    root: bool,
+) -> Result<PathBuf> {
+    let set = |v: Option<OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(h) = set(microvm_home) {
+        return Ok(h);
+    }
+    if root {
+        return Ok(PathBuf::from("/var/lib/microvm"));
+    }
+    match set(home) {
+        Some(h) => Ok(h.join(".local/share/microvm")),
+        None => bail!(
+            "neither MICROVM_HOME nor HOME is set: set MICROVM_HOME to the directory where \
+             microvm keeps its state (or HOME)"
+        ),
+    }
+}
+
+/// `<home>/runs`, made 0700 (with `home`) when missing.
+pub fn runs_dir() -> Result<PathBuf> {
+    runs_dir_in(&home()?)
+}
+
+fn runs_dir_in(home: &Path) -> Result<PathBuf> {
+    let runs = home.join("runs");
+    for dir in [home, &runs] {
+        owner_only::ensure_dir(dir)
+            .with_context(|| format!("the state directory {}", dir.display()))?;
+    }
+    Ok(runs)
 }
 
 /// Where a run stands.
@@ -98,11 +136,19 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    pub fn new(id: &str) -> Self {
-        Self {
-            path: runs_dir().join(id),
-        }
+    /// The directory of run `id` (not made yet: see [`RunDir::create`]).
+    pub fn new(id: &str) -> Result<Self> {
+        Ok(Self {
+            path: runs_dir()?.join(id),
+        })
     }
+
+    /// Makes the run's directory, 0700; it must not exist yet.
+    pub fn create(&self) -> Result<()> {
+        owner_only::create_dir(&self.path)
+            .with_context(|| format!("create the run directory {}", self.path.display()))
+    }
+
     pub fn record_path(&self) -> PathBuf {
         self.path.join("run.json")
     }
@@ -142,23 +188,31 @@ impl RunDir {
     }
 }
 
+/// Replaces `path` with `data` atomically, as a 0600 file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, data).with_context(|| format!("write {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("rename {}", tmp.display()))?;
-    Ok(())
+    owner_only::write_atomic(path, data).with_context(|| format!("write {}", path.display()))
 }
 
 /// Every run with a readable record, oldest first.
 pub fn list() -> Result<Vec<(RunDir, RunRecord)>> {
-    let dir = runs_dir();
-    let entries = match fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("read {}", dir.display())),
-    };
+    list_in(&home()?)
+}
+
+fn list_in(home: &Path) -> Result<Vec<(RunDir, RunRecord)>> {
+    let dir = home.join("runs");
+    if fs::symlink_metadata(&dir).is_err() {
+        return Ok(Vec::new()); // nothing ever ran
+    }
+    for d in [home, &dir] {
+        owner_only::check_dir(d).with_context(|| format!("the state directory {}", d.display()))?;
+    }
+    let entries = fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))?;
     let mut runs = Vec::new();
     for e in entries.flatten() {
+        // Only directories this process's user made (a symlink is not followed).
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
         let rd = RunDir { path: e.path() };
         if let Ok(r) = rd.read() {
             runs.push((rd, r));
@@ -224,6 +278,107 @@ pub fn now_unix() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    fn mode(path: &Path) -> u32 {
+        fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn home_has_no_tmp_fallback() {
+        let some = |s: &str| Some(OsString::from(s));
+        assert_eq!(
+            home_from(some("/srv/mv"), some("/home/a"), false).unwrap(),
+            Path::new("/srv/mv")
+        );
+        assert_eq!(
+            home_from(None, some("/home/a"), true).unwrap(),
+            Path::new("/var/lib/microvm")
+        );
+        assert_eq!(
+            home_from(some(""), some("/home/a"), false).unwrap(),
+            Path::new("/home/a/.local/share/microvm")
+        );
+        for home in [None, some("")] {
+            let e = home_from(None, home, false).unwrap_err().to_string();
+            assert!(
+                e.contains("set MICROVM_HOME") && e.contains("nor HOME is set"),
+                "{e}"
+            );
+        }
+    }
+
+    const MODES_CHILD: &str = "MICROVM_STATE_MODES_CHILD";
+
+    /// Under umask 000 (set in a copy of this test binary running only this test: the umask
+    /// is the whole process's), every state directory is 0700 and every state file 0600.
+    #[test]
+    fn state_is_owner_only_under_umask_000() {
+        if std::env::var_os(MODES_CHILD).is_none() {
+            let status = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "state::tests::state_is_owner_only_under_umask_000",
+                    "--test-threads=1",
+                ])
+                .env(MODES_CHILD, "1")
+                .status()
+                .unwrap();
+            assert!(status.success(), "the umask 000 run failed: {status}");
+            return;
+        }
+        // SAFETY: umask only changes this process's file creation mask.
+        unsafe { libc::umask(0) };
+        let tmp = tempfile::tempdir().unwrap();
+        let home = tmp.path().join("state/microvm");
+        let runs = runs_dir_in(&home).unwrap();
+        let rd = RunDir {
+            path: runs.join("0123456789ab"),
+        };
+        rd.create().unwrap();
+        write_atomic(&rd.record_path(), b"{}").unwrap();
+        write_atomic(&rd.plan_path(), b"{}").unwrap();
+        for dir in [
+            tmp.path().join("state"),
+            home.clone(),
+            runs,
+            rd.path.clone(),
+        ] {
+            assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+        }
+        for file in [rd.record_path(), rd.plan_path()] {
+            assert_eq!(mode(&file), 0o600, "{}", file.display());
+        }
+        assert!(rd.create().is_err(), "an existing run directory is reused");
+    }
+
+    #[test]
+    fn symlinked_or_foreign_state_directories_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        runs_dir_in(&real).unwrap();
+        let link = tmp.path().join("link");
+        symlink(&real, &link).unwrap();
+        let e = format!("{:#}", runs_dir_in(&link).unwrap_err());
+        assert!(e.contains("symlink"), "{e}");
+        let e = format!("{:#}", list_in(&link).unwrap_err());
+        assert!(e.contains("symlink"), "{e}");
+
+        // runs/ itself a symlink to a directory someone else prepared.
+        let home = tmp.path().join("home");
+        fs::create_dir(&home).unwrap();
+        symlink(&real, home.join("runs")).unwrap();
+        let e = format!("{:#}", runs_dir_in(&home).unwrap_err());
+        assert!(e.contains("symlink") && e.contains("runs"), "{e}");
+
+        let foreign = tmp.path().join("foreign");
+        fs::create_dir(&foreign).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let other = unsafe { libc::geteuid() } + 1;
+        std::os::unix::fs::chown(&foreign, Some(other), None).unwrap();
+        let e = format!("{:#}", runs_dir_in(&foreign).unwrap_err());
+        assert!(e.contains("belongs to uid"), "{e}");
+    }
 
     #[test]
     fn names_and_ids() {

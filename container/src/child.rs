@@ -19,7 +19,7 @@ use std::convert::Infallible;
 use std::fmt::Display;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
@@ -29,10 +29,11 @@ use nix::sched::CloneFlags;
 use nix::unistd::{fork, pipe2, ForkResult};
 
 use crate::cgroup;
-use crate::mounts;
 use crate::namespaces::{self, OpenedNamespaces, PidNamespace};
-use crate::process::{self, ProcessPlan};
+use crate::process::ProcessPlan;
+use crate::process_setup;
 use crate::pty;
+use crate::rootfs;
 use crate::seccomp::SeccompProgram;
 use crate::spec::Prepared;
 use crate::{Error, Stdio};
@@ -267,7 +268,7 @@ pub(crate) fn spawn(launch: Launch<'_>, stdio: Stdio) -> Result<Child, Error> {
 
 /// The forked child: runs the steps, reports the first failure, never returns.
 fn child_main(launch: &Launch<'_>, stdio: &ChildStdio, err_pipe: BorrowedFd<'_>) -> ! {
-    let failure = match catch_unwind(AssertUnwindSafe(|| child_steps(launch, stdio))) {
+    let failure = match catch_unwind(AssertUnwindSafe(|| child_steps(launch, stdio, err_pipe))) {
         Ok(Ok(never)) => match never {},
         Ok(Err(e)) => e,
         Err(_) => ChildError::msg("setup", "the container setup code panicked"),
@@ -292,12 +293,16 @@ fn exit_now(code: i32) -> ! {
 }
 
 /// The child's steps, in order. Each is a small function with the reason it is where it is.
-fn child_steps(launch: &Launch<'_>, stdio: &ChildStdio) -> StepResult<Infallible> {
-    process::reset_signals()?;
-    process::new_session()?;
+fn child_steps(
+    launch: &Launch<'_>,
+    stdio: &ChildStdio,
+    err_pipe: BorrowedFd<'_>,
+) -> StepResult<Infallible> {
+    process_setup::reset_signals()?;
+    process_setup::new_session()?;
     install_stdio(stdio)?;
-    process::mark_inherited_fds_cloexec()?;
-    process::set_oom_score_adj(launch.process.oom_score_adj)?;
+    process_setup::close_inherited_fds(&fds_in_use(launch, stdio, err_pipe))?;
+    process_setup::set_oom_score_adj(launch.process.oom_score_adj)?;
     cgroup::join(launch.cgroup_procs.as_fd())?;
     match &launch.role {
         Role::Init {
@@ -311,12 +316,11 @@ fn child_steps(launch: &Launch<'_>, stdio: &ChildStdio) -> StepResult<Infallible
                 namespaces::loopback_up()
                     .map_err(|e| ChildError::errno("loopback", "bringing lo up", e))?;
             }
-            process::set_hostname(prep.hostname.as_deref(), prep.domainname.as_deref())?;
-            process::apply_sysctls(&prep.sysctl)?;
-            mounts::prepare_rootfs(rootfs, &prep.rootfs)?;
-            mounts::pivot_into(rootfs)?;
-            process::create_cwd(&launch.process.cwd)?;
-            mounts::finish_rootfs(&prep.rootfs)?;
+            process_setup::set_hostname(prep.hostname.as_deref(), prep.domainname.as_deref())?;
+            process_setup::apply_sysctls(&prep.sysctl)?;
+            rootfs::prepare_rootfs(rootfs, &prep.rootfs, &launch.process.cwd)?;
+            rootfs::pivot_into(rootfs)?;
+            rootfs::finish_rootfs(&prep.rootfs)?;
         }
         Role::Exec {
             pidfd,
@@ -324,7 +328,7 @@ fn child_steps(launch: &Launch<'_>, stdio: &ChildStdio) -> StepResult<Infallible
             root,
         } => {
             namespaces::enter_running(pidfd, *namespaces)?;
-            mounts::enter_root(root)?;
+            rootfs::enter_root(root)?;
         }
     }
     if let ChildStdio::Terminal {
@@ -334,7 +338,25 @@ fn child_steps(launch: &Launch<'_>, stdio: &ChildStdio) -> StepResult<Infallible
         let slave = pty::open_in_container(*rows, *cols, socket)?;
         pty::make_controlling_terminal(slave)?;
     }
-    process::finalize_and_exec(launch.process, launch.seccomp)
+    process_setup::finalize_and_exec(launch.process, launch.seccomp)
+}
+
+/// The fds above 2 that the child's steps still use once stdio is in place; every other fd
+/// it inherited from the agent is closed.
+fn fds_in_use(launch: &Launch<'_>, stdio: &ChildStdio, err_pipe: BorrowedFd<'_>) -> Vec<RawFd> {
+    let mut keep = vec![err_pipe.as_raw_fd(), launch.cgroup_procs.as_raw_fd()];
+    match &launch.role {
+        Role::Init { joined, .. } => {
+            keep.extend(joined.others.iter().map(|(_, fd)| fd.as_raw_fd()));
+        }
+        Role::Exec { pidfd, root, .. } => {
+            keep.extend([pidfd.as_raw_fd(), root.as_raw_fd()]);
+        }
+    }
+    if let ChildStdio::Terminal { socket, .. } = stdio {
+        keep.push(socket.as_raw_fd());
+    }
+    keep
 }
 
 /// Puts the process's stdin/stdout/stderr in place: the agent's fds or `/dev/null` (a terminal
@@ -347,7 +369,7 @@ fn install_stdio(stdio: &ChildStdio) -> StepResult {
         }
         ChildStdio::Terminal { dev_null, .. } => [dev_null.as_fd(); 3],
     };
-    process::install_stdio(sources.map(|fd| fd.as_raw_fd()))
+    process_setup::install_stdio(sources.map(|fd| fd.as_raw_fd()))
 }
 
 #[cfg(test)]

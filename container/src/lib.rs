@@ -28,7 +28,10 @@ mod holder;
 mod mounts;
 mod namespaces;
 mod process;
+mod process_setup;
 mod pty;
+mod resolve;
+mod rootfs;
 mod seccomp;
 mod spec;
 
@@ -43,6 +46,8 @@ use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
 
 pub use error::Error;
 pub use holder::NamespaceHolder;
+/// In-root path resolution, also for the agent's own mounts under a container's root.
+pub use resolve::{fd_path, RootDir};
 pub use spec::{parse_spec, validate_id};
 
 use crate::cgroup::Cgroup;

@@ -14,7 +14,7 @@ use rustix::pty::{ioctl_tiocgptpeer, openpt, unlockpt, OpenptFlags};
 use rustix::termios::{tcsetwinsize, Winsize};
 
 use crate::child::{ChildError, StepResult};
-use crate::process;
+use crate::process_setup;
 use crate::Error;
 
 /// The socket pair the master is passed over: (parent end, child end), both close-on-exec.
@@ -69,7 +69,7 @@ pub(crate) fn open_in_container(rows: u16, cols: u16, socket: &OwnedFd) -> StepR
 pub(crate) fn make_controlling_terminal(slave: OwnedFd) -> StepResult {
     rustix::process::ioctl_tiocsctty(&slave)
         .map_err(|e| ChildError::io("terminal", "TIOCSCTTY", e.into()))?;
-    process::install_stdio([slave.as_raw_fd(); 3])
+    process_setup::install_stdio([slave.as_raw_fd(); 3])
 }
 
 /// Parent: receives the master the child sent (it is queued by the time exec succeeded).

@@ -1,6 +1,7 @@
 //! Content-addressed blobs: written to a temporary file, verified by digest and size, then
 //! renamed into `<root>/blobs/sha256/<hex>`.
 
+use crate::manifest::Descriptor;
 use crate::{io_err, Error, ImageStore, Result};
 use sha2::{Digest as _, Sha256};
 use std::io::{Read, Write};
@@ -35,12 +36,59 @@ pub(crate) fn has_blob(store: &ImageStore, digest: &str) -> Result<bool> {
     Ok(store.blob_path(digest_hex(digest)?).is_file())
 }
 
-pub(crate) fn read_blob(store: &ImageStore, digest: &str) -> Result<Vec<u8>> {
+/// Manifests and indexes are held in memory whole: at most this (the limit of the
+/// distribution registry itself).
+pub(crate) const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Image configs are held in memory whole and parsed: at most this.
+pub(crate) const MAX_CONFIG_BYTES: u64 = 8 << 20;
+
+/// Refuses a `what` (manifest, config) of `size` bytes above `limit`, naming its digest.
+pub(crate) fn check_size(what: &'static str, digest: &str, size: u64, limit: u64) -> Result<()> {
+    if size > limit {
+        return Err(Error::TooLarge {
+            what,
+            digest: digest.to_string(),
+            size,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a config descriptor past [`MAX_CONFIG_BYTES`].
+pub(crate) fn check_config_size(config: &Descriptor) -> Result<()> {
+    check_size("config", &config.digest, config.size, MAX_CONFIG_BYTES)
+}
+
+/// Refuses a manifest (or index) descriptor past [`MAX_MANIFEST_BYTES`].
+pub(crate) fn check_manifest_size(manifest: &Descriptor) -> Result<()> {
+    check_size(
+        "manifest",
+        &manifest.digest,
+        manifest.size,
+        MAX_MANIFEST_BYTES,
+    )
+}
+
+/// A stored blob read into memory, refused past `limit` bytes (checked before reading, and
+/// while reading: the file is not trusted to keep its size).
+pub(crate) fn read_blob(
+    store: &ImageStore,
+    digest: &str,
+    what: &'static str,
+    limit: u64,
+) -> Result<Vec<u8>> {
     let path = store.blob_path(digest_hex(digest)?);
-    std::fs::read(&path).map_err(io_err(format!(
-        "reading blob {digest} ({})",
-        path.display()
-    )))
+    let context = || format!("reading blob {digest} ({})", path.display());
+    let file = std::fs::File::open(&path).map_err(io_err(context()))?;
+    let size = file.metadata().map_err(io_err(context()))?.len();
+    check_size(what, digest, size, limit)?;
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err(context()))?;
+    check_size(what, digest, bytes.len() as u64, limit)?;
+    Ok(bytes)
 }
 
 pub(crate) fn open_blob(store: &ImageStore, digest: &str) -> Result<std::fs::File> {
@@ -172,4 +220,40 @@ pub(crate) fn put_bytes(
     writer.write(bytes)?;
     writer.commit(digest, Some(bytes.len() as u64))?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_blobs_are_not_read_into_memory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path().join("store")).unwrap();
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let path = store.blob_path(digest_hex(&digest).unwrap());
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(MAX_CONFIG_BYTES + 1)
+            .unwrap();
+        match read_blob(&store, &digest, "config", MAX_CONFIG_BYTES) {
+            Err(Error::TooLarge {
+                what: "config",
+                digest: d,
+                size,
+                limit,
+            }) => assert_eq!(
+                (d, size, limit),
+                (digest.clone(), MAX_CONFIG_BYTES + 1, MAX_CONFIG_BYTES)
+            ),
+            other => panic!("{other:?}"),
+        }
+        std::fs::File::create(&path).unwrap().set_len(100).unwrap();
+        assert_eq!(
+            read_blob(&store, &digest, "config", MAX_CONFIG_BYTES)
+                .unwrap()
+                .len(),
+            100
+        );
+    }
 }

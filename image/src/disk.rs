@@ -125,8 +125,11 @@ fn run_mke2fs(dir: &Path, out: &Path, size: u64, inodes: u64, opts: &Ext4Options
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(format!("removing {}", out.display()))(e)),
         }
-        let file =
-            std::fs::File::create(out).map_err(io_err(format!("creating {}", out.display())))?;
+        let file = crate::owner_only::file_options()
+            .write(true)
+            .create_new(true)
+            .open(out)
+            .map_err(io_err(format!("creating {}", out.display())))?;
         file.set_len(size)
             .map_err(io_err(format!("sizing {}", out.display())))?;
     }

@@ -15,6 +15,7 @@ mod blob;
 mod import;
 mod index;
 mod manifest;
+pub mod owner_only;
 mod pull;
 mod unpack;
 mod user;
@@ -50,6 +51,13 @@ pub enum Error {
         layer: String,
         entry: String,
         reason: String,
+    },
+    #[error("{what} {digest} is {size} bytes, more than the {limit} bytes a {what} may have")]
+    TooLarge {
+        what: &'static str,
+        digest: String,
+        size: u64,
+        limit: u64,
     },
     #[error("no image named {0:?} in the store")]
     NotFound(String),
@@ -144,12 +152,18 @@ impl ImageStore {
         PathBuf::from("/var/lib/microvm/images")
     }
 
-    /// Opens (creating it when missing) the store at `root`.
+    /// Opens (creating it when missing) the store at `root`. Its directories are made 0700 and
+    /// its files 0600; a root (or subdirectory) that is a symlink or another user's is refused.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
-        for sub in ["blobs/sha256", "disks", "tmp"] {
+        owner_only::ensure_dir(&root).map_err(io_err(format!(
+            "opening the image store {}",
+            root.display()
+        )))?;
+        for sub in ["blobs", "blobs/sha256", "disks", "tmp"] {
             let dir = root.join(sub);
-            std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+            owner_only::ensure_dir(&dir)
+                .map_err(io_err(format!("opening the image store {}", dir.display())))?;
         }
         Ok(Self {
             root,
@@ -321,7 +335,12 @@ impl ImageStore {
     }
 
     pub(crate) fn image_of(&self, record: &index::ImageRecord) -> Result<Image> {
-        let config_bytes = blob::read_blob(self, &record.config.digest)?;
+        let config_bytes = blob::read_blob(
+            self,
+            &record.config.digest,
+            "config",
+            blob::MAX_CONFIG_BYTES,
+        )?;
         let config: ImageConfiguration =
             serde_json::from_slice(&config_bytes).map_err(|e| Error::InvalidImage {
                 origin: format!("config {}", record.config.digest),
@@ -417,7 +436,7 @@ pub(crate) struct FileLock {
 impl FileLock {
     fn take(path: &Path, how: libc::c_int) -> Result<Self> {
         use std::os::fd::AsRawFd;
-        let file = std::fs::OpenOptions::new()
+        let file = owner_only::file_options()
             .create(true)
             .truncate(false)
             .write(true)

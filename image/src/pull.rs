@@ -96,8 +96,15 @@ async fn fetch_manifest(
         .pull_manifest_raw(reference, auth, manifest::ACCEPTED)
         .await
         .map_err(|e| registry_error(reference, e))?;
-    let actual = blob::sha256_digest(&bytes);
     let expected = reference.digest().map(str::to_string).unwrap_or(digest);
+    // oci-client has read the body whole already; it goes no further than this.
+    blob::check_size(
+        "manifest",
+        &expected,
+        bytes.len() as u64,
+        blob::MAX_MANIFEST_BYTES,
+    )?;
+    let actual = blob::sha256_digest(&bytes);
     if actual != expected {
         return Err(Error::CorruptBlob {
             digest: expected,
@@ -143,6 +150,7 @@ pub(crate) async fn pull(
                     });
                 }
                 let chosen = manifest::choose_platform(&entries, &format!("{name} ({digest})"))?;
+                blob::check_manifest_size(chosen)?;
                 let by_digest = reference.clone_with_digest(chosen.digest.clone());
                 (bytes, digest) = fetch_manifest(&client, &by_digest, &auth).await?;
                 if digest != chosen.digest {
@@ -155,6 +163,8 @@ pub(crate) async fn pull(
             }
         }
     };
+    // Refused before anything is downloaded or stored.
+    blob::check_config_size(&config)?;
     let origin = format!("registry {}", reference.registry());
     blob::put_bytes(store, &digest, &bytes, &origin)?;
     let mut fetched = Fetched::default();

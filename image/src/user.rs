@@ -14,7 +14,13 @@ pub(crate) struct UserFiles {
 impl UserFiles {
     pub(crate) fn save(&self, path: &Path) -> Result<()> {
         let bytes = serde_json::to_vec(self).expect("user files serialize");
-        std::fs::write(path, bytes).map_err(io_err(format!("writing {}", path.display())))
+        crate::owner_only::file_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes))
+            .map_err(io_err(format!("writing {}", path.display())))
     }
 }
 

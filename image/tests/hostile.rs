@@ -358,3 +358,64 @@ async fn oversized_header_records_are_refused() {
     let xattrs = debugfs(&disk, "ea_list /with-xattr");
     assert!(xattrs.contains("user.big"), "{xattrs}");
 }
+
+/// Configs and manifests are held in memory whole: one past its limit (8 MiB for a config,
+/// 4 MiB for a manifest) is refused by its descriptor's size before anything is read or
+/// stored, with an error naming its digest; a docker-archive's config by the member's size.
+#[tokio::test]
+async fn oversized_configs_and_manifests_are_refused_by_digest() {
+    let (tmp, store) = store();
+    let big_config = TestImage::with_oversized_config();
+    let layout = tmp.path().join("big-config");
+    big_config.write_layout(&layout, None);
+    let err = store
+        .ensure(layout.to_str().unwrap(), &PullOptions::default())
+        .await
+        .unwrap_err();
+    let config_digest = sha256(&big_config.config);
+    match &err {
+        Error::TooLarge {
+            what: "config",
+            digest,
+            limit,
+            ..
+        } => assert_eq!((digest, *limit), (&config_digest, 8 << 20)),
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains(&config_digest), "{err}");
+
+    // The same config in a docker-archive.
+    let archive = tmp.path().join("big-config.tar");
+    big_config.write_docker_archive(&archive, &["big:1"]);
+    let err = store
+        .ensure(archive.to_str().unwrap(), &PullOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&config_digest[7..]) && err.contains("more than the 8388608 bytes"),
+        "{err}"
+    );
+
+    // A manifest of 5 MiB (one huge annotation).
+    let mut small = TestImage::new(Vec::new(), &["/bin/sh"]);
+    let mut manifest: serde_json::Value = serde_json::from_slice(&small.manifest).unwrap();
+    manifest["annotations"] = serde_json::json!({"pad": "y".repeat(5 << 20)});
+    small.manifest = serde_json::to_vec(&manifest).unwrap();
+    let layout = tmp.path().join("big-manifest");
+    small.write_layout(&layout, None);
+    let err = store
+        .ensure(layout.to_str().unwrap(), &PullOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::TooLarge { what: "manifest", digest, .. } if *digest == small.id()),
+        "{err:?}"
+    );
+
+    assert!(store.list().unwrap().is_empty());
+    assert!(
+        walk(&store.root().join("blobs/sha256")).is_empty(),
+        "a blob was stored"
+    );
+}

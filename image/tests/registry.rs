@@ -408,3 +408,29 @@ async fn basic_auth_registry_needs_the_credentials() {
     let disk = store.rootfs_disk(&image).unwrap();
     assert_eq!(cat(&disk.path, "/marker"), "behind a password");
 }
+
+/// A manifest whose config is past 8 MiB: refused by the size the manifest gives, before any
+/// blob (the manifest included) is downloaded or stored, naming the config's digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_config_is_refused_before_any_download() {
+    let registry = Registry::start(None);
+    let img = TestImage::with_oversized_config();
+    registry
+        .push("test/bigconfig:1", &img, &RegistryAuth::Anonymous)
+        .await;
+    let (_tmp, store) = store();
+    let err = store
+        .ensure(
+            &format!("{}/test/bigconfig:1", registry.host()),
+            &insecure(),
+        )
+        .await
+        .unwrap_err();
+    let digest = sha256(&img.config);
+    assert!(
+        matches!(&err, Error::TooLarge { what: "config", digest: d, .. } if *d == digest),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&digest), "{err}");
+    assert!(walk(&store.root().join("blobs/sha256")).is_empty());
+}

@@ -251,6 +251,23 @@ impl TestImage {
         }
     }
 
+    /// A one-layer image whose config is 9 MiB: past the store's 8 MiB limit for configs.
+    pub fn with_oversized_config() -> Self {
+        let layer = compress(
+            &Layer::new().file("f", b"x", 0o644, 0, 0).finish(),
+            Compression::Gzip,
+        );
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+            "padding": "x".repeat(9 << 20),
+        }))
+        .unwrap();
+        Self::with_config(vec![layer], config)
+    }
+
     pub fn id(&self) -> String {
         sha256(&self.manifest)
     }
