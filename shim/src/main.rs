@@ -2,6 +2,7 @@
 //! "io.containerd.microvm.v2"`. One shim process and one microVM per pod; see README.md.
 
 mod config;
+mod guest_spec;
 mod pod;
 mod rootfs;
 mod service;
@@ -16,7 +17,6 @@ use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::{run, spawn, ExitSignal, Shim};
 use containerd_shim::protos::api::DeleteResponse;
-use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::{Config, Error, Flags, StartOpts};
 
@@ -88,17 +88,10 @@ impl Shim for MicrovmShim {
             let _ = std::fs::remove_dir_all(&dir);
             let _ = std::fs::remove_file(pod::socket_path(&address));
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
         Ok(DeleteResponse {
             pid: 0,
             exit_status: 128 + libc::SIGKILL as u32,
-            exited_at: MessageField::some(Timestamp {
-                seconds: now.as_secs() as i64,
-                nanos: now.subsec_nanos() as i32,
-                ..Default::default()
-            }),
+            exited_at: MessageField::some(service::timestamp(std::time::SystemTime::now())),
             ..Default::default()
         })
     }

@@ -40,6 +40,16 @@ pub struct HostMount {
     pub options: Vec<String>,
 }
 
+impl From<&containerd_shim::protos::types::mount::Mount> for HostMount {
+    fn from(m: &containerd_shim::protos::types::mount::Mount) -> Self {
+        HostMount {
+            fstype: m.type_.clone(),
+            source: m.source.clone(),
+            options: m.options.clone(),
+        }
+    }
+}
+
 /// Mounts the snapshotter's mounts, in order, on `target` (as runc's shim does).
 pub fn mount_all(mounts: &[HostMount], target: &Path) -> Result<(), RootfsError> {
     fs::create_dir_all(target).map_err(io(format!("create {}", target.display())))?;

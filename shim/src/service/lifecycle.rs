@@ -1,0 +1,270 @@
+//! A container's life: Create (the pod's VM booted on the first, the rootfs image written into
+//! a slot disk, the container created in the guest), Start (of the init or an exec), Delete.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use containerd_shim::protos::api;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecStarted, TaskIO, TaskStart,
+};
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::ttrpc::{self, Code};
+use containerd_shim::TtrpcResult;
+use sandbox::agent_protocol::ttrpc::Code as AgentCode;
+use sandbox::{ContainerConfig, Rootfs, RootfsSource, Sandbox};
+
+use super::process::{Container, Proc, ProcStatus};
+use super::requests::config_path_from_options;
+use super::status::{agent_err, internal, invalid, status, unimplemented};
+use super::Inner;
+use crate::config::ShimConfig;
+use crate::guest_spec::{guest_disk, guest_spec};
+use crate::pod;
+use crate::rootfs::{self, HostMount};
+use crate::stdio::{LogContext, StdioPaths};
+
+/// The snapshotter's mounts on `tree` (none: a tree already there), an ext4 image of it
+/// written into the slot file, the mounts undone. Blocking. Returns the image's size and how
+/// long it took.
+fn build_rootfs_image(
+    mounts: &[HostMount],
+    tree: &Path,
+    slot_file: &Path,
+    slot_bytes: u64,
+) -> Result<(u64, Duration), rootfs::RootfsError> {
+    let started = std::time::Instant::now();
+    let r = rootfs::mount_all(mounts, tree)
+        .and_then(|_| rootfs::rootfs_image(tree, slot_file, slot_bytes));
+    if !mounts.is_empty() {
+        if let Err(e) = rootfs::unmount_all(tree) {
+            tracing::warn!("{e}");
+        }
+    }
+    r.map(|size| (size, started.elapsed()))
+}
+
+/// An agent error with the end of the VM's console appended (what the guest said about it).
+fn with_console(e: sandbox::Error, sandbox: &Sandbox) -> ttrpc::Error {
+    let console = sandbox.console_tail();
+    let mut err = agent_err(e);
+    if let ttrpc::Error::RpcStatus(s) = &mut err {
+        if !console.is_empty() {
+            s.message.push_str(&format!("; VM console:\n{console}"));
+        }
+    }
+    err
+}
+
+impl Inner {
+    pub(crate) async fn create(
+        self: &Arc<Self>,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        if self.containers.lock().unwrap().contains_key(&req.id) {
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("container {} already exists", req.id),
+            ));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(unimplemented("restoring from a checkpoint"));
+        }
+        let stdio = StdioPaths::checked(&req.stdin, &req.stdout, &req.stderr, req.terminal)
+            .map_err(invalid)?;
+        let bundle = PathBuf::from(&req.bundle);
+        let (_, spec) = pod::read_spec(&bundle)
+            .map_err(|e| invalid(format!("read {}/config.json: {e}", bundle.display())))?;
+        let config_path = req.options.as_ref().and_then(config_path_from_options);
+        let cfg = ShimConfig::load(config_path.as_deref()).map_err(invalid)?;
+
+        // The pod lock is held through the slot's image build: containers of one pod are
+        // created one after another.
+        let mut pod = self.pod.lock().await;
+        let sandbox = self
+            .ensure_vm(&mut pod, &cfg, &spec)
+            .await
+            .map_err(|e| internal(format!("{e:#}")))?;
+        let slot = pod.free_slot()?;
+        let slot_file = self.state_dir.join(format!("slot{slot}.img"));
+        let slot_bytes = pod.slot_bytes;
+
+        // The rootfs tree: the snapshotter's mounts on <bundle>/rootfs, or a rootfs already
+        // there (no mounts given).
+        let root_path = spec
+            .pointer("/root/path")
+            .and_then(|p| p.as_str())
+            .unwrap_or("rootfs");
+        let tree = bundle.join(root_path);
+        let mounts: Vec<HostMount> = req.rootfs.iter().map(HostMount::from).collect();
+        let (size, took) = tokio::task::spawn_blocking(move || {
+            build_rootfs_image(&mounts, &tree, &slot_file, slot_bytes)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        tracing::info!(
+            container = %req.id,
+            "rootfs image of {} MiB in slot {slot} built in {:.2} s",
+            size >> 20,
+            took.as_secs_f64()
+        );
+        let spec_json = serde_json::to_vec(&guest_spec(&spec)).map_err(internal)?;
+        sandbox
+            .create_container(&ContainerConfig {
+                id: req.id.clone(),
+                spec_json,
+                rootfs: Rootfs {
+                    source: RootfsSource::Block {
+                        path: guest_disk(slot),
+                        fstype: "ext4".into(),
+                        options: vec![],
+                    },
+                    writable: true,
+                },
+                mounts: vec![],
+            })
+            .await
+            .map_err(|e| with_console(e, &sandbox))?;
+        pod.slots[slot] = Some(req.id.clone());
+        drop(pod);
+        let container = Arc::new(Container {
+            id: req.id.clone(),
+            bundle,
+            slot,
+            init: Proc::new(&req.id, "", stdio, Vec::new()),
+            execs: Mutex::new(HashMap::new()),
+        });
+        self.containers
+            .lock()
+            .unwrap()
+            .insert(req.id.clone(), container);
+        self.publish(TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            }),
+            checkpoint: req.checkpoint.clone(),
+            pid: 0,
+            ..Default::default()
+        })
+        .await;
+        Ok(api::CreateTaskResponse {
+            pid: 0,
+            ..Default::default()
+        })
+    }
+
+    pub(crate) async fn start(
+        self: &Arc<Self>,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let (c, p) = self.process(&req.id, &req.exec_id)?;
+        p.require(ProcStatus::Created, "was already started")?;
+        let sandbox = self.sandbox().await?;
+        // Blocking: a logging binary is waited for until it is ready.
+        let (stdio, container_id, namespace) =
+            (p.stdio.clone(), c.id.clone(), self.namespace.clone());
+        let opened = tokio::task::spawn_blocking(move || {
+            stdio.open(LogContext {
+                container_id: &container_id,
+                namespace: &namespace,
+            })
+        })
+        .await
+        .map_err(internal)?
+        .map_err(invalid)?;
+        p.set_logger(opened.logger);
+        p.keep_stdin_writer(opened.stdin_writer);
+        let started = if req.exec_id.is_empty() {
+            sandbox.start_container(&c.id, opened.io).await
+        } else {
+            sandbox.exec(&c.id, &req.exec_id, &p.spec, opened.io).await
+        };
+        let process = started.map_err(|e| {
+            // The output descriptors are gone with the failed start: the logger reads EOF.
+            p.finish_logger();
+            agent_err(e)
+        })?;
+        let pid = process.pid;
+        p.set_running(pid);
+        if req.exec_id.is_empty() {
+            self.publish(TaskStart {
+                container_id: c.id.clone(),
+                pid,
+                ..Default::default()
+            })
+            .await;
+        } else {
+            self.publish(TaskExecStarted {
+                container_id: c.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid,
+                ..Default::default()
+            })
+            .await;
+        }
+        // Only now: the exit event must follow the start event.
+        self.spawn_waiter(p, process, Arc::downgrade(&sandbox));
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    pub(crate) async fn delete(
+        self: &Arc<Self>,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let (c, p) = self.process(&req.id, &req.exec_id)?;
+        let st = p.state();
+        if st.status == ProcStatus::Running {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "process {}/{} is still running: kill it first",
+                    req.id, req.exec_id
+                ),
+            ));
+        }
+        let response = st.delete_response();
+        if !req.exec_id.is_empty() {
+            c.execs.lock().unwrap().remove(&req.exec_id);
+            return Ok(response);
+        }
+        {
+            let mut pod = self.pod.lock().await;
+            if let Some(sb) = &pod.sandbox {
+                match sb.remove_container(&c.id).await {
+                    Ok(()) => {}
+                    Err(e) if e.code() == Some(AgentCode::NOT_FOUND) => {}
+                    Err(e) => tracing::warn!("remove {} in the guest: {e}", c.id),
+                }
+            }
+            if let Some(s) = pod.slots.get_mut(c.slot) {
+                *s = None;
+            }
+        }
+        let _ = rootfs::unmount_all(&c.bundle.join("rootfs"));
+        self.containers.lock().unwrap().remove(&c.id);
+        self.oom_published.lock().await.remove(&c.id);
+        self.publish(TaskDelete {
+            container_id: c.id.clone(),
+            pid: response.pid,
+            exit_status: response.exit_status,
+            exited_at: response.exited_at.clone(),
+            id: c.id.clone(),
+            ..Default::default()
+        })
+        .await;
+        Ok(response)
+    }
+}

@@ -1,0 +1,6 @@
+//! The scenarios, run in the order `main` lists them against one private containerd.
+
+pub mod basics;
+pub mod cleanup;
+pub mod exec;
+pub mod pods;
