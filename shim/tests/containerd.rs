@@ -43,7 +43,7 @@ fn main() -> ExitCode {
         }
     }
     // In this order (one at a time): the last checks that nothing is left behind.
-    let scenarios: [(&'static str, Scenario); 6] = [
+    let scenarios: [(&'static str, Scenario); 7] = [
         (
             "ctr_run_output_exit_codes_events_in_a_vm",
             scenarios::basics::run_basics,
@@ -59,6 +59,10 @@ fn main() -> ExitCode {
         (
             "pod_vm_size_oom_event_and_log_uris",
             scenarios::pods::pod_size_oom_logs,
+        ),
+        (
+            "cri_pod_namespaces_stay_on_the_host",
+            scenarios::cri::cri_shaped_pod,
         ),
         (
             "delete_after_the_shim_was_sigkilled",

@@ -21,7 +21,8 @@ use super::requests::config_path_from_options;
 use super::status::{agent_err, internal, invalid, status, unimplemented};
 use super::Inner;
 use crate::config::ShimConfig;
-use crate::guest_spec::{guest_disk, guest_spec};
+use crate::guest_spec::namespaces::check_host_netns;
+use crate::guest_spec::{guest_disk, guest_spec, PodView};
 use crate::pod;
 use crate::rootfs::{self, HostMount};
 use crate::stdio::{LogContext, StdioPaths};
@@ -83,6 +84,18 @@ impl Inner {
         // The pod lock is held through the slot's image build: containers of one pod are
         // created one after another.
         let mut pod = self.pod.lock().await;
+        let running = |pid| self.init_running(pid);
+        let guest = guest_spec(
+            &spec,
+            &PodView {
+                first: pod.sandbox.is_none(),
+                running: &running,
+            },
+        )
+        .map_err(invalid)?;
+        if let Some(netns) = &guest.host_netns {
+            check_host_netns(netns).map_err(invalid)?;
+        }
         let sandbox = self
             .ensure_vm(&mut pod, &cfg, &spec)
             .await
@@ -111,7 +124,7 @@ impl Inner {
             size >> 20,
             took.as_secs_f64()
         );
-        let spec_json = serde_json::to_vec(&guest_spec(&spec)).map_err(internal)?;
+        let spec_json = serde_json::to_vec(&guest.spec).map_err(internal)?;
         sandbox
             .create_container(&ContainerConfig {
                 id: req.id.clone(),
@@ -129,6 +142,10 @@ impl Inner {
             .await
             .map_err(|e| with_console(e, &sandbox))?;
         pod.slots[slot] = Some(req.id.clone());
+        if let Some(netns) = guest.host_netns.filter(|_| pod.host_netns.is_none()) {
+            tracing::info!(container = %req.id, "the pod's host network namespace: {}", netns.display());
+            pod.host_netns = Some(netns);
+        }
         drop(pod);
         let container = Arc::new(Container {
             id: req.id.clone(),

@@ -184,6 +184,15 @@ impl Inner {
             .ok_or_else(|| status(Code::NOT_FOUND, format!("container {id} not found")))
     }
 
+    /// Whether `pid` is the (guest) pid of the init of a running container of this shim: what
+    /// containerd's `/proc/<pid>/ns/<type>` paths name for the pod's later containers.
+    pub(crate) fn init_running(&self, pid: u32) -> bool {
+        self.containers.lock().unwrap().values().any(|c| {
+            let st = c.init.state();
+            st.status == ProcStatus::Running && st.pid == pid
+        })
+    }
+
     /// The container's init process ("" exec id) or one of its execs, or NOT_FOUND.
     pub(crate) fn process(
         &self,

@@ -23,6 +23,9 @@ pub(crate) struct Pod {
     pub slots: Vec<Option<String>>,
     pub slot_bytes: u64,
     pub oom_task: Option<tokio::task::JoinHandle<()>>,
+    /// The pod's network namespace on the host (the CRI sandbox's CNI namespace), where the
+    /// VM's network device belongs. Never passed into the guest.
+    pub host_netns: Option<std::path::PathBuf>,
 }
 
 impl Pod {

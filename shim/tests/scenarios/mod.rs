@@ -2,5 +2,6 @@
 
 pub mod basics;
 pub mod cleanup;
+pub mod cri;
 pub mod exec;
 pub mod pods;
