@@ -14,17 +14,19 @@ use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::TtrpcResult;
 use sandbox::agent_protocol::ttrpc::Code as AgentCode;
-use sandbox::{ContainerConfig, Rootfs, RootfsSource, Sandbox};
+use sandbox::{ContainerConfig, Rootfs, RootfsSource};
 
 use super::process::{Container, Proc, ProcStatus};
 use super::requests::config_path_from_options;
 use super::status::{agent_err, internal, invalid, status, unimplemented};
 use super::Inner;
 use crate::config::ShimConfig;
+use crate::console::ConsoleLog;
 use crate::guest_spec::namespaces::check_host_netns;
 use crate::guest_spec::{guest_disk, guest_spec, PodView};
 use crate::pod;
-use crate::rootfs::{self, HostMount};
+use crate::pod_identity;
+use crate::rootfs::{self, BundleRootfs, HostMount};
 use crate::stdio::{LogContext, StdioPaths};
 
 /// The snapshotter's mounts on `tree` (none: a tree already there), an ext4 image of it
@@ -32,13 +34,13 @@ use crate::stdio::{LogContext, StdioPaths};
 /// long it took.
 fn build_rootfs_image(
     mounts: &[HostMount],
-    tree: &Path,
+    tree: &BundleRootfs,
     slot_file: &Path,
     slot_bytes: u64,
 ) -> Result<(u64, Duration), rootfs::RootfsError> {
     let started = std::time::Instant::now();
     let r = rootfs::mount_all(mounts, tree)
-        .and_then(|_| rootfs::rootfs_image(tree, slot_file, slot_bytes));
+        .and_then(|_| rootfs::rootfs_image(tree.path(), slot_file, slot_bytes));
     if !mounts.is_empty() {
         if let Err(e) = rootfs::unmount_all(tree) {
             tracing::warn!("{e}");
@@ -47,9 +49,14 @@ fn build_rootfs_image(
     r.map(|size| (size, started.elapsed()))
 }
 
+/// How much of the console's end an error quotes.
+const CONSOLE_TAIL_BYTES: u64 = 4096;
+
 /// An agent error with the end of the VM's console appended (what the guest said about it).
-fn with_console(e: sandbox::Error, sandbox: &Sandbox) -> ttrpc::Error {
-    let console = sandbox.console_tail();
+fn with_console(e: sandbox::Error, console: Option<&ConsoleLog>) -> ttrpc::Error {
+    let console = console
+        .map(|c| c.tail(CONSOLE_TAIL_BYTES))
+        .unwrap_or_default();
     let mut err = agent_err(e);
     if let ttrpc::Error::RpcStatus(s) = &mut err {
         if !console.is_empty() {
@@ -78,17 +85,21 @@ impl Inner {
         let bundle = PathBuf::from(&req.bundle);
         let (_, spec) = pod::read_spec(&bundle)
             .map_err(|e| invalid(format!("read {}/config.json: {e}", bundle.display())))?;
+        let tree =
+            BundleRootfs::resolve(&bundle, rootfs::spec_root_path(&spec)).map_err(invalid)?;
         let config_path = req.options.as_ref().and_then(config_path_from_options);
         let cfg = ShimConfig::load(config_path.as_deref()).map_err(invalid)?;
 
         // The pod lock is held through the slot's image build: containers of one pod are
         // created one after another.
         let mut pod = self.pod.lock().await;
+        let identity = pod_identity::admit(pod.identity.as_ref(), &req.id, &spec)
+            .map_err(|e| status(Code::PERMISSION_DENIED, e.to_string()))?;
         let running = |pid| self.init_running(pid);
         let guest = guest_spec(
             &spec,
             &PodView {
-                first: pod.sandbox.is_none(),
+                first: pod.identity.is_none(),
                 running: &running,
             },
         )
@@ -96,24 +107,25 @@ impl Inner {
         if let Some(netns) = &guest.host_netns {
             check_host_netns(netns).map_err(invalid)?;
         }
-        let sandbox = self
-            .ensure_vm(&mut pod, &cfg, &spec)
-            .await
-            .map_err(|e| internal(format!("{e:#}")))?;
+        let sandbox = match pod.sandbox.clone() {
+            Some(sandbox) => sandbox,
+            None => {
+                let size = pod::vm_size(&cfg, &spec).map_err(invalid)?;
+                self.boot_vm(&mut pod, &cfg, &spec, size)
+                    .await
+                    .map_err(|e| internal(format!("{e:#}")))?
+            }
+        };
         let slot = pod.free_slot()?;
         let slot_file = self.state_dir.join(format!("slot{slot}.img"));
         let slot_bytes = pod.slot_bytes;
 
         // The rootfs tree: the snapshotter's mounts on <bundle>/rootfs, or a rootfs already
         // there (no mounts given).
-        let root_path = spec
-            .pointer("/root/path")
-            .and_then(|p| p.as_str())
-            .unwrap_or("rootfs");
-        let tree = bundle.join(root_path);
         let mounts: Vec<HostMount> = req.rootfs.iter().map(HostMount::from).collect();
+        let tree2 = tree.clone();
         let (size, took) = tokio::task::spawn_blocking(move || {
-            build_rootfs_image(&mounts, &tree, &slot_file, slot_bytes)
+            build_rootfs_image(&mounts, &tree2, &slot_file, slot_bytes)
         })
         .await
         .map_err(internal)?
@@ -140,8 +152,9 @@ impl Inner {
                 mounts: vec![],
             })
             .await
-            .map_err(|e| with_console(e, &sandbox))?;
+            .map_err(|e| with_console(e, pod.console.as_ref()))?;
         pod.slots[slot] = Some(req.id.clone());
+        pod.identity.get_or_insert(identity);
         if let Some(netns) = guest.host_netns.filter(|_| pod.host_netns.is_none()) {
             tracing::info!(container = %req.id, "the pod's host network namespace: {}", netns.display());
             pod.host_netns = Some(netns);
@@ -150,6 +163,7 @@ impl Inner {
         let container = Arc::new(Container {
             id: req.id.clone(),
             bundle,
+            rootfs: tree,
             slot,
             init: Proc::new(&req.id, "", stdio, Vec::new()),
             execs: Mutex::new(HashMap::new()),
@@ -270,9 +284,8 @@ impl Inner {
                 *s = None;
             }
         }
-        let _ = rootfs::unmount_all(&c.bundle.join("rootfs"));
+        let _ = rootfs::unmount_all(&c.rootfs);
         self.containers.lock().unwrap().remove(&c.id);
-        self.oom_published.lock().await.remove(&c.id);
         self.publish(TaskDelete {
             container_id: c.id.clone(),
             pid: response.pid,

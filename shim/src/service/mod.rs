@@ -29,13 +29,15 @@ use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::protos::api;
 use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::ttrpc::r#async::TtrpcContext;
+use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::TtrpcResult;
 
+use self::events::{OomLedger, RateLimitedLog};
 use self::process::Container;
 pub use self::status::timestamp;
 use self::status::unimplemented;
 use self::vm::Pod;
-use crate::pod;
+use crate::{pod, pod_identity};
 
 struct Inner {
     namespace: String,
@@ -46,10 +48,9 @@ struct Inner {
     exit: Arc<ExitSignal>,
     pod: tokio::sync::Mutex<Pod>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
-    /// The OOM-kill count last published per container. Both the agent's OOM events and each
-    /// exit (which checks the count first) publish through it, so TaskOOM precedes the
-    /// TaskExit of a process the OOM killer ended, and no kill is published twice.
-    oom_published: tokio::sync::Mutex<HashMap<String, u64>>,
+    oom: tokio::sync::Mutex<OomLedger>,
+    /// OOM reports of containers that are not this shim's.
+    oom_ignored: RateLimitedLog,
 }
 
 #[derive(Clone)]
@@ -74,7 +75,8 @@ impl Service {
                 exit,
                 pod: Default::default(),
                 containers: Default::default(),
-                oom_published: Default::default(),
+                oom: Default::default(),
+                oom_ignored: Default::default(),
             }),
         }
     }
@@ -85,10 +87,12 @@ impl Service {
 impl Task for Service {
     async fn create(
         &self,
-        _ctx: &TtrpcContext,
+        ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
         tracing::info!("create {:?}", req.id);
+        pod_identity::check_namespace(&ctx.metadata, &self.inner.namespace)
+            .map_err(|e| status::status(Code::PERMISSION_DENIED, e.to_string()))?;
         self.inner.create(req).await
     }
 

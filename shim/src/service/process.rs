@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use super::status::{status, timestamp};
 use super::Inner;
+use crate::rootfs::BundleRootfs;
 use crate::stdio::{Logger, StdioPaths};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +170,8 @@ impl Proc {
 pub(crate) struct Container {
     pub id: String,
     pub bundle: PathBuf,
+    /// Its root filesystem directory (beneath the bundle), unmounted again at Delete.
+    pub rootfs: BundleRootfs,
     pub slot: usize,
     pub init: Arc<Proc>,
     pub execs: Mutex<HashMap<String, Arc<Proc>>>,

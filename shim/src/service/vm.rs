@@ -12,7 +12,9 @@ use sandbox::{Console, Disk, Sandbox, SandboxConfig, SandboxSettings};
 use super::status::status;
 use super::Inner;
 use crate::config::ShimConfig;
-use crate::pod;
+use crate::console::ConsoleLog;
+use crate::pod::{self, VmSize};
+use crate::pod_identity::PodIdentity;
 use crate::rootfs;
 
 /// The pod's VM and its slot disks.
@@ -23,6 +25,11 @@ pub(crate) struct Pod {
     pub slots: Vec<Option<String>>,
     pub slot_bytes: u64,
     pub oom_task: Option<tokio::task::JoinHandle<()>>,
+    /// The pod's console log, capped by a task of its own.
+    pub console: Option<ConsoleLog>,
+    pub console_task: Option<tokio::task::JoinHandle<()>>,
+    /// What the pod is (from its first container): what later containers must match.
+    pub identity: Option<PodIdentity>,
     /// The pod's network namespace on the host (the CRI sandbox's CNI namespace), where the
     /// VM's network device belongs. Never passed into the guest.
     pub host_netns: Option<std::path::PathBuf>,
@@ -49,7 +56,7 @@ impl Pod {
 fn sandbox_config(
     cfg: &ShimConfig,
     dir: &std::path::Path,
-    (extra_cpus, extra_mib): (u8, u64),
+    size: VmSize,
 ) -> anyhow::Result<SandboxConfig> {
     let kernel = match &cfg.kernel {
         Some(k) => k.clone(),
@@ -74,8 +81,8 @@ fn sandbox_config(
         });
     }
     let mut sc = SandboxConfig::new(microvm, kernel, agent);
-    sc.cpus = cfg.cpus.saturating_add(extra_cpus);
-    sc.memory_mib = cfg.memory_mib + extra_mib;
+    sc.cpus = size.cpus;
+    sc.memory_mib = size.memory_mib;
     sc.disks = disks;
     sc.console = Console::File(dir.join(pod::CONSOLE_LOG));
     sc.state_dir = Some(dir.to_path_buf());
@@ -94,20 +101,26 @@ impl Inner {
             .ok_or_else(|| status(Code::FAILED_PRECONDITION, "the pod's VM is not running"))
     }
 
-    /// Boots the pod's VM if this is its first container. The pod's VM size is the config's
-    /// default plus this (first) container's pod resources.
-    pub(crate) async fn ensure_vm(
+    /// Boots the pod's VM of `size` for its first container (`spec`). The pod's state
+    /// directory and everything the shim puts there are the shim's only (0700, files 0600).
+    pub(crate) async fn boot_vm(
         self: &Arc<Self>,
         pod: &mut Pod,
         cfg: &ShimConfig,
         spec: &serde_json::Value,
+        size: VmSize,
     ) -> anyhow::Result<Arc<Sandbox>> {
-        if let Some(s) = &pod.sandbox {
-            return Ok(s.clone());
-        }
         let dir = &self.state_dir;
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        let sc = sandbox_config(cfg, dir, pod::pod_resources(spec))?;
+        for d in [std::path::Path::new(pod::STATE_ROOT), dir] {
+            pod::private_dir(d).with_context(|| format!("create {}", d.display()))?;
+        }
+        let console = ConsoleLog::create(dir.join(pod::CONSOLE_LOG), cfg.console_log_max_kib << 10)
+            .context("create the console log")?;
+        if let Some(old) = pod.console_task.replace(console.clone().spawn_cap_task()) {
+            old.abort();
+        }
+        pod.console = Some(console);
+        let sc = sandbox_config(cfg, dir, size)?;
         let started = std::time::Instant::now();
         let sandbox = match Sandbox::start(sc.clone()).await {
             Ok(s) => s,
@@ -128,7 +141,7 @@ impl Inner {
             sc.memory_mib
         );
         if let Some(pid) = sandbox.vmm_pid() {
-            std::fs::write(dir.join(pod::VMM_PID_FILE), pid.to_string())
+            pod::write_private(&dir.join(pod::VMM_PID_FILE), pid.to_string().as_bytes())
                 .context("write the VMM pid file")?;
         }
         let hostname = spec
@@ -157,7 +170,10 @@ impl Inner {
             return;
         }
         let mut pod = self.pod.lock().await;
-        if let Some(t) = pod.oom_task.take() {
+        for t in [pod.oom_task.take(), pod.console_task.take()]
+            .into_iter()
+            .flatten()
+        {
             t.abort();
         }
         if let Some(sb) = pod.sandbox.take() {

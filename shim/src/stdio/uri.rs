@@ -1,9 +1,9 @@
 //! Where a process's stdout (and then stderr) goes: FIFO paths, or a log URI as containerd's
 //! runc shim takes them (`file:///path`, `binary:///path?key=value`).
 
-use std::fs::OpenOptions;
+use std::fs::{OpenOptions, Permissions};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::StdioError;
@@ -66,22 +66,43 @@ pub(super) fn path_of(p: &str) -> &str {
     p.strip_prefix("fifo://").unwrap_or(p)
 }
 
-/// A log file for stdout and stderr: appended to, created (0640) with its directory if
-/// missing. Two descriptors of one open file (O_APPEND: each write lands at the end).
+/// A log file for stdout and stderr: appended to, created 0640 with its missing directories
+/// 0755 (the modes containerd's runc shim gives them; set explicitly, since the shim's umask
+/// is 077). Two descriptors of one open file (O_APPEND: each write lands at the end).
 pub(super) fn open_log_file(path: &Path) -> Result<(OwnedFd, OwnedFd), StdioError> {
     let err = |source| StdioError::Open {
         path: path.display().to_string(),
         source,
     };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
+        let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+        for d in missing.into_iter().rev() {
+            match std::fs::create_dir(d) {
+                Ok(()) => {
+                    std::fs::set_permissions(d, Permissions::from_mode(0o755)).map_err(err)?
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
     }
-    let f = OpenOptions::new()
+    let (f, created) = match OpenOptions::new()
         .append(true)
-        .create(true)
+        .create_new(true)
         .mode(0o640)
         .open(path)
-        .map_err(err)?;
+    {
+        Ok(f) => (f, true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (
+            OpenOptions::new().append(true).open(path).map_err(err)?,
+            false,
+        ),
+        Err(e) => return Err(err(e)),
+    };
+    if created {
+        f.set_permissions(Permissions::from_mode(0o640))
+            .map_err(err)?;
+    }
     let second = f.try_clone().map_err(err)?;
     Ok((f.into(), second.into()))
 }
@@ -130,6 +151,21 @@ mod tests {
         };
         let e = p.check().unwrap_err().to_string();
         assert!(e.contains("/nonexistent/logger"), "{e}");
+    }
+
+    #[test]
+    fn a_new_log_file_and_its_directories_get_their_own_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("a/b/c.log");
+        drop(open_log_file(&log).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&log), 0o640);
+        assert_eq!(mode(&dir.path().join("a")), 0o755);
+        assert_eq!(mode(&dir.path().join("a/b")), 0o755);
+        // An existing file keeps its mode.
+        std::fs::set_permissions(&log, Permissions::from_mode(0o600)).unwrap();
+        drop(open_log_file(&log).unwrap());
+        assert_eq!(mode(&log), 0o600);
     }
 
     #[test]

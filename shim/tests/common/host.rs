@@ -35,3 +35,33 @@ pub fn shim_pids() -> Vec<u32> {
 pub fn processes_with_arg(arg: &str) -> bool {
     !pids_where(|args, zombie| !zombie && args.contains(&arg.as_bytes())).is_empty()
 }
+
+/// The shim's state (`/run/microvm-shim` and everything in it) and the shim sockets
+/// (`/run/containerd/s/*`) that group or others could read or write: none should be.
+pub fn state_open_to_others() -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut open = Vec::new();
+    let mut check = |p: &std::path::Path| {
+        if let Ok(m) = std::fs::symlink_metadata(p) {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                open.push(format!("{} {mode:o}", p.display()));
+            }
+        }
+    };
+    let root = std::path::Path::new("/run/microvm-shim");
+    check(root);
+    let entries = |d: &std::path::Path| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(d)
+            .map(|r| r.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    for pod in entries(root) {
+        check(&pod);
+        entries(&pod).iter().for_each(|f| check(f));
+    }
+    entries(std::path::Path::new("/run/containerd/s"))
+        .iter()
+        .for_each(|f| check(f));
+    open
+}

@@ -40,11 +40,30 @@ fn task_pid(c: &Containerd, id: &str) -> Result<String, String> {
         .ok_or_else(|| format!("no pid of {id} in:\n{ls}"))
 }
 
+/// `ctr run --rm` with these extra arguments must fail with `message`.
+fn refused(c: &Containerd, id: &str, mut extra: Vec<String>, message: &str) -> Result<(), String> {
+    extra.insert(0, "--rm".into());
+    let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let out = c.ctr(&c.run_args(&args, id, &["true"]));
+    check(
+        !out.status.success() && text(&out).contains(message),
+        || {
+            format!(
+                "{id} must be refused ({message}): {:?} {}",
+                out.status,
+                text(&out)
+            )
+        },
+    )
+}
+
 /// The sandbox names a host network namespace, which the guest never sees (it used to fail
 /// RunPodSandbox: the path does not exist in the VM); a container of the pod joins the
 /// sandbox's network, IPC, UTS and PID namespaces by `/proc/<sandbox pid>/ns/...`, as CRI
-/// writes them, and sees the same namespaces as the sandbox in the guest. A hostNetwork
-/// sandbox (no network namespace) is refused with one clear error, before any VM boots.
+/// writes them, and sees the same namespaces as the sandbox in the guest. A container of
+/// another Kubernetes pod cannot join the VM; a hostNetwork sandbox (no network namespace) and
+/// a sandbox asking for more memory than the shim config allows are refused with one clear
+/// error each, before any VM boots.
 pub fn cri_shaped_pod(c: &Containerd) -> Result<(), String> {
     let add = sh(&format!("ip netns add {NETNS}"));
     check(add.status.success(), || {
@@ -81,22 +100,34 @@ pub fn cri_shaped_pod(c: &Containerd) -> Result<(), String> {
         check(init.trim() == "sleep 1000", || {
             format!("PID 1 seen by the app: {init:?}")
         })?;
+        // A container of another Kubernetes pod naming this sandbox id.
+        let mut intruder = cri_annotations("pod3", "container");
+        intruder.extend([
+            "--annotation".into(),
+            "io.kubernetes.cri.sandbox-name=db".into(),
+        ]);
+        refused(c, "pod3-intruder", intruder, "cannot join pod pod3")?;
+        // Refused before any VM boots: a hostNetwork pod, a pod larger than the config allows.
         let vmms = vmm_pids().len();
         let mut host_net = cri_annotations("pod4", "sandbox");
-        host_net.insert(0, "--net-host".into());
-        host_net.insert(0, "--rm".into());
-        let args: Vec<&str> = host_net.iter().map(String::as_str).collect();
-        let out = c.ctr(&c.run_args(&args, "pod4", &["true"]));
-        check(
-            !out.status.success()
-                && text(&out).contains("hostNetwork pods cannot run in a microVM"),
-            || format!("a hostNetwork sandbox: {:?} {}", out.status, text(&out)),
+        host_net.push("--net-host".into());
+        refused(
+            c,
+            "pod4",
+            host_net,
+            "hostNetwork pods cannot run in a microVM",
         )?;
+        let mut huge = cri_annotations("pod5", "sandbox");
+        huge.extend([
+            "--annotation".into(),
+            "io.kubernetes.cri.sandbox-memory=1099511627776".into(),
+        ]);
+        refused(c, "pod5", huge, "max_memory_mib")?;
         check(vmm_pids().len() == vmms, || {
-            "a VM was booted for the refused hostNetwork pod".into()
+            "a VM was booted for a refused pod".into()
         })
     })();
-    for id in ["pod4", "pod3-app", "pod3"] {
+    for id in ["pod5", "pod4", "pod3-intruder", "pod3-app", "pod3"] {
         c.remove(id);
     }
     let _ = sh(&format!("ip netns del {NETNS}"));

@@ -3,11 +3,12 @@
 use std::io::Write;
 use std::process::Stdio;
 
-use crate::common::host::{processes_with_arg, shim_pids, vmm_pids};
+use crate::common::host::{processes_with_arg, shim_pids, state_open_to_others, vmm_pids};
 use crate::common::{check, text, wait_until, Containerd, EventLog};
 
-/// Two containers with one sandbox-id annotation: one shim, one VMM; removing the first leaves
-/// the second running; removing the second ends the VM.
+/// Two containers with one sandbox-id annotation: one shim, one VMM, the pod's state and the
+/// shim's socket private to root; removing the first leaves the second running; removing the
+/// second ends the VM.
 pub fn pod_of_two(c: &Containerd) -> Result<(), String> {
     let ann = "io.kubernetes.cri.sandbox-id=pod1";
     let vmms_before = vmm_pids().len();
@@ -23,6 +24,10 @@ pub fn pod_of_two(c: &Containerd) -> Result<(), String> {
         check(vmms == 1, || format!("{vmms} VMMs for one pod"))?;
         check(shim_pids().len() == 1, || {
             format!("shims: {:?}", shim_pids())
+        })?;
+        let open = state_open_to_others();
+        check(open.is_empty(), || {
+            format!("pod state open to group or others: {open:?}")
         })?;
         c.remove("pod1");
         let out = c.ctr(&["task", "exec", "--exec-id", "x", "pod1-b", "echo", "alive"]);
