@@ -33,6 +33,15 @@ pub struct ShimConfig {
     pub log_level: String,
     /// Seconds to wait for the guest agent after starting the VMM.
     pub boot_timeout_s: u64,
+    /// The most vCPUs a pod's VM may have, its pod's CPU limit included: a pod asking for
+    /// more is refused (its annotations are the pod author's to write).
+    pub max_cpus: u8,
+    /// The most memory (MiB) a pod's VM may have, its pod's memory limit included.
+    pub max_memory_mib: u64,
+    /// The pod's `console.log` (guest console and VMM log, on a tmpfs) is rotated when it
+    /// grows past this: it becomes `console.log.1` (its last this-many KiB), replacing the
+    /// one before.
+    pub console_log_max_kib: u64,
 }
 
 impl Default for ShimConfig {
@@ -47,6 +56,9 @@ impl Default for ShimConfig {
             slot_size_gib: 8,
             log_level: "info".into(),
             boot_timeout_s: 90,
+            max_cpus: 8,
+            max_memory_mib: 8192,
+            console_log_max_kib: 1024,
         }
     }
 }
@@ -107,6 +119,15 @@ impl ShimConfig {
         if cfg.slot_size_gib == 0 {
             return Err(invalid("slot_size_gib must be at least 1"));
         }
+        if cfg.max_cpus < cfg.cpus || cfg.max_cpus > 32 {
+            return Err(invalid("max_cpus must be at least cpus and at most 32"));
+        }
+        if cfg.max_memory_mib < cfg.memory_mib {
+            return Err(invalid("max_memory_mib must be at least memory_mib"));
+        }
+        if cfg.console_log_max_kib < 4 {
+            return Err(invalid("console_log_max_kib must be at least 4"));
+        }
         Ok(cfg)
     }
 }
@@ -136,6 +157,14 @@ mod tests {
         assert!(e.contains("/etc/x.toml") && e.contains("cpu"), "{e}");
         let e = ShimConfig::parse("slots = 0", p).unwrap_err().to_string();
         assert!(e.contains("slots"), "{e}");
+        let e = ShimConfig::parse("memory_mib = 1024\nmax_memory_mib = 512", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_memory_mib"), "{e}");
+        let e = ShimConfig::parse("cpus = 4\nmax_cpus = 2", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_cpus"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! "io.containerd.microvm.v2"`. One shim process and one microVM per pod; see README.md.
 
 mod config;
+mod console;
+mod guest_spec;
 mod pod;
+mod pod_identity;
 mod rootfs;
 mod service;
 mod stdio;
@@ -16,7 +19,6 @@ use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::{run, spawn, ExitSignal, Shim};
 use containerd_shim::protos::api::DeleteResponse;
-use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::{Config, Error, Flags, StartOpts};
 
@@ -75,12 +77,17 @@ impl Shim for MicrovmShim {
         } else {
             PathBuf::from(&self.bundle)
         };
-        if let Err(e) = rootfs::unmount_all(&bundle.join("rootfs")) {
+        let spec = pod::read_spec(&bundle).map(|(_, spec)| spec).ok();
+        // Only ever beneath the bundle, as Create mounted it.
+        let root_path = spec.as_ref().map_or("rootfs", rootfs::spec_root_path);
+        if let Err(e) = rootfs::BundleRootfs::resolve(&bundle, root_path)
+            .and_then(|rootfs| rootfs::unmount_all(&rootfs))
+        {
             eprintln!("{e}");
         }
-        let grouping = pod::read_spec(&bundle)
-            .map(|(_, spec)| pod::grouping(&spec, &self.id))
-            .unwrap_or_else(|_| self.id.clone());
+        let grouping = spec
+            .as_ref()
+            .map_or_else(|| self.id.clone(), |spec| pod::grouping(spec, &self.id));
         let address = pod::shim_address(&self.address, &self.namespace, &grouping);
         if !shim_answers(pod::socket_path(&address)) {
             let dir = pod::state_dir(&address);
@@ -88,22 +95,22 @@ impl Shim for MicrovmShim {
             let _ = std::fs::remove_dir_all(&dir);
             let _ = std::fs::remove_file(pod::socket_path(&address));
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
         Ok(DeleteResponse {
             pid: 0,
             exit_status: 128 + libc::SIGKILL as u32,
-            exited_at: MessageField::some(Timestamp {
-                seconds: now.as_secs() as i64,
-                nanos: now.subsec_nanos() as i32,
-                ..Default::default()
-            }),
+            exited_at: MessageField::some(service::timestamp(std::time::SystemTime::now())),
             ..Default::default()
         })
     }
 
+    /// The serving shim: its socket (bound by containerd-shim under the umask `main` sets) is
+    /// made 0600 explicitly, then it runs until the pod is over.
     async fn wait(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let socket = pod::socket_path(&self.socket);
+        if let Err(e) = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)) {
+            tracing::warn!("chmod 0600 {socket}: {e}");
+        }
         self.exit.wait().await;
     }
 
@@ -153,6 +160,10 @@ fn kill_vmm(dir: &Path) {
 
 #[tokio::main]
 async fn main() {
+    // Everything the shim and its children (the VMM's vsock sockets, mke2fs) create is private
+    // unless given a mode explicitly: not whatever umask containerd passed down.
+    // SAFETY: umask(2) only sets this process's file mode creation mask.
+    unsafe { libc::umask(0o077) };
     let config = Config {
         // The shim's children are the VMM (a std::process::Child the sandbox waits for) and
         // mke2fs; a SIGCHLD reaper reaping them behind those waits would break them.

@@ -50,14 +50,67 @@ pub fn state_dir(shim_address: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(key)
 }
 
+/// Creates `dir` (and missing parents) and makes it 0700, whatever the umask: the pod's state
+/// (the VMM's sockets, disks, console) is the shim's only.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Writes a state file 0600, whatever the umask (and an existing file's mode).
+pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(contents)
+}
+
 /// The socket file behind a `unix://` address.
 pub fn socket_path(address: &str) -> &str {
     address.strip_prefix("unix://").unwrap_or(address)
 }
 
-/// Extra VM size the pod's own limits ask for: (vCPUs, MiB). From CRI's sandbox annotations,
-/// else the container's own `linux.resources` (for a pod of one container started by `ctr`).
-pub fn pod_resources(spec: &serde_json::Value) -> (u8, u64) {
+/// A pod VM's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSize {
+    pub cpus: u8,
+    pub memory_mib: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the pod asks for a VM of {cpus} vCPUs and {memory_mib} MiB (the shim config's cpus = {base_cpus} \
+     and memory_mib = {base_mib} plus the pod's limits: {from}); the shim config allows at most \
+     max_cpus = {max_cpus} and max_memory_mib = {max_mib}"
+)]
+pub struct TooLarge {
+    cpus: u64,
+    memory_mib: u64,
+    base_cpus: u8,
+    base_mib: u64,
+    max_cpus: u8,
+    max_mib: u64,
+    from: &'static str,
+}
+
+/// The pod VM's size: the config's base plus what the pod's own limits ask for, from CRI's
+/// sandbox annotations, else the container's own `linux.resources` (for a pod of one
+/// container started by `ctr`). Refused above the config's `max_cpus` / `max_memory_mib`:
+/// annotations are written by whoever writes the pod.
+pub fn vm_size(
+    cfg: &crate::config::ShimConfig,
+    spec: &serde_json::Value,
+) -> Result<VmSize, TooLarge> {
     let ann = |k: &str| {
         spec.pointer("/annotations")
             .and_then(|a| a.get(k))
@@ -65,20 +118,42 @@ pub fn pod_resources(spec: &serde_json::Value) -> (u8, u64) {
             .and_then(|s| s.parse::<i64>().ok())
     };
     let res = |p: &str| spec.pointer(p).and_then(|v| v.as_i64());
+    let from_annotations =
+        ann(SANDBOX_MEMORY_ANNOTATION).is_some() || ann(SANDBOX_CPU_QUOTA_ANNOTATION).is_some();
     let memory = ann(SANDBOX_MEMORY_ANNOTATION).or_else(|| res("/linux/resources/memory/limit"));
     let quota = ann(SANDBOX_CPU_QUOTA_ANNOTATION).or_else(|| res("/linux/resources/cpu/quota"));
     let period = ann(SANDBOX_CPU_PERIOD_ANNOTATION)
         .or_else(|| res("/linux/resources/cpu/period"))
         .unwrap_or(100_000);
-    let cpus = match quota {
-        Some(q) if q > 0 && period > 0 => (q as u64).div_ceil(period as u64).min(64) as u8,
+    let extra_cpus = match quota {
+        Some(q) if q > 0 && period > 0 => (q as u64).div_ceil(period as u64),
         _ => 0,
     };
-    let mib = match memory {
+    let extra_mib = match memory {
         Some(m) if m > 0 => (m as u64).div_ceil(1 << 20),
         _ => 0,
     };
-    (cpus, mib)
+    let cpus = u64::from(cfg.cpus).saturating_add(extra_cpus);
+    let memory_mib = cfg.memory_mib.saturating_add(extra_mib);
+    if cpus > u64::from(cfg.max_cpus) || memory_mib > cfg.max_memory_mib {
+        return Err(TooLarge {
+            cpus,
+            memory_mib,
+            base_cpus: cfg.cpus,
+            base_mib: cfg.memory_mib,
+            max_cpus: cfg.max_cpus,
+            max_mib: cfg.max_memory_mib,
+            from: if from_annotations {
+                "io.kubernetes.cri.sandbox-memory / -cpu-quota / -cpu-period"
+            } else {
+                "the container's linux.resources"
+            },
+        });
+    }
+    Ok(VmSize {
+        cpus: cpus as u8,
+        memory_mib,
+    })
 }
 
 #[cfg(test)]
@@ -101,14 +176,66 @@ mod tests {
     }
 
     #[test]
+    fn state_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let state = dir.path().join("root/pod");
+        private_dir(&state).unwrap();
+        assert_eq!(mode(&state), 0o700);
+        // An existing directory left open by an older shim is closed too.
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&state).unwrap();
+        assert_eq!(mode(&state), 0o700);
+        let pid = state.join(VMM_PID_FILE);
+        std::fs::write(&pid, "1").unwrap();
+        std::fs::set_permissions(&pid, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&pid, b"42").unwrap();
+        assert_eq!(mode(&pid), 0o600);
+        assert_eq!(std::fs::read_to_string(&pid).unwrap(), "42");
+    }
+
+    #[test]
     fn pod_size_from_annotations_or_limits() {
+        let cfg = crate::config::ShimConfig::default();
+        let size = |s: serde_json::Value| vm_size(&cfg, &s).map(|v| (v.cpus, v.memory_mib));
         let s = json!({"annotations": {
             SANDBOX_MEMORY_ANNOTATION: "268435456",
             SANDBOX_CPU_QUOTA_ANNOTATION: "150000",
             SANDBOX_CPU_PERIOD_ANNOTATION: "100000"}});
-        assert_eq!(pod_resources(&s), (2, 256));
+        assert_eq!(size(s).unwrap(), (3, 512));
         let s = json!({"linux": {"resources": {"memory": {"limit": 1048577}}}});
-        assert_eq!(pod_resources(&s), (0, 2));
-        assert_eq!(pod_resources(&json!({})), (0, 0));
+        assert_eq!(size(s).unwrap(), (1, 258));
+        assert_eq!(size(json!({})).unwrap(), (1, 256));
+        let s = json!({"annotations": {SANDBOX_MEMORY_ANNOTATION: "-5"}});
+        assert_eq!(size(s).unwrap(), (1, 256));
+    }
+
+    /// The annotations are the pod author's: a pod asking for more than the config's maximum
+    /// is refused, not capped by the host's RAM only.
+    #[test]
+    fn a_pod_above_the_configured_maximum_is_refused() {
+        let cfg = crate::config::ShimConfig::default();
+        let s = json!({"annotations": {SANDBOX_MEMORY_ANNOTATION: "1099511627776"}});
+        let e = vm_size(&cfg, &s).unwrap_err().to_string();
+        assert!(
+            e.contains("max_memory_mib = 8192") && e.contains("1048832 MiB"),
+            "{e}"
+        );
+        assert!(e.contains("sandbox-memory"), "{e}");
+        let s = json!({"annotations": {
+            SANDBOX_CPU_QUOTA_ANNOTATION: "9223372036854775807",
+            SANDBOX_CPU_PERIOD_ANNOTATION: "1"}});
+        let e = vm_size(&cfg, &s).unwrap_err().to_string();
+        assert!(e.contains("max_cpus = 8"), "{e}");
+        let s = json!({"linux": {"resources": {"cpu": {"quota": 800000, "period": 100000}}}});
+        let e = vm_size(&cfg, &s).unwrap_err().to_string();
+        assert!(
+            e.contains("9 vCPUs") && e.contains("linux.resources"),
+            "{e}"
+        );
+        // At the maximum exactly: fine.
+        let s = json!({"annotations": {SANDBOX_MEMORY_ANNOTATION: (7936u64 << 20).to_string()}});
+        assert_eq!(vm_size(&cfg, &s).unwrap().memory_mib, 8192);
     }
 }

@@ -7,7 +7,8 @@
 use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
@@ -22,6 +23,16 @@ pub enum RootfsError {
     Io {
         context: String,
         source: std::io::Error,
+    },
+    #[error(
+        "the spec's root.path {root:?} {why}: the root filesystem must be a directory beneath the \
+         bundle {}",
+        bundle.display()
+    )]
+    OutsideBundle {
+        root: String,
+        bundle: PathBuf,
+        why: &'static str,
     },
     #[error("the container's rootfs image: {source} (a slot disk holds {slot_mib} MiB; raise slot_size_gib in the shim config for larger images)")]
     Image { source: image::Error, slot_mib: u64 },
@@ -40,8 +51,85 @@ pub struct HostMount {
     pub options: Vec<String>,
 }
 
-/// Mounts the snapshotter's mounts, in order, on `target` (as runc's shim does).
-pub fn mount_all(mounts: &[HostMount], target: &Path) -> Result<(), RootfsError> {
+impl From<&containerd_shim::protos::types::mount::Mount> for HostMount {
+    fn from(m: &containerd_shim::protos::types::mount::Mount) -> Self {
+        HostMount {
+            fstype: m.type_.clone(),
+            source: m.source.clone(),
+            options: m.options.clone(),
+        }
+    }
+}
+
+/// The spec's `root.path` (`rootfs` when absent, as containerd writes it).
+pub fn spec_root_path(spec: &serde_json::Value) -> &str {
+    spec.pointer("/root/path")
+        .and_then(|p| p.as_str())
+        .unwrap_or("rootfs")
+}
+
+/// A container's root filesystem directory, resolved beneath its bundle: the only place the
+/// shim mounts the snapshotter's mounts on, builds the image from and unmounts. A spec could
+/// otherwise name a host directory (`/`, `../../etc`, a symbolic link out of the bundle) and
+/// have it packed into the guest, or mounted over and unmounted on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleRootfs(PathBuf);
+
+impl BundleRootfs {
+    /// Resolves `root_path` (relative to `bundle`, or absolute inside it) beneath `bundle`:
+    /// no `..`, not the bundle itself, and no symbolic link or non-directory on the way
+    /// (components not there yet are created as directories by [`mount_all`]).
+    pub fn resolve(bundle: &Path, root_path: &str) -> Result<BundleRootfs, RootfsError> {
+        let refuse = |why| RootfsError::OutsideBundle {
+            root: root_path.into(),
+            bundle: bundle.to_path_buf(),
+            why,
+        };
+        let root = Path::new(root_path);
+        let relative = if root.is_absolute() {
+            root.strip_prefix(bundle)
+                .map_err(|_| refuse("is an absolute path outside the bundle"))?
+        } else {
+            root
+        };
+        let mut path = bundle.to_path_buf();
+        let mut depth = 0;
+        for c in relative.components() {
+            match c {
+                Component::Normal(name) => {
+                    path.push(name);
+                    depth += 1;
+                }
+                Component::CurDir => continue,
+                _ => return Err(refuse("has a `..` (or a root) in it")),
+            }
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(refuse("goes through a symbolic link"))
+                }
+                Ok(m) if !m.is_dir() => {
+                    return Err(refuse("goes through something not a directory"))
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(format!("look at {}", path.display()))(e)),
+            }
+        }
+        if depth == 0 {
+            return Err(refuse("is the bundle itself"));
+        }
+        Ok(BundleRootfs(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+/// Mounts the snapshotter's mounts, in order, on the container's rootfs directory (as runc's
+/// shim does).
+pub fn mount_all(mounts: &[HostMount], rootfs: &BundleRootfs) -> Result<(), RootfsError> {
+    let target = rootfs.path();
     fs::create_dir_all(target).map_err(io(format!("create {}", target.display())))?;
     for m in mounts {
         containerd_shim::mount::mount_rootfs(
@@ -60,9 +148,10 @@ pub fn mount_all(mounts: &[HostMount], target: &Path) -> Result<(), RootfsError>
     Ok(())
 }
 
-/// Unmounts everything on `target` (several stacked mounts too); a target with nothing mounted
-/// is fine, so this is safe to repeat.
-pub fn unmount_all(target: &Path) -> Result<(), RootfsError> {
+/// Unmounts everything on the container's rootfs directory (several stacked mounts too); a
+/// directory with nothing mounted is fine, so this is safe to repeat.
+pub fn unmount_all(rootfs: &BundleRootfs) -> Result<(), RootfsError> {
+    let target = rootfs.path();
     let Ok(c) = CString::new(target.as_os_str().as_bytes()) else {
         return Ok(());
     };
@@ -132,15 +221,18 @@ pub fn rootfs_image(tree: &Path, out: &Path, max_bytes: u64) -> Result<u64, Root
     })
 }
 
-/// Creates (or resizes) a sparse slot disk of `bytes`: no blocks are used until an image is
-/// written into it.
+/// Creates (or resizes) a sparse slot disk of `bytes`, 0600: no blocks are used until an
+/// image is written into it.
 pub fn create_slot(path: &Path, bytes: u64) -> Result<(), RootfsError> {
     let f = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(path)
         .map_err(io(format!("create {}", path.display())))?;
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(io(format!("chmod {}", path.display())))?;
     f.set_len(bytes)
         .map_err(io(format!("size {}", path.display())))
 }
@@ -150,6 +242,48 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
     use std::process::Command;
+
+    /// `root.path` stays beneath the bundle: a spec cannot have a host directory packed into
+    /// the guest, mounted over or unmounted.
+    #[test]
+    fn the_rootfs_is_resolved_beneath_the_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("bundle");
+        fs::create_dir_all(bundle.join("rootfs")).unwrap();
+        fs::create_dir_all(bundle.join("sub/root")).unwrap();
+        let ok = |p: &str| BundleRootfs::resolve(&bundle, p).map(|r| r.path().to_path_buf());
+        assert_eq!(ok("rootfs").unwrap(), bundle.join("rootfs"));
+        assert_eq!(ok("./sub/root").unwrap(), bundle.join("sub/root"));
+        assert_eq!(
+            ok(&bundle.join("rootfs").to_string_lossy()).unwrap(),
+            bundle.join("rootfs")
+        );
+        assert_eq!(
+            ok("new").unwrap(),
+            bundle.join("new"),
+            "created at mount time"
+        );
+        std::os::unix::fs::symlink("/etc", bundle.join("link")).unwrap();
+        std::os::unix::fs::symlink("rootfs", bundle.join("inner-link")).unwrap();
+        fs::write(bundle.join("file"), "x").unwrap();
+        let outside = bundle.join("../../etc");
+        for bad in [
+            "/",
+            "/etc",
+            "../../etc",
+            "rootfs/../../etc",
+            "link",
+            "link/ssl",
+            "inner-link",
+            "file/x",
+            "",
+            ".",
+            outside.to_str().unwrap(),
+        ] {
+            let e = ok(bad).unwrap_err().to_string();
+            assert!(e.contains("beneath the bundle"), "{bad:?}: {e}");
+        }
+    }
 
     #[test]
     fn mountinfo_escapes() {
@@ -169,6 +303,10 @@ mod tests {
         let slot = dir.path().join("slot0");
         create_slot(&slot, 1 << 30).unwrap();
         assert_eq!(fs::metadata(&slot).unwrap().blocks(), 0);
+        assert_eq!(
+            fs::metadata(&slot).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let size = rootfs_image(&tree, &slot, 1 << 30).unwrap();
         assert!((16 << 20..64 << 20).contains(&size), "{size}");
         let md = fs::metadata(&slot).unwrap();

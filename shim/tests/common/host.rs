@@ -1,0 +1,67 @@
+//! Host-side observations: VMM and shim processes.
+
+/// Pids of the processes whose arguments (and whether it is a zombie) `pick` accepts.
+fn pids_where(pick: impl Fn(&[&[u8]], bool) -> bool) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let zombie = std::fs::read_to_string(e.path().join("stat"))
+            .unwrap_or_default()
+            .contains(") Z ");
+        if pick(&args, zombie) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Pids of running VMM processes (`microvm boot ...`).
+pub fn vmm_pids() -> Vec<u32> {
+    pids_where(|args, zombie| {
+        !zombie && args.len() > 1 && args[0].ends_with(b"microvm") && args[1] == b"boot"
+    })
+}
+
+/// Pids of shim processes (zombies included: containerd has not reaped them yet).
+pub fn shim_pids() -> Vec<u32> {
+    pids_where(|args, _| args[0].ends_with(b"containerd-shim-microvm-v2"))
+}
+
+/// Whether a running process has `arg` among its arguments.
+pub fn processes_with_arg(arg: &str) -> bool {
+    !pids_where(|args, zombie| !zombie && args.contains(&arg.as_bytes())).is_empty()
+}
+
+/// The shim's state (`/run/microvm-shim` and everything in it) and the shim sockets
+/// (`/run/containerd/s/*`) that group or others could read or write: none should be.
+pub fn state_open_to_others() -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut open = Vec::new();
+    let mut check = |p: &std::path::Path| {
+        if let Ok(m) = std::fs::symlink_metadata(p) {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                open.push(format!("{} {mode:o}", p.display()));
+            }
+        }
+    };
+    let root = std::path::Path::new("/run/microvm-shim");
+    check(root);
+    let entries = |d: &std::path::Path| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(d)
+            .map(|r| r.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    for pod in entries(root) {
+        check(&pod);
+        entries(&pod).iter().for_each(|f| check(f));
+    }
+    entries(std::path::Path::new("/run/containerd/s"))
+        .iter()
+        .for_each(|f| check(f));
+    open
+}

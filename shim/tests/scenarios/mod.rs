@@ -1,0 +1,7 @@
+//! The scenarios, run in the order `main` lists them against one private containerd.
+
+pub mod basics;
+pub mod cleanup;
+pub mod cri;
+pub mod exec;
+pub mod pods;
