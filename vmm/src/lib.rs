@@ -12,4 +12,4 @@ pub mod timing;
 pub mod vcpu;
 pub mod vm;
 
-pub use vm::{run, DiskConfig, VmConfig, VmmError, VsockConfig, DEFAULT_CMDLINE};
+pub use vm::{run, DiskConfig, FsConfig, VmConfig, VmmError, VsockConfig, DEFAULT_CMDLINE};

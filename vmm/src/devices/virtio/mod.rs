@@ -11,6 +11,7 @@
 //! cannot be used puts the device in `DEVICE_NEEDS_RESET`. Nothing here panics on guest input.
 
 pub mod block;
+pub mod fs;
 mod mmio;
 pub mod rng;
 pub mod vsock;
@@ -31,6 +32,7 @@ pub mod device_type {
     pub const CONSOLE: u32 = 3;
     pub const RNG: u32 = 4;
     pub const VSOCK: u32 = 19;
+    pub const FS: u32 = 26;
 }
 
 /// Feature bit every modern device offers: the device complies with virtio 1.x.
