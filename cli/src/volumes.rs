@@ -207,12 +207,12 @@ fn prepare_host_dir(v: &VolumeSpec) -> Result<()> {
     Ok(())
 }
 
-/// The run's shared directories (host path, read-only) and container mounts, in the order
-/// given, the host directories prepared.
-pub fn plan(
-    binds: &[VolumeSpec],
-    tmpfs: &[TmpfsSpec],
-) -> Result<(Vec<(PathBuf, bool)>, Vec<PlannedMount>)> {
+/// A shared host directory and whether it is read-only.
+pub type Share = (PathBuf, bool);
+
+/// The run's shared directories and container mounts, in the order given, the host
+/// directories prepared.
+pub fn plan(binds: &[VolumeSpec], tmpfs: &[TmpfsSpec]) -> Result<(Vec<Share>, Vec<PlannedMount>)> {
     let mut shares = Vec::new();
     let mut mounts = Vec::new();
     for v in binds {
