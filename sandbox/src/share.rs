@@ -322,8 +322,6 @@ impl Drop for UserNamespaceHolder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
-    use std::os::unix::net::UnixStream;
 
     /// The daemon starts confined and answers vhost-user: it runs in a user namespace with the
     /// share's id map and in a mount namespace of its own. Needs root and a built virtiofsd
@@ -357,21 +355,12 @@ mod tests {
         );
         let ns = |p: &str| fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
         assert_ne!(ns(&pid.to_string()), ns("self"));
-        // VHOST_USER_GET_FEATURES (1), version 1 flags, no payload: the reply carries a u64.
-        let mut s = UnixStream::connect(&d.socket).unwrap();
-        let mut msg = Vec::new();
-        for v in [1u32, 1, 0] {
-            msg.extend_from_slice(&v.to_le_bytes());
-        }
-        s.write_all(&msg).unwrap();
-        let mut reply = [0u8; 20];
-        s.read_exact(&mut reply).unwrap();
-        let features = u64::from_le_bytes(reply[12..].try_into().unwrap());
-        assert_ne!(
-            features & (1 << 32),
-            0,
-            "VIRTIO_F_VERSION_1 offered: {features:#x}"
-        );
+        // The VMM's frontend connects and negotiates (owner, features, protocol features, the
+        // queue count).
+        let dev = vmm::devices::virtio::fs::Fs::new(SHARE_TAG, &d.socket).unwrap();
+        use vmm::devices::virtio::VirtioDevice;
+        assert_ne!(dev.avail_features() & (1 << 32), 0, "VIRTIO_F_VERSION_1");
+        assert_eq!(dev.device_type(), 26);
         // The host's mount table is untouched: the share root is a plain directory here.
         let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!mounts.contains(state.join("share").to_str().unwrap()));

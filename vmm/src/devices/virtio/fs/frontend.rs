@@ -107,3 +107,71 @@ pub fn stop(frontend: &mut Frontend, queues: usize) -> Result<(), SetupError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::FileOffset;
+
+    use super::*;
+
+    fn shared_memory() -> GuestMemoryMmap {
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        file.set_len(0x30000).unwrap();
+        GuestMemoryMmap::from_ranges_with_files([
+            (
+                GuestAddress(0),
+                0x10000,
+                Some(FileOffset::from_arc(file.clone(), 0)),
+            ),
+            (
+                GuestAddress(0x100000),
+                0x20000,
+                Some(FileOffset::from_arc(file, 0x10000)),
+            ),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn memory_table_maps_each_region_at_its_file_offset() {
+        let mem = shared_memory();
+        let table = memory_table(&mem).unwrap();
+        assert_eq!(table.len(), 2);
+        assert_eq!(
+            (
+                table[1].guest_phys_addr,
+                table[1].memory_size,
+                table[1].mmap_offset
+            ),
+            (0x100000, 0x20000, 0x10000)
+        );
+        assert_eq!(table[0].mmap_handle, table[1].mmap_handle, "one memfd");
+        let host = mem.get_host_address(GuestAddress(0x100000)).unwrap() as u64;
+        assert_eq!(table[1].userspace_addr, host);
+    }
+
+    #[test]
+    fn anonymous_memory_cannot_be_handed_to_a_daemon() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        assert!(matches!(
+            memory_table(&mem),
+            Err(SetupError::MemoryNotShared(0))
+        ));
+    }
+
+    #[test]
+    fn vring_addresses_are_vmm_addresses_of_the_driver_rings() {
+        let mem = shared_memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let q = vq.create_queue::<Queue>().unwrap();
+        let c = vring_config(&mem, 1, &q).unwrap();
+        let hva = |a: u64| mem.get_host_address(GuestAddress(a)).unwrap() as u64;
+        assert_eq!(c.queue_size, 16);
+        assert_eq!(c.desc_table_addr, hva(q.desc_table()));
+        assert_eq!(c.avail_ring_addr, hva(q.avail_ring()));
+        assert_eq!(c.used_ring_addr, hva(q.used_ring()));
+    }
+}
