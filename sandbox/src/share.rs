@@ -361,6 +361,33 @@ mod tests {
         use vmm::devices::virtio::VirtioDevice;
         assert_ne!(dev.avail_features() & (1 << 32), 0, "VIRTIO_F_VERSION_1");
         assert_eq!(dev.device_type(), 26);
+        // The serving process (virtiofsd's sandboxed child) sees only the share root as `/`,
+        // runs as the mapped root, and has no CAP_MKNOD (27) nor CAP_SETFCAP (31).
+        let kids = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+        let child = kids
+            .split_whitespace()
+            .next()
+            .expect("virtiofsd's serving child");
+        let mut root: Vec<_> = fs::read_dir(format!("/proc/{child}/root/"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        root.sort();
+        assert_eq!(root, ["0"]);
+        let status = fs::read_to_string(format!("/proc/{child}/status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(field("Uid:"), SHARE_ID_BASE.to_string());
+        let caps = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
+        assert_eq!(caps & (1 << 27 | 1 << 31), 0, "CapEff {caps:#x}");
         // The host's mount table is untouched: the share root is a plain directory here.
         let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!mounts.contains(state.join("share").to_str().unwrap()));
