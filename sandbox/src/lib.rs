@@ -132,6 +132,30 @@ pub enum Console {
     File(PathBuf),
 }
 
+impl Console {
+    /// Sends a child process's stdout and stderr where this console goes.
+    fn redirect(&self, cmd: &mut Command) -> Result<()> {
+        match self {
+            Console::Null => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+            Console::Inherit => {}
+            Console::File(path) => {
+                let f = fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+                let f2 = f
+                    .try_clone()
+                    .map_err(|e| Error::io("dup the console file", e))?;
+                cmd.stdout(f).stderr(f2);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// How to start a sandbox.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
@@ -512,23 +536,7 @@ impl Sandbox {
                 Some(d)
             }
         };
-        match &cfg.console {
-            Console::Null => {
-                cmd.stdout(Stdio::null()).stderr(Stdio::null());
-            }
-            Console::Inherit => {}
-            Console::File(path) => {
-                let f = fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-                let f2 = f
-                    .try_clone()
-                    .map_err(|e| Error::io("dup the console file", e))?;
-                cmd.stdout(f).stderr(f2);
-            }
-        }
+        cfg.console.redirect(&mut cmd)?;
         let child = cmd
             .spawn()
             .map_err(|e| Error::io(format!("start {}", cfg.microvm.display()), e))?;

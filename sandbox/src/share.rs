@@ -156,21 +156,7 @@ impl Virtiofsd {
         if shares.iter().all(|s| s.read_only) {
             cmd.arg("--readonly");
         }
-        match output {
-            Console::Null => {
-                cmd.stdout(Stdio::null()).stderr(Stdio::null());
-            }
-            Console::Inherit => {}
-            Console::File(path) => {
-                let out = fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(io(format!("open {}", path.display())))?;
-                let err = out.try_clone().map_err(io("dup the console file"))?;
-                cmd.stdout(out).stderr(err);
-            }
-        }
+        output.redirect(&mut cmd)?;
         let max_files = max_files();
         let listener_fd = listener.as_raw_fd();
         let userns_fd = userns.as_raw_fd();
