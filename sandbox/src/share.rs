@@ -136,30 +136,52 @@ impl Virtiofsd {
         let _ = fs::remove_file(&socket);
         let listener =
             UnixListener::bind(&socket).map_err(io(format!("listen on {}", socket.display())))?;
-        let holder = UserNamespaceHolder::start()?;
-        let userns = fs::File::open(format!("/proc/{}/ns/user", holder.0.id()))
-            .map_err(io("open the share's user namespace"))?;
+        // A chrooted process (the testbed's L1) may not create user namespaces (EPERM); then
+        // the daemon runs as the unprivileged host id SHARE_ID_BASE without one (no pivot_root
+        // either: virtiofsd's own sandbox needs a user namespace when not root), reaching the
+        // share root through its working directory.
+        let holder = match UserNamespaceHolder::start() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(
+                    "no user namespace for virtiofsd ({e}); it runs as uid {SHARE_ID_BASE} \
+                     without its namespace sandbox"
+                );
+                None
+            }
+        };
+        let userns = match &holder {
+            Some(h) => Some(
+                fs::File::open(format!("/proc/{}/ns/user", h.0.id()))
+                    .map_err(io("open the share's user namespace"))?,
+            ),
+            None => None,
+        };
 
         let mut cmd = Command::new(binary);
-        cmd.arg(format!("--fd={}", listener.as_raw_fd()))
-            .arg("--shared-dir")
-            .arg(&root)
-            .args([
-                "--sandbox=namespace",
-                "--seccomp=kill",
-                "--modcaps=-mknod:-setfcap",
-                "--inode-file-handles=never",
-                "--rlimit-nofile=0",
-                "--log-level=warn",
-            ])
-            .stdin(Stdio::null());
+        cmd.arg(format!("--fd={}", listener.as_raw_fd()));
+        match holder {
+            Some(_) => cmd
+                .arg("--shared-dir")
+                .arg(&root)
+                .arg("--sandbox=namespace"),
+            None => cmd.arg("--shared-dir=.").arg("--sandbox=none"),
+        };
+        cmd.args([
+            "--seccomp=kill",
+            "--modcaps=-mknod:-setfcap",
+            "--inode-file-handles=never",
+            "--rlimit-nofile=0",
+            "--log-level=warn",
+        ])
+        .stdin(Stdio::null());
         if shares.iter().all(|s| s.read_only) {
             cmd.arg("--readonly");
         }
         output.redirect(&mut cmd)?;
         let max_files = max_files();
         let listener_fd = listener.as_raw_fd();
-        let userns_fd = userns.as_raw_fd();
+        let userns_fd = userns.as_ref().map(|f| f.as_raw_fd());
         // SAFETY: the closure runs in the forked child before exec and makes only raw system
         // calls on memory prepared before the fork (no allocation, no locks).
         unsafe {
@@ -199,7 +221,7 @@ fn check(r: libc::c_int) -> std::io::Result<()> {
 /// Runs in the daemon's process between fork and exec: the steps 1 and 2 of the module docs.
 fn confine(
     listener: RawFd,
-    userns: RawFd,
+    userns: Option<RawFd>,
     max_files: u64,
     mounts: &NamespaceMounts,
 ) -> std::io::Result<()> {
@@ -229,9 +251,18 @@ fn confine(
             // and a submount under it would stay writable.
             bind(host, point, *read_only, !*read_only)?;
         }
-        check(libc::setns(userns, libc::CLONE_NEWUSER))?;
-        check(libc::setresgid(0, 0, 0))?;
-        check(libc::setresuid(0, 0, 0))?;
+        match userns {
+            Some(userns) => {
+                check(libc::setns(userns, libc::CLONE_NEWUSER))?;
+                check(libc::setresgid(0, 0, 0))?;
+                check(libc::setresuid(0, 0, 0))?;
+            }
+            None => {
+                check(libc::chdir(mounts.root.as_ptr()))?;
+                check(libc::setresgid(SHARE_ID_BASE, SHARE_ID_BASE, SHARE_ID_BASE))?;
+                check(libc::setresuid(SHARE_ID_BASE, SHARE_ID_BASE, SHARE_ID_BASE))?;
+            }
+        }
     }
     Ok(())
 }
