@@ -36,6 +36,10 @@ pub struct BootArgs {
     /// bytes derived from the tap name; default MTU 1500. Repeatable: eth0, eth1, ...
     #[arg(long = "net", value_name = "TAP[,mac=XX:XX:XX:XX:XX:XX][,mtu=N]", value_parser = |s: &str| s.parse::<vmm::NetConfig>())]
     nets: Vec<vmm::NetConfig>,
+    /// A virtio-fs device served by the vhost-user daemon (virtiofsd) listening on SOCKET; the
+    /// guest mounts it with `mount -t virtiofs TAG DIR`. Repeatable.
+    #[arg(long = "fs", value_name = "TAG,SOCKET", value_parser = parse_fs)]
+    fs: Vec<vmm::FsConfig>,
     /// Boot even on a host whose KVM cannot run an unmodified guest kernel (for PVM guest
     /// kernels).
     #[arg(long)]
@@ -72,6 +76,21 @@ fn parse_vsock(s: &str) -> Result<vmm::VsockConfig, String> {
     })
 }
 
+fn parse_fs(s: &str) -> Result<vmm::FsConfig, String> {
+    let (tag, socket) = s
+        .split_once(',')
+        .ok_or_else(|| "expected TAG,SOCKET".to_string())?;
+    if tag.is_empty() || tag.len() > vmm::devices::virtio::fs::TAG_MAX_LEN || socket.is_empty() {
+        return Err(format!(
+            "expected TAG,SOCKET with a tag of 1 to 36 bytes, not {s:?}"
+        ));
+    }
+    Ok(vmm::FsConfig {
+        tag: tag.into(),
+        socket: socket.into(),
+    })
+}
+
 pub fn boot(args: BootArgs) -> Result<i32> {
     if !args.force {
         vmm::host::check_can_boot_guests()?;
@@ -92,6 +111,7 @@ pub fn boot(args: BootArgs) -> Result<i32> {
         vsock: args.vsock,
         rng: args.rng,
         nets: args.nets,
+        fs: args.fs,
         console: Box::new(std::io::stdout()),
     };
     vmm::run(config).context("cannot run the VM")
@@ -109,6 +129,18 @@ mod tests {
         assert!(!parse_disk("x,rw").unwrap().read_only);
         assert!(parse_disk("x,rx").is_err());
         assert!(parse_disk(",ro").is_err());
+    }
+
+    #[test]
+    fn fs_options() {
+        let f = parse_fs("microvm,/run/x/virtiofs.sock").unwrap();
+        assert_eq!(
+            (f.tag.as_str(), f.socket),
+            ("microvm", PathBuf::from("/run/x/virtiofs.sock"))
+        );
+        assert!(parse_fs("microvm").is_err());
+        assert!(parse_fs(",/x").is_err());
+        assert!(parse_fs(&format!("{},/x", "t".repeat(37))).is_err());
     }
 
     #[test]

@@ -192,7 +192,7 @@ pub struct StopArgs {
     runs: Vec<String>,
 }
 
-/// Waits until the run's owner recorded its end (volumes copied back) or is gone.
+/// Waits until the run's owner recorded its end or is gone.
 fn wait_ended(rd: &RunDir, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {

@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a command in a new container, in its own microVM
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// List runs
     Ps(commands::PsArgs),
     /// Run a command in a running run's container
@@ -112,7 +112,7 @@ fn main() -> ExitCode {
     };
     let (result, own_error) = match cli.cmd {
         Cmd::Boot(args) => (boot::boot(args), 1),
-        Cmd::Run(args) => (run::run(args), 125),
+        Cmd::Run(args) => (run::run(*args), 125),
         Cmd::Monitor { dir } => (run::monitor(dir), 125),
         Cmd::Exec(args) => (commands::exec(args), 125),
         Cmd::Ps(args) => (commands::ps(args), 1),

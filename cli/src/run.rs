@@ -13,15 +13,15 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use sandbox::agent_protocol::ttrpc::Code;
 use sandbox::{
-    Console, ContainerConfig, Disk, Mount, ProcessIo, Rootfs, RootfsSource, Sandbox, SandboxConfig,
+    Console, ContainerConfig, Disk, ProcessIo, Rootfs, RootfsSource, Sandbox, SandboxConfig,
     SandboxSettings,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::images;
 use crate::spec::{self, Limits, ProcessTemplate};
-use crate::state::{self, RunDir, RunRecord, Status, VolumeRecord};
-use crate::volumes::{self, VolumeSpec};
+use crate::state::{self, RunDir, RunRecord, Status};
+use crate::volumes::{self, MountSpec, PlannedMount, TmpfsSpec, VolumeSpec};
 use crate::ExitError;
 
 /// Guest memory on top of the container's limit: the kernel, the agent and the tmpfs overlay's
@@ -105,9 +105,17 @@ pub struct RunArgs {
     /// Memory limit of the container (bare number: MiB; or 512k, 64m, 1g); the VM gets 64 MiB more
     #[arg(short = 'm', long, value_parser = parse_memory, value_name = "BYTES")]
     pub memory: Option<u64>,
-    /// A host directory as a volume: HOSTPATH:CTRPATH[:ro] (copied in; rw copied back at the end)
-    #[arg(short = 'v', long = "volume", value_parser = volumes::parse, value_name = "HOST:CTR[:ro]")]
+    /// A host directory shared live (virtio-fs): HOSTPATH:CTRPATH[:ro|:rw]; HOSTPATH is created
+    /// if missing
+    #[arg(short = 'v', long = "volume", value_parser = volumes::parse, value_name = "HOST:CTR[:ro|:rw]")]
     pub volumes: Vec<VolumeSpec>,
+    /// A mount: type=bind,source=HOSTDIR,target=CTRPATH[,readonly] or
+    /// type=tmpfs,target=CTRPATH[,tmpfs-size=N][,tmpfs-mode=M]
+    #[arg(long = "mount", value_parser = volumes::parse_mount, value_name = "SPEC")]
+    pub mounts: Vec<MountSpec>,
+    /// A tmpfs at CTRPATH (options as mount(8) takes them: size=64m,mode=1777,exec)
+    #[arg(long = "tmpfs", value_parser = volumes::parse_tmpfs, value_name = "CTRPATH[:OPTS]")]
+    pub tmpfs: Vec<TmpfsSpec>,
     #[command(flatten)]
     pub vm: VmArgs,
     #[command(flatten)]
@@ -160,12 +168,14 @@ pub struct Plan {
     pub agent: PathBuf,
     pub cpus: u8,
     pub memory_mib: u64,
-    /// /dev/vda is the image, then one per volume.
+    /// /dev/vda: the image (read-only).
     pub disks: Vec<(PathBuf, bool)>,
+    /// Host directories shared into the VM (virtio-fs), with read-only flags.
+    pub shares: Vec<(PathBuf, bool)>,
     pub rootfs_fstype: String,
     pub spec: serde_json::Value,
-    /// (guest device, container path, read-only)
-    pub mounts: Vec<(String, String, bool)>,
+    /// The container's mounts besides its rootfs.
+    pub mounts: Vec<PlannedMount>,
     pub hostname: String,
     pub interactive: bool,
     pub tty: bool,
@@ -322,7 +332,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         );
     }
     rd.create()?;
-    let mut record = RunRecord {
+    let record = RunRecord {
         id: id.clone(),
         name,
         image: args.image.clone(),
@@ -335,29 +345,20 @@ pub fn run(args: RunArgs) -> Result<i32> {
         remove: args.rm,
         note: None,
         process: process.clone(),
-        volumes: Vec::new(),
     };
     rd.write(&record)?;
     // From here on a failure must not leave a half-made run behind.
     let planned = (|| -> Result<Plan> {
-        let mut disks = vec![(img.disk.clone(), true)];
-        let mut mounts = Vec::new();
-        for (i, v) in args.volumes.iter().enumerate() {
-            let disk = rd.path.join(format!("volume{i}.ext4"));
-            volumes::build_disk(v, &disk)?;
-            let dev = format!("/dev/vd{}", (b'b' + i as u8) as char);
-            disks.push((disk.clone(), v.read_only));
-            mounts.push((dev, v.container.clone(), v.read_only));
-            record.volumes.push(VolumeRecord {
-                host: v.host.clone(),
-                container: v.container.clone(),
-                disk,
-                read_only: v.read_only,
-            });
+        let disks = vec![(img.disk.clone(), true)];
+        let mut binds = args.volumes.clone();
+        let mut tmpfs = args.tmpfs.clone();
+        for m in &args.mounts {
+            match m {
+                MountSpec::Bind(b) => binds.push(b.clone()),
+                MountSpec::Tmpfs(t) => tmpfs.push(t.clone()),
+            }
         }
-        if disks.len() > 20 {
-            bail!("at most 19 volumes");
-        }
+        let (shares, mounts) = volumes::plan(&binds, &tmpfs)?;
         let memory_mib = match args.memory {
             Some(b) => (b.div_ceil(1 << 20) + GUEST_OVERHEAD_MIB).max(MIN_VM_MIB),
             None => DEFAULT_VM_MIB,
@@ -370,6 +371,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
             cpus: args.cpus.map_or(1, |c| c.ceil() as u8),
             memory_mib,
             disks,
+            shares,
             rootfs_fstype: img.fstype.clone(),
             spec: spec::runtime_spec(&process, &hostname, limits),
             mounts,
@@ -440,6 +442,14 @@ async fn execute(plan: &Plan, rd: &RunDir, stdio: Stdio, t: &mut Timings) -> Res
         .iter()
         .map(|(path, read_only)| Disk {
             path: path.clone(),
+            read_only: *read_only,
+        })
+        .collect();
+    cfg.shares = plan
+        .shares
+        .iter()
+        .map(|(host, read_only)| sandbox::SharedDir {
+            host: host.clone(),
             read_only: *read_only,
         })
         .collect();
@@ -583,6 +593,10 @@ async fn start_container(
     let phase = Instant::now();
     sb.create_sandbox(&SandboxSettings {
         hostname: plan.hostname.clone(),
+        mounts: match plan.shares.is_empty() {
+            true => Vec::new(),
+            false => vec![sandbox::share::guest_mount()],
+        },
         ..Default::default()
     })
     .await?;
@@ -597,16 +611,7 @@ async fn start_container(
             },
             writable: true,
         },
-        mounts: plan
-            .mounts
-            .iter()
-            .map(|(dev, dst, ro)| Mount {
-                source: dev.clone(),
-                destination: dst.clone(),
-                fstype: "ext4".into(),
-                options: if *ro { vec!["ro".into()] } else { vec![] },
-            })
-            .collect(),
+        mounts: plan.mounts.iter().map(volumes::container_mount).collect(),
     };
     sb.create_container(&container).await?;
     let mut raw = None;
@@ -749,21 +754,10 @@ async fn wait_container(
     })
 }
 
-/// After the VM is gone: copy rw volumes back, record the end, print timings, remove the run
-/// with `--rm`. Returns the exit status.
+/// After the VM is gone: record the end, print timings, remove the run with `--rm`. Returns
+/// the exit status.
 fn finish(rd: &RunDir, plan: &Plan, outcome: Result<Ended>, t: &mut Timings) -> Result<i32> {
-    let sync_started = Instant::now();
     let record = rd.read()?;
-    let mut sync_error = None;
-    for v in &record.volumes {
-        if !v.read_only {
-            if let Err(e) = volumes::sync_back(&v.disk, &v.host, &rd.path) {
-                sync_error.get_or_insert(e);
-            }
-        }
-        let _ = std::fs::remove_file(&v.disk);
-    }
-    t.teardown += sync_started.elapsed();
     let (code, note) = match &outcome {
         Ok(e) => (e.code, e.note.clone()),
         Err(e) => (125, Some(format!("{e:#}"))),
@@ -796,11 +790,6 @@ fn finish(rd: &RunDir, plan: &Plan, outcome: Result<Ended>, t: &mut Timings) -> 
     }
     if record.remove {
         let _ = std::fs::remove_dir_all(&rd.path);
-    }
-    if let Some(e) = sync_error {
-        return Err(
-            ExitError::new(125, format!("{:#}", e.context("rw volume not copied back"))).into(),
-        );
     }
     match outcome {
         Ok(e) => Ok(e.code),

@@ -1,7 +1,7 @@
 //! Named runs on disk: `$MICROVM_HOME/runs/<id>/` (default `/var/lib/microvm/runs`, or
 //! `~/.local/share/microvm/runs` for other users) holds `run.json` (what the run is and how it
 //! stands), the VMM's `vsock.sock` (how `exec`, `stop` and `kill` reach the guest agent),
-//! `console.log`, the logs of a detached run and its volume disks. Ids are 12 hex digits so
+//! `console.log`, the logs of a detached run and the virtio-fs share root. Ids are 12 hex digits so
 //! socket paths stay far below the 108-byte limit.
 //!
 //! Whoever can reach a run's directory can reach its guest agent through the socket, so the
@@ -77,15 +77,6 @@ pub enum Status {
     Exited,
 }
 
-/// A rw volume's host directory and the disk that carries it, to copy back when the run ends.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VolumeRecord {
-    pub host: PathBuf,
-    pub container: String,
-    pub disk: PathBuf,
-    pub read_only: bool,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
     pub id: String,
@@ -104,7 +95,6 @@ pub struct RunRecord {
     pub note: Option<String>,
     /// Environment, user and working directory `exec` reuses.
     pub process: ProcessTemplate,
-    pub volumes: Vec<VolumeRecord>,
 }
 
 impl RunRecord {

@@ -1,28 +1,77 @@
-//! `-v HOSTPATH:CTRPATH[:ro]` volumes: copy-in, copy-back.
+//! Host directories and tmpfs in the container: `-v HOSTPATH:CTRPATH[:ro|:rw]`,
+//! `--mount type=bind|tmpfs,...` and `--tmpfs PATH[:OPTIONS]`, with docker's semantics.
 //!
-//! Each volume becomes an ext4 disk built from the host directory (`mke2fs -d`), attached to the
-//! VM (read-only for `:ro`, and mounted `ro`, so the guest can write it neither through the
-//! filesystem nor through the device) and mounted at CTRPATH. When the run ends and the VM is
-//! gone, a rw volume's disk is read back with `debugfs rdump` and mirrored into HOSTPATH: new and
-//! changed files copied, files the container deleted deleted. The host sees the container's
-//! writes when the run ends, not while it runs; live sharing (virtio-fs) is future work.
+//! Host directories are shared live, both ways, through virtio-fs: the run's one share
+//! (`sandbox::share`, one confined virtiofsd per VM) holds every bind source of the run; the
+//! guest mounts it once and each directory is bind-mounted into the container (`ro` there too
+//! for a read-only one, which the daemon's namespace already enforces on the host side). No host
+//! tool ever reads a filesystem the guest wrote.
+//!
+//! Ownership: the container's uid/gid `g` is host id `SHARE_ID_BASE + g` on shared files (a user
+//! namespace around the daemon, as docker's `--userns-remap`). A HOSTPATH that `-v` creates
+//! belongs to the container's root; an existing one is written where its permissions let
+//! those ids write, and host files of other owners show in the container as nobody (65534).
 
-use std::fs;
-use std::io::Read;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::os::unix::fs::chown;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use sandbox::share::SHARE_ID_BASE;
+use serde::{Deserialize, Serialize};
 
-/// A parsed `-v`.
+/// A host directory to bind into the container (`-v` or `--mount type=bind`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeSpec {
     pub host: PathBuf,
     pub container: String,
     pub read_only: bool,
+    /// `-v` creates a missing HOSTPATH; `--mount` refuses one, as docker does.
+    pub create: bool,
 }
 
+/// A tmpfs in the container (`--tmpfs` or `--mount type=tmpfs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TmpfsSpec {
+    pub container: String,
+    /// mount(8) options, docker's defaults (`nosuid,nodev,noexec`) applied.
+    pub options: Vec<String>,
+}
+
+/// What `--mount` described.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountSpec {
+    Bind(VolumeSpec),
+    Tmpfs(TmpfsSpec),
+}
+
+/// A container mount as the run's plan records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PlannedMount {
+    /// Shared directory `index` of the run's share.
+    Share {
+        index: usize,
+        container: String,
+        read_only: bool,
+    },
+    Tmpfs {
+        container: String,
+        options: Vec<String>,
+    },
+}
+
+fn check_container_path(container: &str) -> Result<(), String> {
+    if !container.starts_with('/') || container.split('/').any(|c| c == "..") {
+        return Err(format!(
+            "the container path {container:?} must be absolute, without .."
+        ));
+    }
+    if container.trim_end_matches('/').is_empty() {
+        return Err("nothing can be mounted at /".into());
+    }
+    Ok(())
+}
+
+/// `-v HOSTPATH:CTRPATH[:ro|:rw]`.
 pub fn parse(s: &str) -> Result<VolumeSpec, String> {
     let parts: Vec<&str> = s.split(':').collect();
     let (host, container, read_only) = match parts.as_slice() {
@@ -30,164 +79,184 @@ pub fn parse(s: &str) -> Result<VolumeSpec, String> {
         [h, c, "ro"] => (*h, *c, true),
         [h, c, "rw"] => (*h, *c, false),
         [_, _, opt] => return Err(format!("unknown volume option {opt:?} (use ro or rw)")),
-        _ => return Err("expected HOSTPATH:CTRPATH[:ro]".into()),
+        _ => return Err("expected HOSTPATH:CTRPATH[:ro|:rw]".into()),
     };
     if !host.starts_with('/') {
         return Err(format!(
             "the host path {host:?} must be absolute (named volumes are not supported)"
         ));
     }
-    if !container.starts_with('/') || container.split('/').any(|c| c == "..") {
-        return Err(format!(
-            "the container path {container:?} must be absolute, without .."
-        ));
-    }
-    if container == "/" {
-        return Err("a volume cannot be mounted at /".into());
-    }
+    check_container_path(container)?;
     Ok(VolumeSpec {
         host: host.into(),
         container: container.into(),
         read_only,
+        create: true,
     })
 }
 
-/// Free space a rw volume's disk gets for the container's writes.
-pub const RW_ROOM: u64 = 1 << 30;
+/// `--tmpfs PATH[:OPTIONS]` (options comma-separated, as docker takes them).
+pub fn parse_tmpfs(s: &str) -> Result<TmpfsSpec, String> {
+    let (container, options) = s.split_once(':').unwrap_or((s, ""));
+    check_container_path(container)?;
+    Ok(TmpfsSpec {
+        container: container.into(),
+        options: tmpfs_options(options.split(',').filter(|o| !o.is_empty())),
+    })
+}
 
-/// Builds the volume's disk at `disk`.
-pub fn build_disk(v: &VolumeSpec, disk: &Path) -> Result<()> {
-    let md = fs::metadata(&v.host).with_context(|| format!("volume {}", v.host.display()))?;
+/// docker's tmpfs defaults (`nosuid,nodev,noexec`) with the user's options on top (`exec`,
+/// `suid`, `dev` lift a default).
+fn tmpfs_options<'a>(user: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> = ["nosuid", "nodev", "noexec"].map(String::from).into();
+    for o in user {
+        match o {
+            "exec" | "suid" | "dev" => out.retain(|d| d != &format!("no{o}")),
+            other => out.push(other.into()),
+        }
+    }
+    out
+}
+
+fn parse_bool(key: &str, v: Option<&str>) -> Result<bool, String> {
+    match v {
+        None | Some("true") | Some("1") => Ok(true),
+        Some("false") | Some("0") => Ok(false),
+        Some(other) => Err(format!("{key}={other:?}: expected true or false")),
+    }
+}
+
+/// `--mount type=bind,source=S,target=T[,readonly]` or
+/// `--mount type=tmpfs,target=T[,tmpfs-size=N][,tmpfs-mode=M]`.
+pub fn parse_mount(s: &str) -> Result<MountSpec, String> {
+    let (mut kind, mut source, mut target, mut read_only) = (None, None, None, false);
+    let mut tmpfs = Vec::new();
+    for field in s.split(',') {
+        let (k, v) = match field.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (field, None),
+        };
+        let value = || v.ok_or_else(|| format!("--mount: {k} needs a value"));
+        match k {
+            "type" => kind = Some(value()?),
+            "source" | "src" => source = Some(value()?),
+            "target" | "destination" | "dst" => target = Some(value()?),
+            "readonly" | "ro" => read_only = parse_bool(k, v)?,
+            "tmpfs-size" => tmpfs.push(format!("size={}", value()?)),
+            "tmpfs-mode" => tmpfs.push(format!("mode={}", value()?)),
+            other => return Err(format!("--mount: unsupported field {other:?}")),
+        }
+    }
+    let target = target.ok_or("--mount: target is missing")?;
+    check_container_path(target)?;
+    match kind {
+        Some("bind") => {
+            let source = source.ok_or("--mount: source is missing")?;
+            if !source.starts_with('/') {
+                return Err(format!("--mount: source {source:?} must be absolute"));
+            }
+            if !tmpfs.is_empty() {
+                return Err("--mount: tmpfs options need type=tmpfs".into());
+            }
+            Ok(MountSpec::Bind(VolumeSpec {
+                host: source.into(),
+                container: target.into(),
+                read_only,
+                create: false,
+            }))
+        }
+        Some("tmpfs") => {
+            if source.is_some() {
+                return Err("--mount: a tmpfs has no source".into());
+            }
+            if read_only {
+                tmpfs.push("ro".into());
+            }
+            Ok(MountSpec::Tmpfs(TmpfsSpec {
+                container: target.into(),
+                options: tmpfs_options(tmpfs.iter().map(String::as_str)),
+            }))
+        }
+        Some(other) => Err(format!(
+            "--mount: type {other:?} is not supported (bind or tmpfs)"
+        )),
+        None => Err("--mount: type is missing (bind or tmpfs)".into()),
+    }
+}
+
+/// docker's HOSTPATH handling: a missing `-v` source is created (owned by the container's root,
+/// so the container can write it); a missing `--mount` source is an error; only directories
+/// can be shared.
+fn prepare_host_dir(v: &VolumeSpec) -> Result<()> {
+    if !v.host.exists() {
+        if !v.create {
+            bail!("bind source path {} does not exist", v.host.display());
+        }
+        std::fs::create_dir_all(&v.host)
+            .with_context(|| format!("create the volume {}", v.host.display()))?;
+        chown(&v.host, Some(SHARE_ID_BASE), Some(SHARE_ID_BASE))
+            .with_context(|| format!("give {} to the container's root", v.host.display()))?;
+    }
+    let md = std::fs::metadata(&v.host).with_context(|| format!("volume {}", v.host.display()))?;
     if !md.is_dir() {
         bail!(
-            "volume {}: only directories can be volumes",
+            "volume {}: only directories can be shared (virtio-fs)",
             v.host.display()
         );
     }
-    let opts = image::disk::Ext4Options {
-        free_bytes: if v.read_only { 0 } else { RW_ROOM },
-        keep_root_owner: true,
-        ..Default::default()
-    };
-    image::disk::ext4_with(&v.host, disk, &opts)
-        .map(drop)
-        .with_context(|| format!("volume {}", v.host.display()))
-}
-
-/// Copies a rw volume's disk back into its host directory (after the VM ended).
-pub fn sync_back(disk: &Path, host: &Path, scratch: &Path) -> Result<()> {
-    let staging = scratch.join(format!(
-        "sync-{}",
-        disk.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let _ = fs::remove_dir_all(&staging);
-    fs::create_dir_all(&staging)?;
-    let o = Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("rdump / {}", staging.display()))
-        .arg(disk)
-        .stdin(Stdio::null())
-        .output()
-        .context("run debugfs (e2fsprogs)")?;
-    if !o.status.success() {
-        bail!(
-            "debugfs rdump {} failed: {}",
-            disk.display(),
-            String::from_utf8_lossy(&o.stderr).trim()
-        );
-    }
-    // mke2fs made lost+found; it is not the container's unless the host had one.
-    if !host.join("lost+found").exists() {
-        let _ = fs::remove_dir_all(staging.join("lost+found"));
-    }
-    mirror(&staging, host)
-        .with_context(|| format!("copy the volume back into {}", host.display()))?;
-    fs::remove_dir_all(&staging)?;
     Ok(())
 }
 
-fn same_content(a: &Path, b: &Path) -> Result<bool> {
-    let (ma, mb) = (fs::metadata(a)?, fs::metadata(b)?);
-    if ma.len() != mb.len() {
-        return Ok(false);
+/// A shared host directory and whether it is read-only.
+pub type Share = (PathBuf, bool);
+
+/// The run's shared directories and container mounts, in the order given, the host
+/// directories prepared.
+pub fn plan(binds: &[VolumeSpec], tmpfs: &[TmpfsSpec]) -> Result<(Vec<Share>, Vec<PlannedMount>)> {
+    let mut shares = Vec::new();
+    let mut mounts = Vec::new();
+    for v in binds {
+        prepare_host_dir(v)?;
+        mounts.push(PlannedMount::Share {
+            index: shares.len(),
+            container: v.container.clone(),
+            read_only: v.read_only,
+        });
+        shares.push((v.host.clone(), v.read_only));
     }
-    let (mut fa, mut fb) = (fs::File::open(a)?, fs::File::open(b)?);
-    let (mut ba, mut bb) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
-    loop {
-        let n = fa.read(&mut ba)?;
-        if n == 0 {
-            return Ok(true);
-        }
-        fb.read_exact(&mut bb[..n])?;
-        if ba[..n] != bb[..n] {
-            return Ok(false);
-        }
+    for t in tmpfs {
+        mounts.push(PlannedMount::Tmpfs {
+            container: t.container.clone(),
+            options: t.options.clone(),
+        });
     }
+    Ok((shares, mounts))
 }
 
-fn remove_any(p: &Path) -> Result<()> {
-    let md = p.symlink_metadata()?;
-    if md.is_dir() {
-        fs::remove_dir_all(p)?;
-    } else {
-        fs::remove_file(p)?;
+/// The container mount for a planned one.
+pub fn container_mount(m: &PlannedMount) -> sandbox::Mount {
+    match m {
+        PlannedMount::Share {
+            index,
+            container,
+            read_only,
+        } => sandbox::Mount {
+            source: sandbox::share::guest_path(*index),
+            destination: container.clone(),
+            fstype: "bind".into(),
+            options: if *read_only {
+                vec!["rbind".into(), "ro".into()]
+            } else {
+                vec!["rbind".into()]
+            },
+        },
+        PlannedMount::Tmpfs { container, options } => sandbox::Mount {
+            source: "tmpfs".into(),
+            destination: container.clone(),
+            fstype: "tmpfs".into(),
+            options: options.clone(),
+        },
     }
-    Ok(())
-}
-
-/// Makes `dst` hold what `src` holds: new and changed entries copied, missing ones removed.
-pub fn mirror(src: &Path, dst: &Path) -> Result<()> {
-    let mut names = std::collections::HashSet::new();
-    for e in fs::read_dir(src)? {
-        let e = e?;
-        names.insert(e.file_name());
-        let (s, d) = (e.path(), dst.join(e.file_name()));
-        let sm = s.symlink_metadata()?;
-        let dm = d.symlink_metadata().ok();
-        let same_type = dm
-            .as_ref()
-            .is_some_and(|dm| dm.file_type() == sm.file_type());
-        if dm.is_some() && !same_type {
-            remove_any(&d)?;
-        }
-        if sm.is_dir() {
-            if !same_type {
-                fs::create_dir(&d)?;
-            }
-            mirror(&s, &d)?;
-            fs::set_permissions(&d, sm.permissions())?;
-        } else if sm.file_type().is_symlink() {
-            let target = fs::read_link(&s)?;
-            if same_type && fs::read_link(&d)? == target {
-                continue;
-            }
-            if same_type {
-                fs::remove_file(&d)?;
-            }
-            std::os::unix::fs::symlink(&target, &d)?;
-        } else if sm.is_file() {
-            if !same_type || !same_content(&s, &d)? {
-                if same_type {
-                    // Replace rather than write through: a read-only file or a hardlink on the
-                    // host must not be changed in place.
-                    fs::remove_file(&d)?;
-                }
-                fs::copy(&s, &d)?;
-            }
-            let mode = sm.mode() & 0o7777;
-            if d.symlink_metadata()?.mode() & 0o7777 != mode {
-                fs::set_permissions(&d, fs::Permissions::from_mode(mode))?;
-            }
-        }
-        // Devices, fifos and sockets made in the guest are not copied back.
-    }
-    for e in fs::read_dir(dst)? {
-        let e = e?;
-        if !names.contains(&e.file_name()) {
-            remove_any(&e.path())?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -202,10 +271,12 @@ mod tests {
             VolumeSpec {
                 host: "/data".into(),
                 container: "/mnt/d".into(),
-                read_only: true
+                read_only: true,
+                create: true,
             }
         );
         assert!(!parse("/a:/b").unwrap().read_only);
+        assert!(!parse("/a:/b:rw").unwrap().read_only);
         assert!(parse("rel:/b").is_err());
         assert!(parse("/a:b").is_err());
         assert!(parse("/a:/b:rx").is_err());
@@ -215,44 +286,97 @@ mod tests {
     }
 
     #[test]
-    fn mirror_copies_changes_and_deletions() {
-        let t = tempfile::tempdir().unwrap();
-        let (src, dst) = (t.path().join("src"), t.path().join("dst"));
-        fs::create_dir_all(src.join("new/deep")).unwrap();
-        fs::write(src.join("changed"), "new").unwrap();
-        fs::write(src.join("same"), "same").unwrap();
-        fs::write(src.join("new/deep/f"), "f").unwrap();
-        std::os::unix::fs::symlink("same", src.join("link")).unwrap();
-        fs::create_dir_all(dst.join("gone-dir")).unwrap();
-        fs::write(dst.join("gone-dir/x"), "x").unwrap();
-        fs::write(dst.join("gone"), "x").unwrap();
-        fs::write(dst.join("changed"), "old").unwrap();
-        fs::write(dst.join("same"), "same").unwrap();
-        mirror(&src, &dst).unwrap();
-        assert_eq!(fs::read_to_string(dst.join("changed")).unwrap(), "new");
-        assert_eq!(fs::read_to_string(dst.join("new/deep/f")).unwrap(), "f");
-        assert_eq!(fs::read_link(dst.join("link")).unwrap(), Path::new("same"));
-        assert!(!dst.join("gone").exists() && !dst.join("gone-dir").exists());
+    fn mount_arguments() {
+        assert_eq!(
+            parse_mount("type=bind,source=/h,target=/c,readonly").unwrap(),
+            MountSpec::Bind(VolumeSpec {
+                host: "/h".into(),
+                container: "/c".into(),
+                read_only: true,
+                create: false,
+            })
+        );
+        let MountSpec::Bind(b) = parse_mount("type=bind,src=/h,dst=/c,ro=false").unwrap() else {
+            panic!("not a bind");
+        };
+        assert!(!b.read_only);
+        assert_eq!(
+            parse_mount("type=tmpfs,target=/t,tmpfs-size=1m").unwrap(),
+            MountSpec::Tmpfs(TmpfsSpec {
+                container: "/t".into(),
+                options: vec![
+                    "nosuid".into(),
+                    "nodev".into(),
+                    "noexec".into(),
+                    "size=1m".into()
+                ],
+            })
+        );
+        assert!(parse_mount("type=volume,source=x,target=/c").is_err());
+        assert!(parse_mount("type=bind,source=rel,target=/c").is_err());
+        assert!(parse_mount("type=bind,target=/c").is_err());
+        assert!(parse_mount("type=bind,source=/h").is_err());
+        assert!(parse_mount("type=bind,source=/h,target=/c,bogus=1").is_err());
+        assert!(parse_mount("type=tmpfs,source=/h,target=/c").is_err());
     }
 
-    /// Needs e2fsprogs: a tree through a disk and back is unchanged.
     #[test]
-    fn disk_round_trip() {
+    fn tmpfs_arguments() {
+        let t = parse_tmpfs("/run").unwrap();
+        assert_eq!(t.options, ["nosuid", "nodev", "noexec"]);
+        let t = parse_tmpfs("/run:exec,size=64k").unwrap();
+        assert_eq!(t.options, ["nosuid", "nodev", "size=64k"]);
+        assert!(parse_tmpfs("run").is_err());
+        assert!(parse_tmpfs("/").is_err());
+    }
+
+    #[test]
+    fn missing_sources() {
         let t = tempfile::tempdir().unwrap();
-        let host = t.path().join("host");
-        fs::create_dir_all(host.join("sub")).unwrap();
-        fs::write(host.join("sub/a"), "a").unwrap();
-        let disk = t.path().join("v.ext4");
-        let v = VolumeSpec {
-            host: host.clone(),
-            container: "/v".into(),
-            read_only: false,
+        let made = t.path().join("a/b");
+        let v = parse(&format!("{}:/c", made.display())).unwrap();
+        plan(&[v], &[]).unwrap();
+        let md = std::fs::metadata(&made).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert!(md.is_dir());
+        if nix_is_root() {
+            assert_eq!((md.uid(), md.gid()), (SHARE_ID_BASE, SHARE_ID_BASE));
+        }
+        let MountSpec::Bind(m) = parse_mount(&format!(
+            "type=bind,source={}/x,target=/c",
+            t.path().display()
+        ))
+        .unwrap() else {
+            panic!("not a bind");
         };
-        build_disk(&v, &disk).unwrap();
-        fs::write(host.join("later"), "host-only").unwrap();
-        sync_back(&disk, &host, t.path()).unwrap();
-        assert_eq!(fs::read_to_string(host.join("sub/a")).unwrap(), "a");
-        assert!(!host.join("later").exists(), "the disk is the truth");
-        assert!(!host.join("lost+found").exists());
+        let err = plan(&[m], &[]).unwrap_err().to_string();
+        assert!(err.contains("does not exist"), "{err}");
+        assert!(!t.path().join("x").exists());
+        let file = t.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let v = parse(&format!("{}:/c", file.display())).unwrap();
+        assert!(plan(&[v], &[]).is_err(), "a file cannot be shared");
+    }
+
+    fn nix_is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    #[test]
+    fn planned_mounts_become_container_mounts() {
+        let m = container_mount(&PlannedMount::Share {
+            index: 1,
+            container: "/data".into(),
+            read_only: true,
+        });
+        assert_eq!(m.source, "/run/shares/microvm/1");
+        assert_eq!(m.fstype, "bind");
+        assert!(m.options.contains(&"ro".to_string()));
+        let m = container_mount(&PlannedMount::Tmpfs {
+            container: "/t".into(),
+            options: vec!["size=1m".into()],
+        });
+        assert_eq!((m.source.as_str(), m.fstype.as_str()), ("tmpfs", "tmpfs"));
     }
 }

@@ -8,53 +8,20 @@
 //! boot guests the binary re-runs itself inside the testbed (like sandbox/tests/guest.rs). Each
 //! `microvm run` boots one VM; the scenarios are grouped to keep that number small.
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Arguments, Failed, Trial};
-use serde_json::json;
-use sha2::{Digest, Sha256};
+mod common;
 
-const RELAY_ENV: &[&str] = &[
-    "MICROVM_KERNEL",
-    "MICROVM_AGENT",
-    "MICROVM_AGENT_LOG",
-    "RUST_LOG",
-    "RUST_BACKTRACE",
-    "RUN_TEST_VERBOSE",
-];
+use common::*;
 
 fn main() -> ExitCode {
-    let mut args = Arguments::from_args();
-    args.test_threads.get_or_insert(1);
-    if !args.list && !testbed::in_testbed() {
-        if std::env::var_os("MICROVM_KERNEL").is_none() {
-            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-            let k = PathBuf::from(home).join(".cache/microvm/kernel/current/vmlinux");
-            if !k.is_file() {
-                eprintln!(
-                    "run tests: no guest kernel: run `cargo xtask kernel` or set MICROVM_KERNEL"
-                );
-                return ExitCode::from(101);
-            }
-            // SAFETY: set before any other thread of this process exists.
-            unsafe { std::env::set_var("MICROVM_KERNEL", k) };
-        }
-        match build_agent() {
-            // SAFETY: as above.
-            Ok(agent) => unsafe { std::env::set_var("MICROVM_AGENT", agent) },
-            Err(e) => {
-                eprintln!("run tests: {e}");
-                return ExitCode::from(101);
-            }
-        }
-        if let Err(why) = vmm::host::check_can_boot_guests() {
-            return testbed::relay_current_exe("run tests", &why.to_string(), RELAY_ENV);
-        }
-    }
+    let args = match common::prepare() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     let trials = vec![
         trial("run_image_config_streams_and_exit_codes", semantics),
         trial("run_ctrl_c_during_boot_and_after_start", ctrl_c),
@@ -63,342 +30,12 @@ fn main() -> ExitCode {
             "run_tty_resize_and_terminal_restored",
             tty_resize_and_restore,
         ),
-        trial("run_memory_limit_and_volumes", memory_and_volumes),
+        trial("run_memory_limit", memory_limit),
         trial("run_detached_exec_stop_logs", detached),
         trial("pull_images_rmi", pull_images_rmi),
         trial("run_from_layout_archive_and_registry", image_sources),
     ];
     libtest_mimic::run(&args, trials).exit_code()
-}
-
-fn trial(name: &'static str, f: fn(&Env)) -> Trial {
-    Trial::test(name, move || {
-        let img = TestImage::get().map_err(Failed::from)?;
-        let dir = tempfile::Builder::new()
-            .prefix("mvr-")
-            .tempdir()
-            .map_err(|e| Failed::from(e.to_string()))?;
-        let env = Env {
-            home: dir.path().join("h"),
-            dir: dir.path().to_path_buf(),
-            img,
-        };
-        let started = Instant::now();
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&env)));
-        eprintln!("{name}: {:.1} s", started.elapsed().as_secs_f64());
-        if outcome.is_err() {
-            // The console logs of the runs, for the reason.
-            for entry in glob_consoles(&env.home.join("runs")) {
-                let text = std::fs::read_to_string(&entry).unwrap_or_default();
-                let tail = &text[text.len().saturating_sub(3000)..];
-                eprintln!("--- {} ---\n{tail}", entry.display());
-            }
-        }
-        outcome.map_err(|p| {
-            Failed::from(
-                p.downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "panicked".into()),
-            )
-        })
-    })
-}
-
-fn glob_consoles(runs: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(runs)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.path().join("console.log"))
-                .filter(|p| p.exists())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-struct Env {
-    /// MICROVM_HOME of this test: its own image store and runs.
-    home: PathBuf,
-    dir: PathBuf,
-    img: &'static TestImage,
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Debug for Out {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\n--- stdout ---\n{}--- stderr ---\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-const TIMEOUT: Duration = Duration::from_secs(600);
-
-impl Env {
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_microvm"));
-        c.args(args).env("MICROVM_HOME", &self.home);
-        c
-    }
-
-    /// Runs `microvm ARGS` with `stdin`, to its end; kills it after [`TIMEOUT`].
-    fn microvm(&self, args: &[&str], stdin: Option<&[u8]>) -> Out {
-        run_cmd(self.cmd(args), stdin)
-    }
-}
-
-fn run_cmd(mut c: Command, stdin: Option<&[u8]>) -> Out {
-    if std::env::var_os("RUN_TEST_VERBOSE").is_some() {
-        eprintln!("+ {c:?}");
-    }
-    let started = Instant::now();
-    let mut child = c
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{c:?}: {e}"));
-    let feeder = stdin.map(|data| {
-        let mut w = child.stdin.take().unwrap();
-        let data = data.to_vec();
-        std::thread::spawn(move || {
-            let _ = w.write_all(&data);
-        })
-    });
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            String::from_utf8_lossy(&v).into_owned()
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
-    let err = drain(Box::new(child.stderr.take().unwrap()));
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if started.elapsed() > TIMEOUT {
-            let _ = child.kill();
-            panic!("{c:?} did not end within {TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    if let Some(f) = feeder {
-        let _ = f.join();
-    }
-    let o = Out {
-        code: status.code().unwrap_or(-1),
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    };
-    if std::env::var_os("RUN_TEST_VERBOSE").is_some() {
-        eprintln!("  ({:.1} s) {o:?}", started.elapsed().as_secs_f64());
-    }
-    o
-}
-
-// ---------------------------------------------------------------------------------------------
-// The test image: busybox-static in one layer, written as an OCI image layout and an archive.
-
-struct TestImage {
-    layout: PathBuf,
-    archive: PathBuf,
-}
-
-/// The image's config: Env, a default Cmd that prints to both streams and exits 3.
-const IMAGE_CMD: &str = "echo out-$IMG_VAR; echo err-line >&2; exit 3";
-
-impl TestImage {
-    fn get() -> Result<&'static TestImage, String> {
-        static IMG: OnceLock<Result<TestImage, String>> = OnceLock::new();
-        IMG.get_or_init(|| build_image().map_err(|e| format!("building the test image: {e}")))
-            .as_ref()
-            .map_err(Clone::clone)
-    }
-
-    fn layout(&self) -> &str {
-        self.layout.to_str().unwrap()
-    }
-}
-
-fn sha256(data: &[u8]) -> String {
-    let d = Sha256::digest(data);
-    format!(
-        "sha256:{}",
-        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
-}
-
-fn add_blob(layout: &Path, data: &[u8]) -> std::io::Result<String> {
-    let digest = sha256(data);
-    let path = layout
-        .join("blobs/sha256")
-        .join(digest.trim_start_matches("sha256:"));
-    std::fs::write(path, data)?;
-    Ok(digest)
-}
-
-fn build_image() -> Result<TestImage, Box<dyn std::error::Error>> {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .ok_or("busybox not found (apt-get install busybox-static)")?;
-    let list = Command::new(busybox).arg("--list").output()?;
-    let dir = std::env::temp_dir().join(format!("mvr-image-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let layout = dir.join("layout");
-    std::fs::create_dir_all(layout.join("blobs/sha256"))?;
-
-    // The layer.
-    let mut b = tar::Builder::new(Vec::new());
-    let dir_entry = |b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, uid: u64| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(mode);
-        h.set_uid(uid);
-        h.set_gid(uid);
-        h.set_size(0);
-        h.set_mtime(1_700_000_000);
-        b.append_data(&mut h, path, std::io::empty())
-    };
-    let file = |b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32| {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(mode);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_size(data.len() as u64);
-        h.set_mtime(1_700_000_000);
-        b.append_data(&mut h, path, data)
-    };
-    for d in ["bin", "etc", "root", "dev", "proc", "sys", "run", "data"] {
-        dir_entry(&mut b, d, 0o755, 0)?;
-    }
-    dir_entry(&mut b, "tmp", 0o1777, 0)?;
-    dir_entry(&mut b, "home", 0o755, 0)?;
-    dir_entry(&mut b, "home/tester", 0o755, 1000)?;
-    file(&mut b, "bin/busybox", &std::fs::read(busybox)?, 0o755)?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet == "busybox" {
-            continue;
-        }
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_mode(0o777);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_size(0);
-        h.set_mtime(1_700_000_000);
-        b.append_link(&mut h, format!("bin/{applet}"), "busybox")?;
-    }
-    file(
-        &mut b,
-        "etc/passwd",
-        b"root:x:0:0:root:/root:/bin/sh\ntester:x:1000:1000:tester:/home/tester:/bin/sh\n",
-        0o644,
-    )?;
-    file(&mut b, "etc/group", b"root:x:0:\ntester:x:1000:\n", 0o644)?;
-    file(&mut b, "etc/notexec", b"not a program\n", 0o644)?;
-    let layer = b.into_inner()?;
-    let layer_digest = add_blob(&layout, &layer)?;
-
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {
-            "Env": ["PATH=/bin", "IMG_VAR=from-image"],
-            "Cmd": ["sh", "-c", IMAGE_CMD],
-            "WorkingDir": "/",
-        },
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-    }))?;
-    let config_digest = add_blob(&layout, &config)?;
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config_digest,
-            "size": config.len(),
-        },
-        "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar",
-            "digest": layer_digest,
-            "size": layer.len(),
-        }],
-    }))?;
-    let manifest_digest = add_blob(&layout, &manifest)?;
-    std::fs::write(
-        layout.join("index.json"),
-        serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": [{
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": manifest_digest,
-                "size": manifest.len(),
-                "annotations": {"org.opencontainers.image.ref.name": "t"},
-                "platform": {"architecture": "amd64", "os": "linux"},
-            }],
-        }))?,
-    )?;
-    std::fs::write(
-        layout.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
-
-    // The same image as an OCI archive (what `skopeo copy ... oci-archive:` writes).
-    let archive = dir.join("busybox.tar");
-    let mut a = tar::Builder::new(std::fs::File::create(&archive)?);
-    a.append_dir_all(".", &layout)?;
-    a.finish()?;
-    Ok(TestImage { layout, archive })
-}
-
-/// Builds the static agent (what `cargo xtask agent` does) unless `MICROVM_AGENT` names one.
-fn build_agent() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let target = exe
-        .ancestors()
-        .nth(3)
-        .ok_or("cannot locate the target directory")?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or("no workspace root")?;
-    testbed::static_agent(root, target)
-}
-
-/// `stderr` without `microvm run`'s announced retry of a VM that triple-faulted during early
-/// boot (the open bug in the README): a multi-line WARN from "the VM did not start" to
-/// "retrying once". Everything else stays, so the container's own stderr is still compared
-/// exactly.
-fn without_boot_retry(stderr: &str) -> String {
-    let mut out = String::new();
-    let mut in_warning = false;
-    for line in stderr.split_inclusive('\n') {
-        if !in_warning && line.contains("WARN") && line.contains("the VM did not start (") {
-            in_warning = true;
-        }
-        if in_warning {
-            if line.trim_end().ends_with("retrying once") {
-                in_warning = false;
-            }
-            continue;
-        }
-        out.push_str(line);
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -872,50 +509,15 @@ fn wait_with_timeout(child: &mut std::process::Child) -> i32 {
     }
 }
 
-/// `--memory 64`: a workload that allocates more is OOM-killed (137) and microvm says so; a
-/// `:ro` volume cannot be written; a rw volume's writes and deletions reach the host.
-fn memory_and_volumes(env: &Env) {
+/// `--memory 64`: a workload that allocates more is OOM-killed (137) and microvm says so.
+/// (Volumes: tests/volumes.rs.)
+fn memory_limit(env: &Env) {
     let img = env.img.layout();
-    let ro = env.dir.join("ro");
-    let rw = env.dir.join("rw");
-    std::fs::create_dir_all(&ro).unwrap();
-    std::fs::create_dir_all(rw.join("sub")).unwrap();
-    std::fs::write(ro.join("f"), "read-only-content\n").unwrap();
-    std::fs::write(rw.join("old"), "to be deleted\n").unwrap();
-    std::fs::write(rw.join("sub/keep"), "kept\n").unwrap();
-    let vro = format!("{}:/ro:ro", ro.display());
-    let vrw = format!("{}:/rw", rw.display());
-    let script = "cat /sys/fs/cgroup/memory.max; cat /ro/f; \
-        if echo x > /ro/x 2>/dev/null; then echo RO-WRITABLE; else echo RO-REFUSED; fi; \
-        if mount -o remount,rw /ro 2>/dev/null; then echo RO-REMOUNTED; fi; \
-        echo new-content > /rw/new; rm /rw/old; cat /rw/sub/keep; \
-        exec dd if=/dev/zero of=/dev/null bs=100M count=1";
-    let o = env.microvm(
-        &[
-            "run", "--memory", "64", "-v", &vro, "-v", &vrw, img, "sh", "-c", script,
-        ],
-        None,
-    );
+    let script = "cat /sys/fs/cgroup/memory.max; exec dd if=/dev/zero of=/dev/null bs=100M count=1";
+    let o = env.microvm(&["run", "--memory", "64", img, "sh", "-c", script], None);
     assert_eq!(o.code, 137, "{o:?}");
-    assert_eq!(
-        o.stdout, "67108864\nread-only-content\nRO-REFUSED\nkept\n",
-        "{o:?}"
-    );
+    assert_eq!(o.stdout, "67108864\n", "{o:?}");
     assert!(o.stderr.contains("out of memory"), "{o:?}");
-    assert_eq!(
-        std::fs::read_to_string(rw.join("new")).unwrap(),
-        "new-content\n"
-    );
-    assert!(
-        !rw.join("old").exists(),
-        "a file deleted in the guest stays on the host"
-    );
-    assert_eq!(
-        std::fs::read_to_string(rw.join("sub/keep")).unwrap(),
-        "kept\n"
-    );
-    assert!(!ro.join("x").exists());
-    assert!(!rw.join("lost+found").exists());
 }
 
 /// `-d` returns once the container runs; `ps`, `exec`, `kill -s`, `stop`, `logs`, `rm`.

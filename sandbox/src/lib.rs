@@ -15,6 +15,9 @@
 
 mod io;
 pub mod locate;
+pub mod share;
+
+pub use share::SharedDir;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -129,6 +132,30 @@ pub enum Console {
     File(PathBuf),
 }
 
+impl Console {
+    /// Sends a child process's stdout and stderr where this console goes.
+    fn redirect(&self, cmd: &mut Command) -> Result<()> {
+        match self {
+            Console::Null => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+            Console::Inherit => {}
+            Console::File(path) => {
+                let f = fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+                let f2 = f
+                    .try_clone()
+                    .map_err(|e| Error::io("dup the console file", e))?;
+                cmd.stdout(f).stderr(f2);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// How to start a sandbox.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
@@ -156,6 +183,12 @@ pub struct SandboxConfig {
     pub rpc_timeout: Duration,
     /// The guest's vsock context id.
     pub guest_cid: u32,
+    /// Host directories shared live into the guest (virtio-fs, one virtiofsd for all of them):
+    /// the guest mounts [`share::guest_mount`] and finds directory `i` at
+    /// [`share::guest_path`]`(i)`.
+    pub shares: Vec<SharedDir>,
+    /// The virtio-fs daemon; `None`: [`locate::virtiofsd`].
+    pub virtiofsd: Option<PathBuf>,
 }
 
 impl SandboxConfig {
@@ -178,6 +211,8 @@ impl SandboxConfig {
             start_timeout: Duration::from_secs(60),
             rpc_timeout: Duration::from_secs(60),
             guest_cid: 3,
+            shares: Vec::new(),
+            virtiofsd: None,
         }
     }
 }
@@ -365,6 +400,8 @@ impl Drop for Vmm {
 pub struct Sandbox {
     // Dropped first: the VMM dies before its state directory goes.
     vmm: Vmm,
+    /// Serves the shared directories; dropped after the VMM.
+    _virtiofsd: Option<share::Virtiofsd>,
     client: AgentClient,
     state_dir: PathBuf,
     /// Kept to remove the directory on drop.
@@ -485,23 +522,21 @@ impl Sandbox {
         if cfg.rng {
             cmd.arg("--rng");
         }
-        match &cfg.console {
-            Console::Null => {
-                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let virtiofsd = match cfg.shares.is_empty() {
+            true => None,
+            false => {
+                let binary = match &cfg.virtiofsd {
+                    Some(p) => p.clone(),
+                    None => locate::virtiofsd().map_err(|e| Error::Invalid(e.to_string()))?,
+                };
+                let d = share::Virtiofsd::spawn(&binary, &state_dir, &cfg.shares, &cfg.console)?;
+                let mut arg = std::ffi::OsString::from(format!("{},", share::SHARE_TAG));
+                arg.push(&d.socket);
+                cmd.arg("--fs").arg(arg);
+                Some(d)
             }
-            Console::Inherit => {}
-            Console::File(path) => {
-                let f = fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-                let f2 = f
-                    .try_clone()
-                    .map_err(|e| Error::io("dup the console file", e))?;
-                cmd.stdout(f).stderr(f2);
-            }
-        }
+        };
+        cfg.console.redirect(&mut cmd)?;
         let child = cmd
             .spawn()
             .map_err(|e| Error::io(format!("start {}", cfg.microvm.display()), e))?;
@@ -514,6 +549,7 @@ impl Sandbox {
         let client = connect_agent(&mut vmm, &cfg.console, cfg.start_timeout).await?;
         Ok(Sandbox {
             vmm,
+            _virtiofsd: virtiofsd,
             client,
             state_dir,
             _temp: temp,
@@ -545,6 +581,7 @@ impl Sandbox {
         ));
         let sandbox = Sandbox {
             vmm: Vmm { child: None, uds },
+            _virtiofsd: None,
             client,
             state_dir,
             _temp: None,

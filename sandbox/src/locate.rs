@@ -1,5 +1,5 @@
-//! Where the sandbox's three host-side artifacts are found when nobody names them: the guest
-//! kernel, the static guest agent and the `microvm` binary (the VMM). `microvm run` and the
+//! Where the sandbox's host-side artifacts are found when nobody names them: the guest
+//! kernel, the static guest agent, the `microvm` binary (the VMM) and virtiofsd (volumes). `microvm run` and the
 //! containerd shim both use these, so a user who ran `cargo xtask kernel` and `cargo build`
 //! needs no flags.
 //!
@@ -141,6 +141,44 @@ pub fn microvm() -> Result<PathBuf, NotFound> {
     first_file(
         "the microvm binary",
         "Build it with `cargo build -p microvm` or set MICROVM_BIN",
+        candidates,
+    )
+}
+
+/// The virtiofsd version `cargo xtask virtiofsd` builds into the cache.
+pub const VIRTIOFSD_VERSION: &str = "1.14.0";
+
+/// The virtio-fs daemon: `$MICROVM_VIRTIOFSD`; `virtiofsd` next to the running executable; the
+/// one `cargo xtask virtiofsd` built (`<cache>/virtiofsd-<version>/bin/virtiofsd`, also under
+/// `/var/cache/microvm`); an installed `/usr/local/lib/microvm/virtiofsd`,
+/// `/usr/lib/microvm/virtiofsd` or Debian's `/usr/libexec/virtiofsd`.
+pub fn virtiofsd() -> Result<PathBuf, NotFound> {
+    if let Some(p) = std::env::var_os("MICROVM_VIRTIOFSD") {
+        return first_file(
+            "virtiofsd",
+            "MICROVM_VIRTIOFSD names a missing file",
+            vec![p.into()],
+        );
+    }
+    let mut candidates = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        candidates.push(dir.join("virtiofsd"));
+    }
+    let cached = format!("virtiofsd-{VIRTIOFSD_VERSION}/bin/virtiofsd");
+    candidates.push(cache_dir().join(&cached));
+    let system_cache = Path::new("/var/cache/microvm").join(&cached);
+    if !candidates.contains(&system_cache) {
+        candidates.push(system_cache);
+    }
+    candidates.push("/usr/local/lib/microvm/virtiofsd".into());
+    candidates.push("/usr/lib/microvm/virtiofsd".into());
+    candidates.push("/usr/libexec/virtiofsd".into());
+    first_file(
+        "virtiofsd (the virtio-fs daemon, needed for volumes)",
+        "Build it with `cargo xtask virtiofsd` or set MICROVM_VIRTIOFSD",
         candidates,
     )
 }

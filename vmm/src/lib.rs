@@ -12,4 +12,6 @@ pub mod timing;
 pub mod vcpu;
 pub mod vm;
 
-pub use vm::{run, DiskConfig, NetConfig, VmConfig, VmmError, VsockConfig, DEFAULT_CMDLINE};
+pub use vm::{
+    run, DiskConfig, FsConfig, NetConfig, VmConfig, VmmError, VsockConfig, DEFAULT_CMDLINE,
+};

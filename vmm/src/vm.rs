@@ -24,7 +24,8 @@ use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use linux_loader::loader::Cmdline;
 use tracing::{debug, info, warn};
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -35,7 +36,9 @@ use crate::devices::legacy::{
     BootMarker, ConsoleWriter, EventFdTrigger, SerialConsole, BOOT_MARKER_PORT, I8042, I8042_PORT,
     SERIAL_PORT,
 };
-use crate::devices::virtio::{block::Block, net::Net, rng::Rng, vsock::Vsock, MmioTransport};
+use crate::devices::virtio::{
+    block::Block, fs::Fs, net::Net, rng::Rng, vsock::Vsock, MmioTransport,
+};
 use crate::devices::virtio::{Subscriber as VirtioSubscriber, VirtioDevice, VirtioEvents};
 use crate::devices::virtio::{MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::devices::{lock, Bus};
@@ -62,6 +65,14 @@ pub struct VsockConfig {
 
 pub use crate::devices::virtio::net::NetConfig;
 
+/// A virtio-fs device served by a vhost-user daemon listening on `socket`; the guest mounts it
+/// by `tag`.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    pub tag: String,
+    pub socket: PathBuf,
+}
+
 /// Everything needed to boot a VM.
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -75,6 +86,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// Network devices, eth0, eth1, ... in order.
     pub nets: Vec<NetConfig>,
+    /// virtio-fs devices; with any, guest memory is a shared memfd mapping the daemons map too.
+    pub fs: Vec<FsConfig>,
     /// Where the serial console's output goes.
     pub console: Box<dyn Write + Send>,
 }
@@ -107,6 +120,8 @@ pub enum VmmError {
         tap: String,
         source: crate::devices::virtio::net::NetError,
     },
+    #[error(transparent)]
+    Fs(#[from] crate::devices::virtio::fs::FsError),
     #[error("too many devices: IRQ lines {first} to {max} are all taken")]
     TooManyDevices { first: u32, max: u32 },
     #[error("event manager: {0}")]
@@ -126,7 +141,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     let kvm = Kvm::new()?;
     crate::host::check_capabilities(&kvm)?;
     let vm = kvm.create_vm()?;
-    let mem = create_memory(&vm, config.memory_mib)?;
+    let mem = create_memory(&vm, config.memory_mib, !config.fs.is_empty())?;
     phase("VM and guest memory created");
     // The TSS lives in the three pages below the BIOS ROM area, outside guest RAM.
     vm.set_tss_address(0xfffb_d000)?;
@@ -169,7 +184,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     phase("legacy devices");
 
     // Virtio devices, in a fixed order so guest device names are stable: disks (vda, vdb, ...),
-    // then vsock, then rng, then network devices (eth0, eth1, ...).
+    // then vsock, then rng, then network devices (eth0, eth1, ...), then virtio-fs.
     let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(VmmError::Cmdline)?;
     cmdline
         .insert_str(&config.cmdline)
@@ -201,6 +216,9 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
             source,
         })?;
         virtio.attach(Arc::new(Mutex::new(dev)))?;
+    }
+    for fs in &config.fs {
+        virtio.attach(Arc::new(Mutex::new(Fs::new(&fs.tag, &fs.socket)?)))?;
     }
 
     phase("virtio devices");
@@ -337,11 +355,27 @@ fn host_memory_mib() -> u64 {
         .map_or(u64::MAX, |kb| kb / 1024)
 }
 
-/// Allocates guest RAM (anonymous, private, not reserved: untouched pages cost nothing) and
-/// registers it with KVM.
-fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, VmmError> {
-    let mem = GuestMemoryMmap::from_ranges(&arch::ram_ranges(mib << 20))
-        .map_err(|source| VmmError::Memory { mib, source })?;
+/// Allocates guest RAM (not reserved: untouched pages cost nothing) and registers it with KVM.
+/// Anonymous and private unless `shared`: then one memfd mapped shared, which a vhost-user
+/// daemon can map too (it gets the fd and each region's offset in it).
+fn create_memory(vm: &VmFd, mib: u64, shared: bool) -> Result<GuestMemoryMmap, VmmError> {
+    let ranges = arch::ram_ranges(mib << 20);
+    let mem = if shared {
+        let file = Arc::new(memfd("guest-ram", mib << 20)?);
+        let mut offset = 0u64;
+        let with_files: Vec<_> = ranges
+            .iter()
+            .map(|&(addr, len)| {
+                let r = (addr, len, Some(FileOffset::from_arc(file.clone(), offset)));
+                offset += len as u64;
+                r
+            })
+            .collect();
+        GuestMemoryMmap::from_ranges_with_files(with_files)
+    } else {
+        GuestMemoryMmap::from_ranges(&ranges)
+    }
+    .map_err(|source| VmmError::Memory { mib, source })?;
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(MemoryRegionAddress(0))
@@ -372,6 +406,22 @@ fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, VmmError> {
         }
     }
     Ok(mem)
+}
+
+/// A memfd of `len` bytes (sparse: pages are allocated when touched).
+fn memfd(name: &str, len: u64) -> Result<std::fs::File, VmmError> {
+    use std::os::fd::FromRawFd;
+    let name = std::ffi::CString::new(name).map_err(|e| VmmError::Config(e.to_string()))?;
+    // SAFETY: memfd_create with a valid NUL-terminated name; the returned fd is checked and
+    // owned by the File from here on.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len)?;
+    Ok(file)
 }
 
 fn insert(

@@ -2,6 +2,7 @@
 //!
 //! - `agent`: build the static guest agent.
 //! - `kernel`: build (or find in the cache) the guest `vmlinux`.
+//! - `virtiofsd`: build (or find in the cache) the virtio-fs daemon.
 //! - `testbed -- CMD...`: run CMD as root inside an emulated nested-KVM host.
 //! - `test`: everything CI runs.
 //! - `demo`: the README's main command.
@@ -14,6 +15,7 @@ mod kernel;
 mod test;
 mod testbed;
 mod util;
+mod virtiofsd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -31,6 +33,8 @@ enum Cmd {
     Agent,
     /// Build the guest kernel (cached outside the checkout) and print the path of its vmlinux.
     Kernel(kernel::KernelArgs),
+    /// Build the virtio-fs daemon (cached outside the checkout) and print its path.
+    Virtiofsd,
     /// Run a command as root inside the emulated nested-KVM host (QEMU TCG with AMD SVM).
     Testbed(testbed::TestbedArgs),
     /// Run everything CI runs: lints, unit tests, guest-booting tests (in the testbed if needed).
@@ -47,6 +51,10 @@ fn main() -> Result<()> {
         Cmd::Kernel(args) => {
             let path = kernel::build(&args)?;
             println!("{}", path.display());
+            Ok(())
+        }
+        Cmd::Virtiofsd => {
+            println!("{}", virtiofsd::build()?.display());
             Ok(())
         }
         Cmd::Agent => {

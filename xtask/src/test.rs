@@ -1,7 +1,7 @@
 //! `cargo xtask test`: everything CI checks, in one command.
 //!
 //! 1. Debian packages the tests use (e2fsprogs for disk images, busybox for guest userspace).
-//! 2. The guest kernel (cached outside the checkout).
+//! 2. The guest kernel and virtiofsd (cached outside the checkout).
 //! 3. Formatting and clippy with warnings as errors.
 //! 4. `cargo test --workspace`: unit tests here, guest-booting tests inside the testbed when
 //!    this host's KVM cannot boot guests (the test binary relays itself).
@@ -26,7 +26,8 @@ pub struct TestArgs {
 /// Packages the guest tests need on the host (or, through the shared root, in the testbed).
 /// What the tests run for real: e2fsprogs (disks), busybox (test images), Debian's registry
 /// and skopeo (`microvm run` from a registry), containerd (the shim), `script` (ttys);
-/// libssl-dev and pkg-config build oci-client's TLS.
+/// libssl-dev and pkg-config build oci-client's TLS; libseccomp-dev and libcap-ng-dev build
+/// virtiofsd (volumes).
 pub const TEST_DEBS: &[&str] = &[
     "e2fsprogs",
     "busybox-static",
@@ -37,12 +38,15 @@ pub const TEST_DEBS: &[&str] = &[
     "bsdutils",
     "libssl-dev",
     "pkg-config",
+    "libseccomp-dev",
+    "libcap-ng-dev",
 ];
 
 pub fn run_tests(args: &TestArgs) -> Result<()> {
     ensure_debs(TEST_DEBS)?;
     testbed::ensure_prerequisites()?;
     let vmlinux = kernel::build(&KernelArgs::default())?;
+    let virtiofsd = crate::virtiofsd::build()?;
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     if !args.no_lint {
@@ -74,6 +78,7 @@ pub fn run_tests(args: &TestArgs) -> Result<()> {
         .args(&args.cargo_args)
         .env("MICROVM_KERNEL", &vmlinux)
         .env("MICROVM_AGENT", &agent)
+        .env("MICROVM_VIRTIOFSD", &virtiofsd)
         .current_dir(&root))?;
     Ok(())
 }

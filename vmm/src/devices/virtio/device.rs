@@ -85,6 +85,14 @@ pub struct ActiveQueues {
     irq: Arc<IrqTrigger>,
 }
 
+impl ActiveQueues {
+    /// The interrupt line, for a device whose used buffers are returned by someone else (a
+    /// vhost-user daemon) and who only relays the notification.
+    pub fn irq(&self) -> &IrqTrigger {
+        &self.irq
+    }
+}
+
 /// The state every virtio device has; see the module documentation.
 pub struct DeviceCore {
     /// For log lines: `virtio-blk`, `vsock`, ...
@@ -376,6 +384,12 @@ pub trait VirtioDevice: Send {
 
 /// The event-thread half of a device.
 pub trait VirtioEvents {
+    /// Whether the VMM serves the queues itself. A vhost-user device answers false: its queue
+    /// eventfds are the daemon's kicks, which the event loop must not drain.
+    fn serves_queues(&self) -> bool {
+        true
+    }
+
     /// The guest notified queue `index` (its eventfd is already drained).
     fn queue_notified(&mut self, index: usize);
 
@@ -397,7 +411,9 @@ pub struct Subscriber<D>(pub Arc<Mutex<D>>);
 impl<D: VirtioDevice + VirtioEvents> MutEventSubscriber for Subscriber<D> {
     fn init(&mut self, ops: &mut EventOps) {
         let device = lock(&self.0);
-        device.core().register_queue_events(ops);
+        if device.serves_queues() {
+            device.core().register_queue_events(ops);
+        }
         for events in device.backend_events() {
             if let Err(e) = ops.add(events) {
                 error!(

@@ -14,6 +14,7 @@
 
 pub mod block;
 mod device;
+pub mod fs;
 mod mmio;
 pub mod net;
 pub mod rng;
@@ -34,6 +35,7 @@ pub mod device_type {
     pub const CONSOLE: u32 = 3;
     pub const RNG: u32 = 4;
     pub const VSOCK: u32 = 19;
+    pub const FS: u32 = 26;
 }
 
 /// Feature bit every modern device offers: the device complies with virtio 1.x.

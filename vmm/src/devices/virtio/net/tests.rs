@@ -50,6 +50,14 @@ fn in_own_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T 
         // SAFETY: unshare(2) with a flag; it affects only this thread.
         let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
         assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
+        // No IPv6 on the test's interfaces: the kernel's own router and multicast listener
+        // solicitations would otherwise land in the RX queue between the test's frames.
+        for conf in ["all", "default"] {
+            let knob = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
+            if std::path::Path::new(&knob).exists() {
+                std::fs::write(&knob, "1").unwrap();
+            }
+        }
         f()
     })
     .join()
