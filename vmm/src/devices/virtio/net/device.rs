@@ -87,15 +87,15 @@ impl Net {
     /// A device on the tap `tap_name` (created if it does not exist), for a guest with address
     /// `mac` and MTU `mtu`. The tap's own MTU is set to `mtu` as well.
     pub fn new(tap_name: &str, mac: [u8; 6], mtu: u16) -> Result<Self, NetError> {
-        // Any u16 MTU fits MAX_FRAME; below 68 IPv4 does not work (RFC 791).
-        if mtu < 68 {
-            return Err(NetError::Mtu(mtu));
-        }
-        if mac[0] & 1 != 0 || mac == [0; 6] {
-            return Err(NetError::Mac(mac));
-        }
+        Self::check(mac, mtu)?;
         let tap = Tap::open(tap_name)?;
         tap.set_mtu(mtu)?;
+        Self::with_tap(tap, mac, mtu)
+    }
+
+    /// A device on an open tap (see [`Tap::from_fd`]), whose MTU its owner set.
+    pub fn with_tap(tap: Tap, mac: [u8; 6], mtu: u16) -> Result<Self, NetError> {
+        Self::check(mac, mtu)?;
         let offloads = tap.supported_offloads();
         let mut features = VIRTIO_F_VERSION_1
             | bit(VIRTIO_RING_F_EVENT_IDX)
@@ -127,6 +127,17 @@ impl Net {
             tx: vec![0; MAX_FRAME].into_boxed_slice(),
             stats: NetStats::default(),
         })
+    }
+
+    fn check(mac: [u8; 6], mtu: u16) -> Result<(), NetError> {
+        // Any u16 MTU fits MAX_FRAME; below 68 IPv4 does not work (RFC 791).
+        if mtu < 68 {
+            return Err(NetError::Mtu(mtu));
+        }
+        if mac[0] & 1 != 0 || mac == [0; 6] {
+            return Err(NetError::Mac(mac));
+        }
+        Ok(())
     }
 
     pub fn stats(&self) -> NetStats {

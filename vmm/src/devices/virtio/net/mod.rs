@@ -27,9 +27,10 @@
 //! # Configuration
 //!
 //! The tap is named (`NetConfig::tap_name`): the VMM attaches to it, or creates it if it does not
-//! exist, and sets its MTU to the guest's. Opening by name needs `CAP_NET_ADMIN`; a later jailed
-//! VMM would take an already-open tap fd instead, which `Tap` can grow without touching the
-//! device.
+//! exist, and sets its MTU to the guest's. Opening by name needs `CAP_NET_ADMIN` and finds the
+//! tap in the VMM's own network namespace. A tap in another namespace (a pod's, plumbed by the
+//! `hostnet` crate) comes as an already attached fd instead: [`Tap::from_fd`] takes it over
+//! (its MTU left as its owner set it) and [`Net::with_tap`] builds the device on it.
 //!
 //! # Hostile guest
 //!

@@ -34,6 +34,8 @@ pub enum TapError {
     OpenTun(io::Error),
     #[error("cannot attach to tap {name}: {source}")]
     Attach { name: String, source: io::Error },
+    #[error("{name} is not a tap with IFF_NO_PI and IFF_VNET_HDR (flags {flags:#x})")]
+    NotATap { name: String, flags: libc::c_int },
     #[error("tap {name}: {what}: {source}")]
     Ioctl {
         name: String,
@@ -72,9 +74,60 @@ impl Tap {
                 source: io::Error::last_os_error(),
             });
         }
+        Self::with_file(file, name.to_string())
+    }
+
+    /// Takes over an already attached tap queue, such as one opened inside a pod's network
+    /// namespace and inherited from the process that started the VMM (a tap by name would be
+    /// looked up in the VMM's own namespace). It must be a tap with `IFF_NO_PI|IFF_VNET_HDR`.
+    /// The fd is made non-blocking; the tap's MTU is left as its owner set it.
+    pub fn from_fd(fd: OwnedFd) -> Result<Self, TapError> {
+        let mut req = IfReq::new([0; libc::IFNAMSIZ]);
+        // SAFETY: TUNGETIFF writes one ifreq into `req`; the fd is ours.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut req) };
+        let fd_name = || format!("fd {}", fd.as_raw_fd());
+        if r < 0 {
+            return Err(TapError::Attach {
+                name: fd_name(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        let name: String = req
+            .name
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8 as char)
+            .collect();
+        // SAFETY: TUNGETIFF filled the flags member.
+        let flags = libc::c_int::from(unsafe { req.data.flags });
+        let wanted = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if flags & wanted != wanted || flags & libc::IFF_TUN != 0 {
+            return Err(TapError::NotATap { name, flags });
+        }
+        // SAFETY: F_GETFL/F_SETFL on an fd we own.
+        let r = unsafe {
+            let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            if fl < 0 {
+                fl
+            } else {
+                libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK)
+            }
+        };
+        if r < 0 {
+            return Err(TapError::Ioctl {
+                name,
+                what: "fcntl O_NONBLOCK",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Self::with_file(File::from(fd), name)
+    }
+
+    /// Sets the virtio header size and probes the offloads of an attached tap.
+    fn with_file(file: File, name: String) -> Result<Self, TapError> {
         let mut tap = Self {
             file,
-            name: name.to_string(),
+            name,
             offloads: 0,
         };
         let hdr_len = VNET_HDR_LEN as libc::c_int;
@@ -216,5 +269,26 @@ mod tests {
         let n = ifr_name("tap0").unwrap();
         assert_eq!(&n[..5], &[b't' as _, b'a' as _, b'p' as _, b'0' as _, 0]);
         assert!(ifr_name("fifteen-chars-x").is_some());
+    }
+
+    #[test]
+    fn an_inherited_fd_is_taken_over() {
+        super::super::tests::in_own_netns(|| {
+            let opened = Tap::open("inherit0").expect("create a tap");
+            // What a parent would hand over: another fd on the same attached queue, blocking.
+            let fd = OwnedFd::from(opened.file.try_clone().unwrap());
+            let tap = Tap::from_fd(fd).expect("take over the fd");
+            assert_eq!(tap.name(), "inherit0");
+            assert_eq!(tap.supported_offloads(), opened.supported_offloads());
+            let mut buf = [0u8; 64];
+            let err = tap.read_frame(&mut buf).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "made non-blocking");
+
+            let not_a_tap = OwnedFd::from(File::open("/dev/null").unwrap());
+            assert!(matches!(
+                Tap::from_fd(not_a_tap),
+                Err(TapError::Attach { .. })
+            ));
+        });
     }
 }

@@ -45,7 +45,7 @@ const TX_BUF: u64 = 0x20_0000;
 const WAIT: Duration = Duration::from_secs(10);
 
 /// Runs `f` in a new thread inside a network namespace of its own.
-fn in_own_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(super) fn in_own_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
         // SAFETY: unshare(2) with a flag; it affects only this thread.
         let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
