@@ -4,6 +4,7 @@
 
 mod init;
 mod mounts;
+mod network;
 mod oom;
 mod reaper;
 mod service;

@@ -1156,6 +1156,29 @@ impl agent_protocol::agent_ttrpc::Agent for Agent {
         Ok(Empty::new())
     }
 
+    async fn configure_network(
+        &self,
+        _: &TtrpcContext,
+        req: pb::ConfigureNetworkRequest,
+    ) -> Result<Empty> {
+        use crate::network::{NetError, Plan};
+        self.check_serving()?;
+        self.rpc_log(
+            "ConfigureNetwork",
+            &format!("{} interfaces", req.interfaces.len()),
+        );
+        let applied = match Plan::from_request(&req) {
+            Ok(plan) => plan.apply().await,
+            Err(e) => Err(e),
+        };
+        applied.map_err(|e| match e {
+            NetError::Invalid(m) => status(Code::INVALID_ARGUMENT, m),
+            NetError::NotFound(m) => status(Code::NOT_FOUND, m),
+            NetError::Failed(m) => status(Code::FAILED_PRECONDITION, m),
+        })?;
+        Ok(Empty::new())
+    }
+
     async fn shutdown(&self, _: &TtrpcContext, _: pb::ShutdownRequest) -> Result<Empty> {
         self.rpc_log("Shutdown", "");
         if self.shutting_down.swap(true, Ordering::SeqCst) {

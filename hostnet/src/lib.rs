@@ -9,6 +9,7 @@
 
 pub mod netns;
 
+mod agent;
 mod inspect;
 mod tap;
 mod tc;

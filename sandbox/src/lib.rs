@@ -895,6 +895,16 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Configures the guest's network interfaces (found by MAC), routes and neighbours, for
+    /// example from `hostnet::PodInterface::agent_request`.
+    pub async fn configure_network(&self, req: &pb::ConfigureNetworkRequest) -> Result<()> {
+        self.client
+            .configure_network(self.ctx(), req)
+            .await
+            .map_err(|e| Error::rpc("ConfigureNetwork", e))?;
+        Ok(())
+    }
+
     /// Waits for the next out-of-memory kill in any container.
     pub async fn next_oom_event(&self) -> Result<pb::OomEvent> {
         self.client
