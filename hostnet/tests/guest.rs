@@ -76,7 +76,15 @@ struct PodNetns;
 
 impl PodNetns {
     fn new() -> Result<Self, String> {
-        let _ = Command::new("ip").args(["netns", "del", POD_NS]).status();
+        // The testbed's kernel has these as modules, and does not always load them on demand;
+        // elsewhere they are loaded or built in already (an error here is harmless).
+        for module in ["veth", "tun", "sch_ingress", "cls_u32", "act_mirred"] {
+            let _ = Command::new("modprobe").arg(module).status();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", POD_NS])
+            .stderr(std::process::Stdio::null())
+            .status();
         ip(&["netns", "add", POD_NS])?;
         let ns = PodNetns;
         let mtu = MTU.to_string();
