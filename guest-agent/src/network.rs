@@ -296,7 +296,11 @@ impl Plan {
                 .copied()
                 .ok_or_else(|| NetError::NotFound(format!("no guest interface {dev}")))
         };
-        for r in &self.routes {
+        // On-link routes first: a gateway must be reachable when a route through it is added
+        // (with a /32 address, only an on-link route to the gateway makes it so).
+        let (on_link, via): (Vec<&Route>, Vec<&Route>) =
+            self.routes.iter().partition(|r| r.gateway.is_none());
+        for r in on_link.into_iter().chain(via) {
             let index = index_of(&r.device)?;
             let msg = route_message(r, index).map_err(NetError::Invalid)?;
             handle
@@ -607,6 +611,42 @@ mod tests {
             // Again: the same state, no error (addresses present are kept, routes replaced).
             apply(&request()).expect("configure again");
             assert_eq!(ip("-o addr show dev eth0").matches("inet ").count(), 1);
+        });
+    }
+
+    #[test]
+    fn a_gateway_reached_through_an_on_link_route_works_in_any_order() {
+        in_netns_with_device(|| {
+            // As CNI plugins that give a /32 address do: the gateway is reachable only through
+            // an on-link route, which the request lists after the default route.
+            let mut req = request();
+            req.interfaces[0].addresses = vec![net("10.2.0.7", 32)];
+            req.routes = vec![
+                pb::NetworkRoute {
+                    gateway: "169.254.1.1".into(),
+                    device: "eth0".into(),
+                    ..Default::default()
+                },
+                pb::NetworkRoute {
+                    destination: Some(net("169.254.1.1", 32)).into(),
+                    device: "eth0".into(),
+                    scope_link: true,
+                    ..Default::default()
+                },
+            ];
+            req.neighbours.clear();
+            apply(&req).expect("configure");
+            let routes = ip("route show");
+            assert!(
+                routes.contains("default via 169.254.1.1 dev eth0"),
+                "{routes}"
+            );
+            assert!(
+                routes
+                    .lines()
+                    .any(|l| l.starts_with("169.254.1.1 dev eth0 ") && l.contains("scope link")),
+                "{routes}"
+            );
         });
     }
 
