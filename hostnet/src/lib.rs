@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use rtnetlink::packet_route::link::LinkFlags;
 use rtnetlink::LinkUnspec;
 
-pub use tc::Filter;
+pub use tc::{Filter, FILTER_PRIORITY};
 
 /// The name CNI gives the pod's interface unless told otherwise.
 pub const DEFAULT_INTERFACE: &str = "eth0";
@@ -225,10 +225,11 @@ async fn join(
     tc::add_redirect(handle, tap_index, veth, tap).await
 }
 
-/// Removes what [`plumb`] created in `netns`: the tap (its qdisc and filter go with it) and the
-/// ingress qdisc of `interface` (its filter goes with it). The interface itself, its addresses
-/// and routes are CNI's and stay. Idempotent: what is missing already, the namespace included,
-/// is skipped.
+/// Removes what [`plumb`] created in `netns`: the tap (its qdisc and filter go with it) and, on
+/// `interface`, the redirect filter (known by its priority, [`FILTER_PRIORITY`]) with the
+/// ingress qdisc it sits on; if someone else's filters share that qdisc, only ours goes. The
+/// interface itself, its addresses and routes are CNI's and stay. Idempotent: what is missing
+/// already, the namespace included, is skipped; an ingress qdisc without our filter is left.
 pub fn unplumb(netns: &Path, interface: &str, tap: &str) -> Result<(), Error> {
     if !netns.exists() {
         // The namespace is gone, and everything in it with it.
@@ -249,7 +250,7 @@ async fn remove(handle: &rtnetlink::Handle, interface: &str, tap: &str) -> Resul
         }
     }
     if let Some(link) = inspect::link(handle, interface).await? {
-        tc::del_ingress_qdisc(handle, link.header.index, interface).await?;
+        tc::remove_redirect(handle, link.header.index, interface).await?;
     }
     Ok(())
 }

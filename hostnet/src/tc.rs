@@ -8,14 +8,21 @@
 //! tc filter add dev SRC parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev DST
 //! ```
 
-use futures_util::TryStreamExt;
+use std::collections::BTreeSet;
+
+use futures_util::{StreamExt, TryStreamExt};
+use rtnetlink::packet_core::{NetlinkMessage, NLM_F_ACK, NLM_F_REQUEST};
 use rtnetlink::packet_route::tc::{TcAttribute, TcHandle, TcMessage};
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::Handle;
 
 use crate::{netlink_errno, Error};
 
 /// `ETH_P_ALL`: the filter sees every frame, whatever its EtherType.
 const ETH_P_ALL: u16 = 0x0003;
+/// The priority ("pref") of the redirect filters made here ("mv"): teardown tells them from
+/// filters someone else put on the same interface by it.
+pub const FILTER_PRIORITY: u16 = 0x6d76;
 
 /// Adds the ingress qdisc to `index` (fails with `EEXIST` if it has one).
 pub async fn add_ingress_qdisc(handle: &Handle, index: u32, name: &str) -> Result<(), Error> {
@@ -34,6 +41,7 @@ pub async fn add_redirect(handle: &Handle, from: u32, to: u32, name: &str) -> Re
         .traffic_filter(from as i32)
         .add()
         .ingress()
+        .priority(FILTER_PRIORITY)
         .protocol(ETH_P_ALL.to_be())
         .redirect(to)
         .map_err(|e| Error::netlink(format!("build the redirect filter on {name}"), e))?
@@ -59,40 +67,57 @@ pub async fn has_ingress_qdisc(handle: &Handle, index: u32) -> Result<bool, Erro
     }))
 }
 
-/// The ingress filters of `index`, as `(kind, redirect target ifindex)` pairs (the target is
-/// `None` for a filter with no mirred action).
-pub async fn ingress_filters(handle: &Handle, index: u32) -> Result<Vec<Filter>, Error> {
-    let filters: Vec<TcMessage> = handle
+async fn dump_ingress_filters(handle: &Handle, index: u32) -> Result<Vec<TcMessage>, Error> {
+    handle
         .traffic_filter(index as i32)
         .get()
         .ingress()
         .execute()
         .try_collect()
         .await
-        .map_err(|e| Error::netlink("list ingress filters".into(), e))?;
-    // A u32 filter is dumped twice: its hash table node (no options) and the rule itself.
-    Ok(filters
-        .iter()
-        .filter_map(|f| {
-            let kind = f.attributes.iter().find_map(|a| match a {
-                TcAttribute::Kind(k) => Some(k.clone()),
-                _ => None,
-            })?;
-            let options = f.attributes.iter().find_map(|a| match a {
-                TcAttribute::Options(o) => Some(o),
-                _ => None,
-            })?;
-            let redirect_to = options.iter().find_map(redirect_target);
-            Some(Filter { kind, redirect_to })
+        .map_err(|e| Error::netlink("list ingress filters".into(), e))
+}
+
+/// The rules among the ingress filters of `index`: their kind, priority and, for a mirred
+/// egress redirect, its target.
+pub async fn ingress_filters(handle: &Handle, index: u32) -> Result<Vec<Filter>, Error> {
+    let filters = dump_ingress_filters(handle, index).await?;
+    // A u32 filter is dumped twice, its hash table node and the rule itself: one entry per kind
+    // and priority, the one with an action if any.
+    let mut rules: Vec<Filter> = Vec::new();
+    let all = filters.iter().filter_map(|f| {
+        let kind = f.attributes.iter().find_map(|a| match a {
+            TcAttribute::Kind(k) => Some(k.clone()),
+            _ => None,
+        })?;
+        let options = f.attributes.iter().find_map(|a| match a {
+            TcAttribute::Options(o) if !o.is_empty() => Some(o),
+            _ => None,
+        })?;
+        let redirect_to = options.iter().find_map(redirect_target);
+        Some(Filter {
+            kind,
+            priority: (f.header.info >> 16) as u16,
+            redirect_to,
         })
-        .filter(|f| f.redirect_to.is_some())
-        .collect())
+    });
+    for filter in all {
+        match rules
+            .iter_mut()
+            .find(|r| (&r.kind, r.priority) == (&filter.kind, filter.priority))
+        {
+            Some(r) => r.redirect_to = r.redirect_to.or(filter.redirect_to),
+            None => rules.push(filter),
+        }
+    }
+    Ok(rules)
 }
 
 /// One ingress filter as [`ingress_filters`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
     pub kind: String,
+    pub priority: u16,
     /// The ifindex a mirred egress-redirect action sends frames to.
     pub redirect_to: Option<u32>,
 }
@@ -120,9 +145,47 @@ fn redirect_target(option: &rtnetlink::packet_route::tc::TcOption) -> Option<u32
     })
 }
 
+/// Removes the redirect filter [`add_redirect`] put on `index`: with the ingress qdisc when
+/// nothing else is attached to it, alone (by its priority) when someone else's filters share the
+/// qdisc. An ingress qdisc without our filter is not ours and stays; a missing one is fine.
+pub async fn remove_redirect(handle: &Handle, index: u32, name: &str) -> Result<(), Error> {
+    let priorities: BTreeSet<u16> = dump_ingress_filters(handle, index)
+        .await?
+        .iter()
+        .map(|f| (f.header.info >> 16) as u16)
+        .collect();
+    if !priorities.contains(&FILTER_PRIORITY) {
+        return Ok(());
+    }
+    if priorities.len() == 1 {
+        return del_ingress_qdisc(handle, index, name).await;
+    }
+    // `tc filter del dev NAME parent ffff: pref FILTER_PRIORITY`
+    let mut msg = TcMessage::with_index(index as i32);
+    msg.header.parent = TcHandle::INGRESS;
+    msg.header.info = u32::from(FILTER_PRIORITY) << 16;
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::DelTrafficFilter(msg));
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    let mut answers = handle
+        .clone()
+        .request(req)
+        .map_err(|e| Error::netlink(format!("delete the redirect filter of {name}"), e))?;
+    while let Some(answer) = answers.next().await {
+        if let rtnetlink::packet_core::NetlinkPayload::Error(e) = answer.payload {
+            if e.code.is_some() {
+                return Err(Error::netlink(
+                    format!("delete the redirect filter of {name}"),
+                    rtnetlink::Error::NetlinkError(e),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Deletes the ingress qdisc of `index` and with it every filter attached to it; a missing
 /// qdisc is not an error.
-pub async fn del_ingress_qdisc(handle: &Handle, index: u32, name: &str) -> Result<(), Error> {
+async fn del_ingress_qdisc(handle: &Handle, index: u32, name: &str) -> Result<(), Error> {
     let mut req = handle.qdisc().del(index as i32);
     req.message_mut().header.parent = TcHandle::INGRESS;
     req.message_mut().header.handle = TcHandle::from(0xffff_0000);

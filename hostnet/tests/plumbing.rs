@@ -286,6 +286,7 @@ fn plumbing_reads_the_interface_and_joins_a_tap_to_it() {
     assert!(veth.ingress_qdisc);
     assert_eq!(tap.ingress_filters.len(), 1);
     assert_eq!(tap.ingress_filters[0].kind, "u32");
+    assert_eq!(tap.ingress_filters[0].priority, hostnet::FILTER_PRIORITY);
     assert_eq!(tap.ingress_filters[0].redirect_to, Some(veth.index));
     assert_eq!(veth.ingress_filters.len(), 1);
     assert_eq!(veth.ingress_filters[0].redirect_to, Some(tap.index));
@@ -410,4 +411,47 @@ fn a_missing_interface_or_a_bad_name_changes_nothing() {
         hostnet::read_interface(&PathBuf::from("/nonexistent/ns"), "eth0"),
         Err(Error::Netns { .. })
     ));
+}
+
+fn tc_in(netns: &str, args: &str) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "tc"])
+        .args(args.split_whitespace())
+        .output()
+        .expect("tc (iproute2)");
+    assert!(out.status.success(), "tc {args}: {out:?}");
+}
+
+#[test]
+fn teardown_leaves_someone_elses_ingress_qdisc_and_filters() {
+    // A qdisc that was there before: plumbing is refused, and a cleanup keeps it.
+    let f = Fixture::new(1500);
+    tc_in(&f.pod, "qdisc add dev eth0 ingress");
+    tc_in(
+        &f.pod,
+        "filter add dev eth0 parent ffff: pref 7 protocol ip u32 match u32 0 0 flowid 1:1",
+    );
+    assert!(matches!(
+        hostnet::plumb(&f.pod_path(), "eth0", "tap0_mvm"),
+        Err(Error::Busy(_))
+    ));
+    hostnet::unplumb(&f.pod_path(), "eth0", "tap0_mvm").unwrap();
+    let veth = hostnet::link_state(&f.pod_path(), "eth0").unwrap().unwrap();
+    assert!(veth.ingress_qdisc);
+    assert_eq!(veth.ingress_filters.len(), 1);
+    assert_eq!(veth.ingress_filters[0].priority, 7);
+
+    // A filter added beside ours after plumbing: teardown removes ours only.
+    let f = Fixture::new(1500);
+    let plumbing = hostnet::plumb(&f.pod_path(), "eth0", "tap0_mvm").unwrap();
+    tc_in(
+        &f.pod,
+        "filter add dev eth0 parent ffff: pref 9 protocol ip u32 match u32 0 0 flowid 1:1",
+    );
+    plumbing.unplumb().unwrap();
+    assert!(!exists(&f, "tap0_mvm"));
+    let veth = hostnet::link_state(&f.pod_path(), "eth0").unwrap().unwrap();
+    assert!(veth.ingress_qdisc);
+    let prios: Vec<u16> = veth.ingress_filters.iter().map(|f| f.priority).collect();
+    assert_eq!(prios, vec![9]);
 }
