@@ -583,20 +583,28 @@ impl State {
                 .map_err(|e| failed("overlay over the rootfs", e))?;
             done.push(root.clone());
         }
+        // Mount points are resolved inside the rootfs and held open (openat2 RESOLVE_IN_ROOT):
+        // a symlink in the image, or one swapped in meanwhile, cannot take a mount outside it.
+        let root_dir = container::RootDir::open(&root)
+            .map_err(|e| status(Code::INTERNAL, format!("open the rootfs: {e}")))?;
         for m in extra {
-            let dest = mounts::inside(&root, &m.destination).ok_or_else(|| {
-                status(
-                    Code::INVALID_ARGUMENT,
-                    format!("mount destination {:?} leaves the rootfs", m.destination),
-                )
-            })?;
-            fs::create_dir_all(&dest).map_err(|e| {
-                status(
-                    Code::FAILED_PRECONDITION,
-                    format!("create mount point {}: {e}", m.destination),
-                )
-            })?;
-            mounts::mount_fs(&m.source, &dest, &m.fstype, &m.options).map_err(|e| {
+            let point = root_dir
+                .mkdir_all(Path::new(&m.destination), 0o755)
+                .map_err(|e| {
+                    status(
+                        Code::FAILED_PRECONDITION,
+                        format!("create mount point {}: {e}", m.destination),
+                    )
+                })?;
+            // What the kernel resolved, for the unmount at removal.
+            let dest = fs::read_link(container::fd_path(&point)).map_err(internal)?;
+            mounts::mount_fs(
+                &m.source,
+                &container::fd_path(&point),
+                &m.fstype,
+                &m.options,
+            )
+            .map_err(|e| {
                 failed(
                     &format!("mount {} ({}) on {}", m.source, m.fstype, m.destination),
                     e,
