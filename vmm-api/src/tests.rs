@@ -1,0 +1,255 @@
+use super::*;
+
+fn full() -> VmConfig {
+    VmConfig {
+        kernel: "/k/vmlinux".into(),
+        initrd: Some("/k/initrd.cpio".into()),
+        cmdline: KernelCmdline::with_params(vec![
+            KernelParam::new("RUST_LOG", "debug"),
+            KernelParam::flag("microvm.flag"),
+        ]),
+        vcpus: 2,
+        memory_mib: 256,
+        disks: vec![
+            DiskConfig {
+                path: "/d/root.ext4".into(),
+                read_only: true,
+            },
+            DiskConfig {
+                path: "/d/data.ext4".into(),
+                read_only: false,
+            },
+        ],
+        vsock: Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: "/run/s/vsock.sock".into(),
+        }),
+        rng: true,
+        force: true,
+    }
+}
+
+/// The message of the error `json` is refused with.
+fn refused(json: &str) -> String {
+    VmConfig::from_json(json.as_bytes())
+        .expect_err(json)
+        .to_string()
+}
+
+/// The message of the error `change` applied to a valid config is refused with.
+fn invalid(change: impl FnOnce(&mut VmConfig)) -> String {
+    let mut c = full();
+    change(&mut c);
+    let msg = c.validate().expect_err("must be refused").to_string();
+    assert!(!msg.contains('\n'), "one line: {msg}");
+    // The VMM's reader refuses it the same way.
+    let json = serde_json::to_vec(&c).unwrap();
+    assert_eq!(VmConfig::from_json(&json).unwrap_err().to_string(), msg);
+    msg
+}
+
+#[test]
+fn round_trip() {
+    let c = full();
+    let json = c.to_json().unwrap();
+    assert_eq!(VmConfig::from_json(&json).unwrap(), c);
+    assert_eq!(VmConfig::from_reader(&json[..]).unwrap(), c);
+    let minimal = VmConfig::new("/k/vmlinux");
+    assert_eq!(
+        VmConfig::from_json(&minimal.to_json().unwrap()).unwrap(),
+        minimal
+    );
+}
+
+#[test]
+fn omitted_fields_take_the_defaults() {
+    let c = VmConfig::from_json(br#"{"kernel": "/vmlinux"}"#).unwrap();
+    assert_eq!(c, VmConfig::new("/vmlinux"));
+    assert_eq!((c.vcpus, c.memory_mib), (DEFAULT_VCPUS, DEFAULT_MEMORY_MIB));
+    assert!(!c.force && !c.rng && c.disks.is_empty() && c.vsock.is_none());
+    let d = VmConfig::from_json(br#"{"kernel": "/k", "disks": [{"path": "/d"}]}"#).unwrap();
+    assert!(!d.disks[0].read_only);
+}
+
+#[test]
+fn unknown_fields_are_refused_at_every_level() {
+    let msg = refused(r#"{"kernel": "/k", "cpus": 2}"#);
+    assert!(msg.contains("unknown field `cpus`"), "{msg}");
+    let msg = refused(r#"{"kernel": "/k", "disks": [{"path": "/d", "ro": true}]}"#);
+    assert!(msg.contains("unknown field `ro`"), "{msg}");
+    let msg = refused(r#"{"kernel": "/k", "vsock": {"guest_cid": 3, "uds_path": "/s", "x": 1}}"#);
+    assert!(msg.contains("unknown field `x`"), "{msg}");
+    let msg = refused(r#"{"kernel": "/k", "cmdline": {"append": "x"}}"#);
+    assert!(msg.contains("unknown field `append`"), "{msg}");
+    let msg = refused(r#"{"kernel": "/k", "cmdline": {"params": [{"key": "a", "val": "b"}]}}"#);
+    assert!(msg.contains("unknown field `val`"), "{msg}");
+}
+
+#[test]
+fn malformed_json_and_missing_kernel_are_refused() {
+    assert!(refused(r#"{"kernel": "/k""#).contains("not valid"));
+    assert!(refused(r#"{"vcpus": 1}"#).contains("missing field `kernel`"));
+    assert!(refused(r#"{"kernel": "/k", "vcpus": 300}"#).contains("u8"));
+}
+
+#[test]
+fn vcpus_are_1_to_32() {
+    assert_eq!(invalid(|c| c.vcpus = 0), "vcpus must be 1 to 32, not 0");
+    assert_eq!(invalid(|c| c.vcpus = 33), "vcpus must be 1 to 32, not 33");
+    let mut c = full();
+    c.vcpus = MAX_VCPUS;
+    c.validate().unwrap();
+}
+
+#[test]
+fn memory_has_bounds() {
+    assert_eq!(
+        invalid(|c| c.memory_mib = 15),
+        "memory_mib must be 16 to 1048576, not 15"
+    );
+    assert!(invalid(|c| c.memory_mib = MAX_MEMORY_MIB + 1).starts_with("memory_mib must be"));
+    let mut c = full();
+    c.memory_mib = MIN_MEMORY_MIB;
+    c.validate().unwrap();
+}
+
+#[test]
+fn paths_must_be_absolute() {
+    assert_eq!(
+        invalid(|c| c.kernel = "vmlinux".into()),
+        "kernel must be an absolute path, not \"vmlinux\""
+    );
+    assert!(invalid(|c| c.initrd = Some("i.cpio".into())).starts_with("initrd must be"));
+    assert!(invalid(|c| c.disks[1].path = "d.img".into()).starts_with("disks[1].path must be"));
+    assert!(
+        invalid(|c| c.vsock.as_mut().unwrap().uds_path = "v.sock".into())
+            .starts_with("vsock.uds_path must be")
+    );
+    assert!(invalid(|c| c.kernel = "".into()).starts_with("kernel must be an absolute path"));
+}
+
+#[test]
+fn paths_without_nul_and_not_too_long() {
+    assert_eq!(
+        invalid(|c| c.disks[0].path = "/d/a\0b".into()),
+        "disks[0].path must not contain a NUL byte"
+    );
+    let long = format!("/{}", "a".repeat(MAX_PATH_BYTES));
+    assert_eq!(
+        invalid(|c| c.kernel = long.into()),
+        "kernel is longer than 4095 bytes"
+    );
+    let socket = format!("/{}", "s".repeat(MAX_UDS_PATH_BYTES));
+    assert_eq!(
+        invalid(|c| c.vsock.as_mut().unwrap().uds_path = socket.into()),
+        "vsock.uds_path is longer than 107 bytes"
+    );
+}
+
+#[test]
+fn disks_and_devices_are_limited() {
+    let disk = DiskConfig {
+        path: "/d".into(),
+        read_only: true,
+    };
+    assert_eq!(
+        invalid(|c| c.disks = vec![disk.clone(); MAX_DISKS + 1]),
+        "at most 19 disks, not 20"
+    );
+    // 18 disks with vsock and rng: 20 devices for 19 IRQ lines.
+    assert_eq!(
+        invalid(|c| c.disks = vec![disk.clone(); MAX_VIRTIO_DEVICES - 1]),
+        "at most 19 virtio devices (disks, vsock, rng), not 20"
+    );
+    let mut c = full();
+    c.disks = vec![disk; MAX_VIRTIO_DEVICES - 2];
+    c.validate().unwrap();
+}
+
+#[test]
+fn guest_cid_is_3_to_2_pow_32_minus_2() {
+    for bad in [0, 2, u64::from(u32::MAX), u64::MAX] {
+        let msg = invalid(|c| c.vsock.as_mut().unwrap().guest_cid = bad);
+        assert_eq!(
+            msg,
+            format!("vsock.guest_cid must be 3 to 4294967294, not {bad}")
+        );
+    }
+}
+
+#[test]
+fn cmdline_is_the_defaults_plus_typed_params() {
+    assert_eq!(KernelCmdline::default().render(), DEFAULT_CMDLINE);
+    assert_eq!(
+        full().cmdline.render(),
+        format!("{DEFAULT_CMDLINE} RUST_LOG=debug microvm.flag")
+    );
+    let replaced = KernelCmdline {
+        base: Some("console=hvc0".into()),
+        params: vec![KernelParam::new("init", "/bin/sh")],
+    };
+    assert_eq!(replaced.render(), "console=hvc0 init=/bin/sh");
+    let empty_base = KernelCmdline {
+        base: Some(String::new()),
+        params: vec![KernelParam::flag("quiet")],
+    };
+    assert_eq!(empty_base.render(), "quiet");
+}
+
+#[test]
+fn cmdline_params_cannot_smuggle_words() {
+    assert_eq!(
+        invalid(|c| c.cmdline.params[0].value = Some("debug init=/evil".into())),
+        "cmdline.params[0] \"RUST_LOG=debug init=/evil\": a value is printable ASCII without \
+         spaces or quotes"
+    );
+    assert!(invalid(|c| c.cmdline.params[1].key = "a b".into()).contains("a key is"));
+    assert!(invalid(|c| c.cmdline.params[1].key = String::new()).contains("a key is"));
+    assert!(invalid(|c| c.cmdline.params[0].value = Some("\"x".into())).contains("quotes"));
+    assert_eq!(
+        invalid(|c| c.cmdline.base = Some("console=ttyS0\nx".into())),
+        "cmdline.base must be printable ASCII (no control characters)"
+    );
+    let long = KernelParam::new("k", "v".repeat(MAX_CMDLINE_BYTES));
+    assert!(invalid(|c| c.cmdline.params.push(long))
+        .starts_with("the kernel command line is longer than 2048 bytes"));
+}
+
+#[test]
+fn the_reader_stops_at_the_cap() {
+    // A stream that never ends: the reader must stop after the cap, not read it all.
+    let endless = std::io::repeat(b' ');
+    let err = VmConfig::from_reader(endless).unwrap_err();
+    assert_eq!(err.to_string(), "the VM config is larger than 131072 bytes");
+    // Exactly at the cap is still read (and then judged as JSON).
+    let mut json = br#"{"kernel": "/k"}"#.to_vec();
+    json.resize(MAX_CONFIG_BYTES, b' ');
+    assert_eq!(
+        VmConfig::from_reader(&json[..]).unwrap(),
+        VmConfig::new("/k")
+    );
+    json.push(b' ');
+    assert!(matches!(
+        VmConfig::from_json(&json),
+        Err(ConfigError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn a_read_error_is_reported() {
+    struct Broken;
+    impl std::io::Read for Broken {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::other("broken pipe of a test"))
+        }
+    }
+    let msg = VmConfig::from_reader(Broken).unwrap_err().to_string();
+    assert!(msg.starts_with("cannot read the VM config: "), "{msg}");
+}
+
+#[test]
+fn to_json_refuses_an_invalid_config() {
+    let mut c = full();
+    c.vcpus = 0;
+    assert!(matches!(c.to_json(), Err(ConfigError::Vcpus(0))));
+}
