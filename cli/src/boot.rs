@@ -1,8 +1,14 @@
-//! `microvm boot`: the VMM's own front end, which boots a kernel directly.
+//! `microvm boot`: booting a kernel directly, for people. A thin wrapper: it turns its flags into
+//! the VMM's typed config ([`vmm_api::VmConfig`]) and execs `microvm-vmm` with it on descriptor
+//! 3, so the console, the log, the exit status and the process are the VMM's own.
 
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
+use sandbox::vmm_api::{
+    self, DiskConfig, FsConfig, KernelCmdline, NetConfig, VmConfig, VsockConfig,
+};
 
 #[derive(clap::Args)]
 pub struct BootArgs {
@@ -12,41 +18,47 @@ pub struct BootArgs {
     /// Initial ramdisk (for example a gzipped cpio archive).
     #[arg(long)]
     initrd: Option<PathBuf>,
-    /// Kernel command line; virtio-mmio device entries are appended to it.
-    #[arg(long, default_value = vmm::DEFAULT_CMDLINE)]
-    cmdline: String,
+    /// Kernel command line, replacing the default "console=ttyS0 reboot=k panic=-1 pci=off
+    /// quiet"; virtio-mmio device entries are appended to it.
+    #[arg(long)]
+    cmdline: Option<String>,
     /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = vmm_api::DEFAULT_VCPUS)]
     cpus: u8,
     /// Guest memory in MiB.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = vmm_api::DEFAULT_MEMORY_MIB)]
     memory: u64,
     /// A virtio block device backed by a file: PATH or PATH,ro. Repeatable; the guest sees
     /// them as /dev/vda, /dev/vdb, ... in order.
     #[arg(long = "disk", value_name = "PATH[,ro]", value_parser = parse_disk)]
-    disks: Vec<vmm::DiskConfig>,
+    disks: Vec<DiskConfig>,
     /// A virtio-vsock device: CID,UDS_PATH. The host connects to UDS_PATH and writes
     /// "CONNECT <port>\n"; guest connections to host port P reach a listener at UDS_PATH_P.
     #[arg(long, value_name = "CID,UDS_PATH", value_parser = parse_vsock)]
-    vsock: Option<vmm::VsockConfig>,
+    vsock: Option<VsockConfig>,
     /// A virtio-rng device fed by the host's getrandom(2).
     #[arg(long)]
     rng: bool,
     /// A virtio-net device on host tap TAP (created if missing). Default MAC: 02:00 and four
     /// bytes derived from the tap name; default MTU 1500. Repeatable: eth0, eth1, ...
-    #[arg(long = "net", value_name = "TAP[,mac=XX:XX:XX:XX:XX:XX][,mtu=N]", value_parser = |s: &str| s.parse::<vmm::NetConfig>())]
-    nets: Vec<vmm::NetConfig>,
+    #[arg(long = "net", value_name = "TAP[,mac=XX:XX:XX:XX:XX:XX][,mtu=N]", value_parser = parse_net)]
+    nets: Vec<NetConfig>,
     /// A virtio-fs device served by the vhost-user daemon (virtiofsd) listening on SOCKET; the
     /// guest mounts it with `mount -t virtiofs TAG DIR`. Repeatable.
     #[arg(long = "fs", value_name = "TAG,SOCKET", value_parser = parse_fs)]
-    fs: Vec<vmm::FsConfig>,
+    fs: Vec<FsConfig>,
     /// Boot even on a host whose KVM cannot run an unmodified guest kernel (for PVM guest
     /// kernels).
     #[arg(long)]
     force: bool,
 }
 
-fn parse_disk(s: &str) -> Result<vmm::DiskConfig, String> {
+/// `path` made absolute against this directory (the contract takes absolute paths only).
+fn absolute(path: &Path) -> Result<PathBuf, String> {
+    std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     let (path, read_only) = match s.rsplit_once(',') {
         Some((path, "ro")) => (path, true),
         Some((path, "rw")) => (path, false),
@@ -56,65 +68,77 @@ fn parse_disk(s: &str) -> Result<vmm::DiskConfig, String> {
     if path.is_empty() {
         return Err("empty disk path".into());
     }
-    Ok(vmm::DiskConfig {
-        path: path.into(),
+    Ok(DiskConfig {
+        path: absolute(Path::new(path))?,
         read_only,
     })
 }
 
-fn parse_vsock(s: &str) -> Result<vmm::VsockConfig, String> {
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let net = NetConfig::from(s.parse::<vmm::devices::virtio::net::NetConfig>()?);
+    net.validate().map_err(|e| e.to_string())?;
+    Ok(net)
+}
+
+fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
     let (cid, path) = s
         .split_once(',')
         .ok_or_else(|| "expected CID,UDS_PATH".to_string())?;
-    let guest_cid: u64 = cid.parse().map_err(|_| format!("bad CID {cid:?}"))?;
-    if guest_cid < 3 || guest_cid >= u64::from(u32::MAX) {
-        return Err(format!("guest CID must be 3 to 2^32-2, not {guest_cid}"));
-    }
-    Ok(vmm::VsockConfig {
-        guest_cid,
-        uds_path: path.into(),
-    })
+    let vsock = VsockConfig {
+        guest_cid: cid.parse().map_err(|_| format!("bad CID {cid:?}"))?,
+        uds_path: absolute(Path::new(path))?,
+    };
+    vsock.validate().map_err(|e| e.to_string())?;
+    Ok(vsock)
 }
 
-fn parse_fs(s: &str) -> Result<vmm::FsConfig, String> {
+fn parse_fs(s: &str) -> Result<FsConfig, String> {
     let (tag, socket) = s
         .split_once(',')
         .ok_or_else(|| "expected TAG,SOCKET".to_string())?;
-    if tag.is_empty() || tag.len() > vmm::devices::virtio::fs::TAG_MAX_LEN || socket.is_empty() {
-        return Err(format!(
-            "expected TAG,SOCKET with a tag of 1 to 36 bytes, not {s:?}"
-        ));
+    if socket.is_empty() {
+        return Err(format!("expected TAG,SOCKET, not {s:?}"));
     }
-    Ok(vmm::FsConfig {
+    let fs = FsConfig {
         tag: tag.into(),
-        socket: socket.into(),
-    })
+        socket: absolute(Path::new(socket))?,
+    };
+    fs.validate().map_err(|e| e.to_string())?;
+    Ok(fs)
 }
 
-pub fn boot(args: BootArgs) -> Result<i32> {
-    if !args.force {
-        vmm::host::check_can_boot_guests()?;
-    }
-    if !args.kernel.is_file() {
-        bail!(
-            "kernel {} does not exist or is not a file",
-            args.kernel.display()
-        );
-    }
-    let config = vmm::VmConfig {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        cpus: args.cpus,
+/// The VMM's config for these flags.
+fn vm_config(args: BootArgs) -> Result<VmConfig> {
+    let config = VmConfig {
+        kernel: absolute(&args.kernel).map_err(|e| anyhow!(e))?,
+        initrd: match &args.initrd {
+            Some(p) => Some(absolute(p).map_err(|e| anyhow!(e))?),
+            None => None,
+        },
+        cmdline: KernelCmdline {
+            base: args.cmdline,
+            params: Vec::new(),
+        },
+        vcpus: args.cpus,
         memory_mib: args.memory,
         disks: args.disks,
         vsock: args.vsock,
         rng: args.rng,
         nets: args.nets,
         fs: args.fs,
-        console: Box::new(std::io::stdout()),
+        force: args.force,
     };
-    vmm::run(config).context("cannot run the VM")
+    config.validate().context("invalid VM configuration")?;
+    Ok(config)
+}
+
+/// Replaces this process with `microvm-vmm` (found next to `microvm`, or `$MICROVM_VMM`);
+/// returns only if that fails.
+pub fn boot(args: BootArgs) -> Result<i32> {
+    let config = vm_config(args)?;
+    let vmm = sandbox::locate::vmm()?;
+    let err = sandbox::vmm_command(&vmm, &config)?.exec();
+    Err(err).with_context(|| format!("cannot run {}", vmm.display()))
 }
 
 #[cfg(test)]
@@ -126,9 +150,14 @@ mod tests {
         let d = parse_disk("/a/b.img,ro").unwrap();
         assert_eq!((d.path, d.read_only), (PathBuf::from("/a/b.img"), true));
         assert!(!parse_disk("/a/b.img").unwrap().read_only);
-        assert!(!parse_disk("x,rw").unwrap().read_only);
+        assert!(!parse_disk("/x,rw").unwrap().read_only);
         assert!(parse_disk("x,rx").is_err());
         assert!(parse_disk(",ro").is_err());
+        let relative = parse_disk("b.img").unwrap();
+        assert_eq!(
+            relative.path,
+            std::env::current_dir().unwrap().join("b.img")
+        );
     }
 
     #[test]
@@ -147,8 +176,66 @@ mod tests {
     fn vsock_options() {
         let v = parse_vsock("3,/tmp/v.sock").unwrap();
         assert_eq!((v.guest_cid, v.uds_path), (3, PathBuf::from("/tmp/v.sock")));
-        assert!(parse_vsock("2,/tmp/v").is_err(), "CID 2 is the host");
+        let err = parse_vsock("2,/tmp/v").unwrap_err();
+        assert!(
+            err.contains("guest_cid must be 3 to"),
+            "CID 2 is the host: {err}"
+        );
         assert!(parse_vsock("abc,/tmp/v").is_err());
         assert!(parse_vsock("3").is_err());
+    }
+
+    #[test]
+    fn flags_become_the_typed_config() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            boot: BootArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "boot",
+            "--kernel",
+            "/k",
+            "--cpus",
+            "2",
+            "--memory",
+            "256",
+            "--disk",
+            "/d,ro",
+            "--vsock",
+            "5,/s",
+            "--rng",
+            "--force",
+            "--net",
+            "tap0,mtu=1400",
+        ])
+        .unwrap();
+        let c = vm_config(cli.boot).unwrap();
+        assert_eq!(
+            (c.vcpus, c.memory_mib, c.rng, c.force),
+            (2, 256, true, true)
+        );
+        assert_eq!(c.cmdline.render(), vmm_api::DEFAULT_CMDLINE);
+        assert_eq!(
+            c.disks,
+            vec![DiskConfig {
+                path: "/d".into(),
+                read_only: true
+            }]
+        );
+        assert_eq!(c.vsock.unwrap().guest_cid, 5);
+        assert_eq!((c.nets[0].tap_name.as_str(), c.nets[0].mtu), ("tap0", 1400));
+        assert!(Cli::try_parse_from(["boot", "--kernel", "/k", "--net", "a/b"]).is_err());
+
+        let cli =
+            Cli::try_parse_from(["boot", "--kernel", "/k", "--cmdline", "console=hvc0"]).unwrap();
+        let c = vm_config(cli.boot).unwrap();
+        assert_eq!(c.cmdline.render(), "console=hvc0");
+        assert_eq!((c.vcpus, c.memory_mib), (1, 128));
+
+        let cli = Cli::try_parse_from(["boot", "--kernel", "/k", "--cpus", "0"]).unwrap();
+        let err = format!("{:#}", vm_config(cli.boot).unwrap_err());
+        assert!(err.contains("vcpus must be 1 to 32, not 0"), "{err}");
     }
 }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use sandbox::agent_protocol::ttrpc::Code;
 use sandbox::{
-    Console, ContainerConfig, Disk, ProcessIo, Rootfs, RootfsSource, Sandbox, SandboxConfig,
-    SandboxSettings,
+    Console, ContainerConfig, Disk, KernelParam, ProcessIo, Rootfs, RootfsSource, Sandbox,
+    SandboxConfig, SandboxSettings,
 };
 use serde::{Deserialize, Serialize};
 
@@ -163,7 +163,8 @@ pub fn parse_memory(s: &str) -> Result<u64, String> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
     pub id: String,
-    pub microvm: PathBuf,
+    /// The VMM binary (`microvm-vmm`).
+    pub vmm: PathBuf,
     pub kernel: PathBuf,
     pub agent: PathBuf,
     pub cpus: u8,
@@ -237,8 +238,8 @@ fn locate(vm: &VmArgs) -> Result<(PathBuf, PathBuf, PathBuf)> {
             bail!("the {what} {} does not exist or is not a file", p.display());
         }
     }
-    let microvm = sandbox::locate::microvm()?;
-    Ok((microvm, kernel, agent))
+    let vmm = sandbox::locate::vmm()?;
+    Ok((vmm, kernel, agent))
 }
 
 /// `microvm run`. Returns the container's exit status.
@@ -261,7 +262,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if args.tty && args.detach && args.interactive {
         bail!("-d with -i has no stdin to stream; use `microvm exec -it` into the run");
     }
-    let (microvm, kernel, agent) = locate(&args.vm)?;
+    let (vmm, kernel, agent) = locate(&args.vm)?;
     let rt = runtime()?;
     let store = images::open_store(args.pull.options().progress)?;
     let img = rt.block_on(images::prepare(&store, &args.image, &args.pull.options()))?;
@@ -365,7 +366,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         };
         Ok(Plan {
             id: id.clone(),
-            microvm,
+            vmm,
             kernel,
             agent,
             cpus: args.cpus.map_or(1, |c| c.ceil() as u8),
@@ -434,7 +435,7 @@ struct Ended {
 
 /// Boots the VM, runs the container to its end, shuts the VM down.
 async fn execute(plan: &Plan, rd: &RunDir, stdio: Stdio, t: &mut Timings) -> Result<Ended> {
-    let mut cfg = SandboxConfig::new(&plan.microvm, &plan.kernel, &plan.agent);
+    let mut cfg = SandboxConfig::new(&plan.vmm, &plan.kernel, &plan.agent);
     cfg.cpus = plan.cpus;
     cfg.memory_mib = plan.memory_mib;
     cfg.disks = plan
@@ -457,7 +458,7 @@ async fn execute(plan: &Plan, rd: &RunDir, stdio: Stdio, t: &mut Timings) -> Res
     cfg.state_dir = Some(rd.path.clone());
     cfg.start_timeout = Duration::from_secs(180);
     if let Ok(level) = std::env::var("MICROVM_AGENT_LOG") {
-        cfg.cmdline.push_str(&format!(" RUST_LOG={level}"));
+        cfg.kernel_params.push(KernelParam::new("RUST_LOG", level));
     }
     // In the foreground, a signal that ends programs (a Ctrl-C at the terminal, a `kill`)
     // ends the run while the VM boots and the container is being started: listened for before

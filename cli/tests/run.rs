@@ -239,10 +239,10 @@ impl Watched {
     }
 }
 
-/// The VMM processes (`microvm boot ...`) whose arguments name a path under `home` (the run's
-/// sockets and initramfs are in its run directory), as their command lines.
+/// The VMM processes (`microvm-vmm ...`) working in a directory under `home` (the sandbox
+/// starts the VMM in the run's directory), as their command lines.
 fn vmm_processes(home: &Path) -> Vec<String> {
-    let home = home.to_string_lossy().into_owned();
+    let home = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
@@ -252,7 +252,9 @@ fn vmm_processes(home: &Path) -> Vec<String> {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if args.get(1).is_some_and(|a| a == "boot") && args.iter().any(|a| a.contains(&home)) {
+        let in_home =
+            std::fs::read_link(entry.path().join("cwd")).is_ok_and(|d| d.starts_with(&home));
+        if args.first().is_some_and(|a| a.ends_with("microvm-vmm")) && in_home {
             found.push(args.join(" "));
         }
     }

@@ -1,7 +1,7 @@
 //! Where the sandbox's host-side artifacts are found when nobody names them: the guest
-//! kernel, the static guest agent, the `microvm` binary (the VMM) and virtiofsd (volumes). `microvm run` and the
-//! containerd shim both use these, so a user who ran `cargo xtask kernel` and `cargo build`
-//! needs no flags.
+//! kernel, the static guest agent, the VMM binary (`microvm-vmm`) and virtiofsd (volumes).
+//! `microvm run` and the containerd shim both use these, so a user who ran `cargo xtask kernel`
+//! and `cargo build` needs no flags.
 //!
 //! Each function returns the first candidate that is a file, or an error listing every place
 //! it looked (so the user sees what to build or which variable to set).
@@ -112,35 +112,38 @@ pub fn agent() -> Result<PathBuf, NotFound> {
     )
 }
 
-/// The `microvm` binary (the sandbox runs the VMM as `microvm boot`): `$MICROVM_BIN`; the
-/// running executable itself when it is `microvm`; `microvm` next to it, or in the profile
-/// directory of its cargo target directory; then `$PATH`.
-pub fn microvm() -> Result<PathBuf, NotFound> {
-    if let Some(p) = std::env::var_os("MICROVM_BIN") {
+/// The VMM binary's file name.
+pub const VMM_BINARY: &str = "microvm-vmm";
+
+/// The VMM binary, `microvm-vmm`: `$MICROVM_VMM`; `microvm-vmm` next to the running executable
+/// (`microvm`, the shim), or in the profile directory of its cargo target directory (test
+/// binaries live in `deps/` below it); then `$PATH`.
+pub fn vmm() -> Result<PathBuf, NotFound> {
+    if let Some(p) = std::env::var_os("MICROVM_VMM") {
         return first_file(
-            "the microvm binary",
-            "MICROVM_BIN names a missing file",
+            "the VMM (microvm-vmm)",
+            "MICROVM_VMM names a missing file",
             vec![p.into()],
         );
     }
     let mut candidates = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
-        if exe.file_name().is_some_and(|n| n == "microvm") {
-            candidates.push(exe.clone());
-        }
         if let Some(dir) = exe.parent() {
-            candidates.push(dir.join("microvm"));
+            candidates.push(dir.join(VMM_BINARY));
         }
         if let Some((target, profile)) = target_of(&exe) {
-            candidates.push(target.join(profile).join("microvm"));
+            let beside_profile = target.join(profile).join(VMM_BINARY);
+            if !candidates.contains(&beside_profile) {
+                candidates.push(beside_profile);
+            }
         }
     }
     if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join("microvm")));
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join(VMM_BINARY)));
     }
     first_file(
-        "the microvm binary",
-        "Build it with `cargo build -p microvm` or set MICROVM_BIN",
+        "the VMM (microvm-vmm)",
+        "Build it with `cargo build -p microvm-vmm` (next to microvm) or set MICROVM_VMM",
         candidates,
     )
 }

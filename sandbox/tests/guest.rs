@@ -2,8 +2,8 @@
 //! image as a read-only disk, and drive containers through the sandbox client.
 //!
 //! The agent is built here (static, release, in `<target>/guest`) unless `MICROVM_AGENT` names
-//! one; `microvm` comes from `MICROVM_BIN_DIR` or this test's target directory (`cargo build
-//! --workspace --bins` first), the kernel from `MICROVM_KERNEL`. On a host whose KVM cannot
+//! one; the VMM `microvm-vmm` comes from `MICROVM_BIN_DIR` or this test's target directory
+//! (`cargo build --workspace --bins` first), the kernel from `MICROVM_KERNEL`. On a host whose KVM cannot
 //! boot an unmodified guest the test binary re-runs itself inside the testbed, like
 //! tests/tests/guest.rs.
 
@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use libtest_mimic::{Arguments, Failed, Trial};
 use sandbox::agent_protocol::ttrpc::Code;
 use sandbox::{
-    Console, ContainerConfig, Disk, Mount, ProcessIo, Rootfs, RootfsSource, Sandbox, SandboxConfig,
-    SandboxSettings, WindowSize,
+    Console, ContainerConfig, Disk, KernelParam, Mount, ProcessIo, Rootfs, RootfsSource, Sandbox,
+    SandboxConfig, SandboxSettings, WindowSize,
 };
 use serde_json::json;
 
@@ -82,7 +82,7 @@ fn trial(name: &'static str, f: TestFn) -> Trial {
             .tempdir()
             .map_err(|e| Failed::from(e.to_string()))?;
         let console = dir.path().join("console.log");
-        let mut cfg = SandboxConfig::new(&art.microvm, &art.kernel, &art.agent);
+        let mut cfg = SandboxConfig::new(&art.vmm, &art.kernel, &art.agent);
         cfg.disks.push(Disk {
             path: art.rootfs.clone(),
             read_only: true,
@@ -91,7 +91,7 @@ fn trial(name: &'static str, f: TestFn) -> Trial {
         cfg.state_dir = Some(dir.path().join("s"));
         cfg.start_timeout = Duration::from_secs(90);
         if let Ok(level) = std::env::var("AGENT_LOG") {
-            cfg.cmdline.push_str(&format!(" RUST_LOG={level}"));
+            cfg.kernel_params.push(KernelParam::new("RUST_LOG", level));
         }
         let env = Env {
             cfg,
@@ -130,10 +130,10 @@ fn trial(name: &'static str, f: TestFn) -> Trial {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Artifacts: microvm, kernel, agent, the busybox rootfs image.
+// Artifacts: the VMM, kernel, agent, the busybox rootfs image.
 
 struct Artifacts {
-    microvm: PathBuf,
+    vmm: PathBuf,
     kernel: PathBuf,
     agent: PathBuf,
     rootfs: PathBuf,
@@ -156,9 +156,9 @@ impl Artifacts {
             Some(d) => PathBuf::from(d),
             None => target_dir()?.join(profile_dir()?),
         };
-        let microvm = bin_dir.join("microvm");
+        let vmm = bin_dir.join("microvm-vmm");
         let agent = PathBuf::from(std::env::var_os("MICROVM_AGENT").ok_or("MICROVM_AGENT unset")?);
-        for p in [&kernel, &microvm, &agent] {
+        for p in [&kernel, &vmm, &agent] {
             if !p.is_file() {
                 return Err(format!(
                     "{} is missing (run `cargo build --workspace --bins` and `cargo xtask kernel`)",
@@ -168,7 +168,7 @@ impl Artifacts {
         }
         let rootfs = busybox_image()?;
         Ok(Artifacts {
-            microvm,
+            vmm,
             kernel,
             agent,
             rootfs,
@@ -829,8 +829,8 @@ fn panic_resets_the_vm(
         // Test-only trigger: the agent panics 500 ms after answering the first Health (which
         // Sandbox::start waits for). The panic hook must reset the VM: the VMM exits by itself.
         env.cfg
-            .cmdline
-            .push_str(" microvm.agent_panic_after_health=1");
+            .kernel_params
+            .push(KernelParam::new("microvm.agent_panic_after_health", "1"));
         let sb = boot(&env).await;
         let started = Instant::now();
         let status = sb

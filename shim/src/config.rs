@@ -18,8 +18,8 @@ pub struct ShimConfig {
     pub kernel: Option<PathBuf>,
     /// The static guest agent; default: `sandbox::locate::agent()`.
     pub agent: Option<PathBuf>,
-    /// The `microvm` VMM binary; default: `sandbox::locate::microvm()`.
-    pub microvm: Option<PathBuf>,
+    /// The VMM binary (`microvm-vmm`); default: `sandbox::locate::vmm()`.
+    pub vmm: Option<PathBuf>,
     /// vCPUs of a pod's VM before the pod's own CPU limit is added.
     pub cpus: u8,
     /// Memory (MiB) of a pod's VM before the pod's own memory limit is added.
@@ -49,7 +49,7 @@ impl Default for ShimConfig {
         Self {
             kernel: None,
             agent: None,
-            microvm: None,
+            vmm: None,
             cpus: 1,
             memory_mib: 256,
             slots: 8,

@@ -129,8 +129,8 @@ fn shim_answers(path: &str) -> bool {
     std::os::unix::net::UnixStream::connect(path).is_ok()
 }
 
-/// Kills the VMM named by the pod's pid file, if that pid is still a `microvm` process using
-/// this state directory (so a recycled pid is never hit).
+/// Kills the VMM named by the pod's pid file, if that pid is still a process working in this
+/// state directory (so a recycled pid is never hit).
 fn kill_vmm(dir: &Path) {
     let Ok(text) = std::fs::read_to_string(dir.join(pod::VMM_PID_FILE)) else {
         return;
@@ -138,9 +138,9 @@ fn kill_vmm(dir: &Path) {
     let Ok(pid) = text.trim().parse::<i32>() else {
         return;
     };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let cmdline = String::from_utf8_lossy(&cmdline);
-    if !cmdline.contains(&*dir.to_string_lossy()) {
+    // The sandbox starts the VMM in the pod's state directory (its arguments name no path).
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+    if cwd.is_none() || cwd != std::fs::canonicalize(dir).ok() {
         return;
     }
     // SAFETY: kill(2) on a pid verified above to be this pod's VMM.

@@ -3,9 +3,9 @@
 //! A private containerd runs with its own root, state and socket in a short temporary
 //! directory (on a tmpfs, so the overlayfs snapshotter works), with this crate's
 //! `containerd-shim-microvm-v2` first on its PATH. A one-layer busybox image is built here as an
-//! OCI archive and imported with `ctr images import`. Needs `microvm` (`cargo build -p cli`,
-//! found next to the shim binary, or `MICROVM_BIN`); the guest kernel (`MICROVM_KERNEL`) and
-//! the static agent (`MICROVM_AGENT`) are found like the shim finds them when unset, the agent
+//! OCI archive and imported with `ctr images import`. Needs the VMM `microvm-vmm` (`cargo build
+//! -p microvm-vmm`, found next to the shim binary, or `MICROVM_VMM`); the guest kernel
+//! (`MICROVM_KERNEL`) and the static agent (`MICROVM_AGENT`) are found like the shim finds them when unset, the agent
 //! built when missing. On a host whose KVM cannot boot an unmodified guest the test binary
 //! re-runs itself inside the testbed.
 
@@ -23,7 +23,7 @@ use common::{containerd, Containerd, CONTAINERD, SHIM};
 const RELAY_ENV: &[&str] = &[
     "MICROVM_KERNEL",
     "MICROVM_AGENT",
-    "MICROVM_BIN",
+    "MICROVM_VMM",
     "SHIM_TEST_LOG",
     "RUST_BACKTRACE",
 ];

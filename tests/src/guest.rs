@@ -44,7 +44,9 @@ impl Artifacts {
             bzimage: kernel.with_file_name("bzImage"),
             vmlinux: kernel,
         };
-        for p in [&a.microvm, &a.guest_tool, &a.vmlinux, &a.bzimage] {
+        // What `microvm boot` execs, found next to `microvm`.
+        let vmm = bin_dir.join("microvm-vmm");
+        for p in [&a.microvm, &vmm, &a.guest_tool, &a.vmlinux, &a.bzimage] {
             if !p.is_file() {
                 return Err(format!(
                     "{} is missing (run `cargo build --workspace` and `cargo xtask kernel`)",
@@ -90,9 +92,6 @@ pub struct Boot {
     timeout: Duration,
 }
 
-/// The guest command line for tests: quiet, reset on reboot and panic.
-pub const TEST_CMDLINE: &str = vmm::DEFAULT_CMDLINE;
-
 impl Boot {
     pub fn new(art: &Artifacts, initrd: &Path) -> Self {
         let mut cmd = Command::new(&art.microvm);
@@ -100,9 +99,7 @@ impl Boot {
             .arg("--kernel")
             .arg(&art.vmlinux)
             .arg("--initrd")
-            .arg(initrd)
-            .arg("--cmdline")
-            .arg(TEST_CMDLINE);
+            .arg(initrd);
         Self {
             cmd,
             timeout: Duration::from_secs(120),

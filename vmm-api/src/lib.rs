@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 
 pub use cmdline::{KernelCmdline, KernelParam, DEFAULT_CMDLINE, MAX_CMDLINE_BYTES};
 pub use validate::{
-    ConfigError, MAX_CONFIG_BYTES, MAX_DISKS, MAX_MEMORY_MIB, MAX_PATH_BYTES, MAX_UDS_PATH_BYTES,
-    MAX_VCPUS, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
+    ConfigError, MAX_CONFIG_BYTES, MAX_DISKS, MAX_FS_TAG_BYTES, MAX_MEMORY_MIB, MAX_PATH_BYTES,
+    MAX_UDS_PATH_BYTES, MAX_VCPUS, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
 };
 
 /// vCPUs when the config names none.
@@ -47,9 +47,10 @@ pub struct VmConfig {
     pub memory_mib: u64,
 
     // Devices. The VMM attaches them in this order, so the guest's names are stable: every
-    // disk (vda, vdb, ...), then vsock, then rng. A new kind of device (net, fs) is one more
-    // field here, its type in this file, its checks in `validate.rs` and its share of
-    // `MAX_VIRTIO_DEVICES` in `VmConfig::virtio_devices`.
+    // disk (vda, vdb, ...), then vsock, then rng, then every net device (eth0, eth1, ...), then
+    // every virtio-fs device. A new kind of device is one more field here, its type in this
+    // file, its checks in `validate.rs` and its share of `MAX_VIRTIO_DEVICES` in
+    // `VmConfig::virtio_devices`.
     /// virtio-blk devices backed by host files.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
@@ -59,6 +60,13 @@ pub struct VmConfig {
     /// A virtio-rng device fed by the host's getrandom(2).
     #[serde(default)]
     pub rng: bool,
+    /// virtio-net devices on host taps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
+    /// virtio-fs devices served by vhost-user daemons; with any, guest memory is a shared memfd
+    /// the daemons map too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fs: Vec<FsConfig>,
 
     /// Boot even on a host whose KVM cannot run an unmodified guest kernel at usable speed
     /// (PVM-only hosts), for PVM guest kernels and for measuring setup there. Without it the
@@ -90,6 +98,35 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// A virtio-net device on the host tap `tap_name` (attached to, or created if missing, with MTU
+/// `mtu`), seen by the guest with address `mac` and MTU `mtu`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The tap's interface name: 1 to 15 bytes, no `/`, `:` or whitespace.
+    pub tap_name: String,
+    /// The guest's MAC address (unicast).
+    pub mac: [u8; 6],
+    /// 68 (IPv4's minimum) to 65535.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+}
+
+/// A virtio-fs device served by the vhost-user daemon (virtiofsd) listening on `socket`; the
+/// guest mounts it with `mount -t virtiofs <tag> DIR`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// 1 to [`MAX_FS_TAG_BYTES`] bytes, no NUL.
+    pub tag: String,
+    /// The daemon's socket. Absolute, and short enough for a `sockaddr_un`.
+    pub socket: PathBuf,
+}
+
+fn default_mtu() -> u16 {
+    1500
+}
+
 fn default_vcpus() -> u8 {
     DEFAULT_VCPUS
 }
@@ -111,13 +148,19 @@ impl VmConfig {
             disks: Vec::new(),
             vsock: None,
             rng: false,
+            nets: Vec::new(),
+            fs: Vec::new(),
             force: false,
         }
     }
 
     /// How many virtio-mmio devices (each takes an IRQ line and an MMIO window) the VM gets.
     pub fn virtio_devices(&self) -> usize {
-        self.disks.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng)
+        self.disks.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.rng)
+            + self.nets.len()
+            + self.fs.len()
     }
 
     /// The config as JSON, after [`VmConfig::validate`]: what the VMM reads.

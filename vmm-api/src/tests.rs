@@ -25,6 +25,15 @@ fn full() -> VmConfig {
             uds_path: "/run/s/vsock.sock".into(),
         }),
         rng: true,
+        nets: vec![NetConfig {
+            tap_name: "tap0".into(),
+            mac: [0x02, 0, 1, 2, 3, 4],
+            mtu: 1500,
+        }],
+        fs: vec![FsConfig {
+            tag: "microvm".into(),
+            socket: "/run/s/virtiofs.sock".into(),
+        }],
         force: true,
     }
 }
@@ -156,13 +165,13 @@ fn disks_and_devices_are_limited() {
         invalid(|c| c.disks = vec![disk.clone(); MAX_DISKS + 1]),
         "at most 19 disks, not 20"
     );
-    // 18 disks with vsock and rng: 20 devices for 19 IRQ lines.
+    // 16 disks with vsock, rng, a net and an fs device: 20 devices for 19 IRQ lines.
     assert_eq!(
-        invalid(|c| c.disks = vec![disk.clone(); MAX_VIRTIO_DEVICES - 1]),
-        "at most 19 virtio devices (disks, vsock, rng), not 20"
+        invalid(|c| c.disks = vec![disk.clone(); MAX_VIRTIO_DEVICES - 3]),
+        "at most 19 virtio devices (disks, vsock, rng, nets, fs), not 20"
     );
     let mut c = full();
-    c.disks = vec![disk; MAX_VIRTIO_DEVICES - 2];
+    c.disks = vec![disk; MAX_VIRTIO_DEVICES - 4];
     c.validate().unwrap();
 }
 
@@ -175,6 +184,45 @@ fn guest_cid_is_3_to_2_pow_32_minus_2() {
             format!("vsock.guest_cid must be 3 to 4294967294, not {bad}")
         );
     }
+}
+
+#[test]
+fn net_devices_are_checked() {
+    for bad in ["", "a/b", "a:b", "a b", ".", "..", "sixteen-bytes-xx"] {
+        assert_eq!(
+            invalid(|c| c.nets[0].tap_name = bad.into()),
+            format!("tap name {bad:?} must be 1 to 15 bytes without '/', ':' or whitespace")
+        );
+    }
+    assert_eq!(
+        invalid(|c| c.nets[0].mac[0] = 0x03),
+        "the MAC address of tap \"tap0\" must be unicast (first byte even)"
+    );
+    assert_eq!(
+        invalid(|c| c.nets[0].mtu = 67),
+        "the MTU of tap \"tap0\" must be 68 to 65535, not 67"
+    );
+    let n = VmConfig::from_json(
+        br#"{"kernel": "/k", "nets": [{"tap_name": "t", "mac": [2, 0, 0, 0, 0, 1]}]}"#,
+    )
+    .unwrap();
+    assert_eq!(n.nets[0].mtu, 1500);
+    let msg = refused(r#"{"kernel": "/k", "nets": [{"tap_name": "t", "mac": [2, 0, 0, 0, 0]}]}"#);
+    assert!(msg.contains("array of length 6"), "{msg}");
+}
+
+#[test]
+fn fs_devices_are_checked() {
+    for bad in ["", "t\0g", &"t".repeat(MAX_FS_TAG_BYTES + 1)] {
+        assert_eq!(
+            invalid(|c| c.fs[0].tag = bad.into()),
+            format!("virtio-fs tag {bad:?} must be 1 to 36 bytes without NUL")
+        );
+    }
+    assert!(invalid(|c| c.fs[0].socket = "v.sock".into()).starts_with("fs.socket must be"));
+    let mut c = full();
+    c.fs[0].tag = "t".repeat(MAX_FS_TAG_BYTES);
+    c.validate().unwrap();
 }
 
 #[test]

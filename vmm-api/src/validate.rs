@@ -4,7 +4,7 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::{VmConfig, VsockConfig, MAX_CMDLINE_BYTES};
+use crate::{FsConfig, NetConfig, VmConfig, VsockConfig, MAX_CMDLINE_BYTES};
 
 /// vCPUs a VM may have: the MP table (no ACPI) describes up to 32.
 pub const MAX_VCPUS: u8 = 32;
@@ -17,6 +17,8 @@ pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 /// Disks a VM may have (all of them share [`MAX_VIRTIO_DEVICES`] with the other devices).
 pub const MAX_DISKS: usize = MAX_VIRTIO_DEVICES;
+/// The longest virtio-fs tag: the device's config space holds 36 bytes.
+pub const MAX_FS_TAG_BYTES: usize = 36;
 /// The longest host path in a config (Linux's `PATH_MAX` less its NUL).
 pub const MAX_PATH_BYTES: usize = 4095;
 /// The longest vsock socket path: `sockaddr_un`'s `sun_path` less its NUL.
@@ -46,10 +48,18 @@ pub enum ConfigError {
     PathTooLong { field: String, max: usize },
     #[error("at most {MAX_DISKS} disks, not {0}")]
     TooManyDisks(usize),
-    #[error("at most {MAX_VIRTIO_DEVICES} virtio devices (disks, vsock, rng), not {0}")]
+    #[error("at most {MAX_VIRTIO_DEVICES} virtio devices (disks, vsock, rng, nets, fs), not {0}")]
     TooManyDevices(usize),
     #[error("vsock.guest_cid must be 3 to {max}, not {0}", max = u32::MAX - 1)]
     GuestCid(u64),
+    #[error("tap name {0:?} must be 1 to 15 bytes without '/', ':' or whitespace")]
+    TapName(String),
+    #[error("the MAC address of tap {0:?} must be unicast (first byte even)")]
+    MulticastMac(String),
+    #[error("the MTU of tap {tap:?} must be 68 to 65535, not {mtu}")]
+    Mtu { tap: String, mtu: u16 },
+    #[error("virtio-fs tag {0:?} must be 1 to {MAX_FS_TAG_BYTES} bytes without NUL")]
+    FsTag(String),
     #[error("cmdline.base must be printable ASCII (no control characters)")]
     CmdlineBase,
     #[error("cmdline.params[{index}] {param:?}: {problem}")]
@@ -84,6 +94,12 @@ impl VmConfig {
         }
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
+        }
+        for net in &self.nets {
+            net.validate()?;
+        }
+        for fs in &self.fs {
+            fs.validate()?;
         }
         let devices = self.virtio_devices();
         if devices > MAX_VIRTIO_DEVICES {
@@ -123,6 +139,42 @@ impl VsockConfig {
             return Err(ConfigError::GuestCid(self.guest_cid));
         }
         check_path("vsock.uds_path", &self.uds_path, MAX_UDS_PATH_BYTES)
+    }
+}
+
+impl NetConfig {
+    /// The tap name as Linux accepts it (`dev_valid_name`), a unicast MAC, a usable MTU.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let name = &self.tap_name;
+        let name_ok = (1..=15).contains(&name.len())
+            && name != "."
+            && name != ".."
+            && !name
+                .chars()
+                .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace());
+        if !name_ok {
+            return Err(ConfigError::TapName(name.clone()));
+        }
+        if self.mac[0] & 1 != 0 {
+            return Err(ConfigError::MulticastMac(name.clone()));
+        }
+        if self.mtu < 68 {
+            return Err(ConfigError::Mtu {
+                tap: name.clone(),
+                mtu: self.mtu,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl FsConfig {
+    /// The tag's length and the socket path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tag.is_empty() || self.tag.len() > MAX_FS_TAG_BYTES || self.tag.contains('\0') {
+            return Err(ConfigError::FsTag(self.tag.clone()));
+        }
+        check_path("fs.socket", &self.socket, MAX_UDS_PATH_BYTES)
     }
 }
 

@@ -11,8 +11,8 @@ pub enum HostError {
     #[error(
         "this host's KVM cannot run an unmodified guest kernel at usable speed (PVM without a \
          PVM guest kernel): no vmx/svm CPU flag and kvm_pvm is loaded; run on a host with \
-         hardware virtualization (or inside `cargo xtask testbed`), or pass --force for a PVM \
-         guest kernel"
+         hardware virtualization (or inside `cargo xtask testbed`), or set `force` (`--force`) \
+         for a PVM guest kernel"
     )]
     PvmOnly,
     #[error("KVM lacks a capability this VMM needs: {0}")]

@@ -11,7 +11,6 @@
 //! never blocks on guest-controlled work, and nothing polls: every wakeup is an fd event.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -44,53 +43,26 @@ use crate::devices::virtio::{MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::devices::{lock, Bus};
 use crate::vcpu::{ExitSignal, Vcpu};
 
-/// The guest command line used when the caller gives none: serial console, reset through the
-/// i8042 on reboot, reboot at once on panic, no PCI probing (the PCI core is built in only for
-/// `/dev/port`; there is no PCI bus), and no boot chatter (each console byte is a VM exit).
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
+pub use vmm_api::{DiskConfig, FsConfig, NetConfig, VmConfig, VsockConfig};
 
-/// A virtio block device backed by a host file.
-#[derive(Debug, Clone)]
-pub struct DiskConfig {
-    pub path: PathBuf,
-    pub read_only: bool,
+/// The `--net TAP[,mac=..][,mtu=N]` form the net device parses, as the contract's type.
+impl From<crate::devices::virtio::net::NetConfig> for NetConfig {
+    fn from(net: crate::devices::virtio::net::NetConfig) -> Self {
+        Self {
+            tap_name: net.tap_name,
+            mac: net.mac,
+            mtu: net.mtu,
+        }
+    }
 }
 
-/// A virtio-vsock device whose host side is the unix socket `uds_path`.
-#[derive(Debug, Clone)]
-pub struct VsockConfig {
-    pub guest_cid: u64,
-    pub uds_path: PathBuf,
-}
-
-pub use crate::devices::virtio::net::NetConfig;
-
-/// A virtio-fs device served by a vhost-user daemon listening on `socket`; the guest mounts it
-/// by `tag`.
-#[derive(Debug, Clone)]
-pub struct FsConfig {
-    pub tag: String,
-    pub socket: PathBuf,
-}
-
-/// Everything needed to boot a VM.
-pub struct VmConfig {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    /// The guest command line; virtio-mmio device entries are appended to it.
-    pub cmdline: String,
-    pub cpus: u8,
-    pub memory_mib: u64,
-    pub disks: Vec<DiskConfig>,
-    pub vsock: Option<VsockConfig>,
-    pub rng: bool,
-    /// Network devices, eth0, eth1, ... in order.
-    pub nets: Vec<NetConfig>,
-    /// virtio-fs devices; with any, guest memory is a shared memfd mapping the daemons map too.
-    pub fs: Vec<FsConfig>,
-    /// Where the serial console's output goes.
-    pub console: Box<dyn Write + Send>,
-}
+// The contract's limits are this VMM's: one IRQ line per virtio device, the MP table's CPUs,
+// the virtio-fs config space's tag.
+const _: () = assert!(vmm_api::MAX_VCPUS == mptable::MAX_CPUS);
+const _: () = assert!(vmm_api::MAX_FS_TAG_BYTES == crate::devices::virtio::fs::TAG_MAX_LEN);
+const _: () = assert!(
+    vmm_api::MAX_VIRTIO_DEVICES == (layout::IRQ_MAX - layout::VIRTIO_IRQ_FIRST + 1) as usize
+);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -100,6 +72,8 @@ pub enum VmmError {
     Host(#[from] crate::host::HostError),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(#[from] vmm_api::ConfigError),
     #[error("cannot allocate {mib} MiB of guest memory: {source}")]
     Memory {
         mib: u64,
@@ -134,10 +108,14 @@ pub enum VmmError {
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// Boots the VM described by `config` and serves it until the guest resets or fails. Returns
-/// the VMM's exit code: 0 when the guest reset the machine, 1 on a VM error.
-pub fn run(config: VmConfig) -> Result<i32, VmmError> {
+/// Boots the VM described by `config`, with its serial console writing to `console`, and
+/// serves it until the guest resets or fails. Returns the VMM's exit code: 0 when the guest
+/// reset the machine, 1 on a VM error.
+pub fn run(config: VmConfig, console: Box<dyn Write + Send>) -> Result<i32, VmmError> {
     validate(&config)?;
+    if !config.force {
+        crate::host::check_can_boot_guests()?;
+    }
     let kvm = Kvm::new()?;
     crate::host::check_capabilities(&kvm)?;
     let vm = kvm.create_vm()?;
@@ -161,7 +139,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(
         EventFdTrigger(serial_irq),
-        ConsoleWriter::new(config.console),
+        ConsoleWriter::new(console),
     )));
     insert(&mut pio, serial.clone(), SERIAL_PORT, 8)?;
     let reset_evt = EventFd::new(EFD_NONBLOCK)?;
@@ -187,7 +165,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     // then vsock, then rng, then network devices (eth0, eth1, ...), then virtio-fs.
     let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(VmmError::Cmdline)?;
     cmdline
-        .insert_str(&config.cmdline)
+        .insert_str(config.cmdline.render())
         .map_err(VmmError::Cmdline)?;
     let mut virtio = VirtioAttacher {
         vm: &vm,
@@ -242,7 +220,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
             boot::write_boot_params(&mem, &kernel, &map, cmdline_len, initrd)?
         }
     }
-    mptable::setup_mptable(&mem, config.cpus)?;
+    mptable::setup_mptable(&mem, config.vcpus)?;
     phase("initrd and boot structures");
     debug!(
         "kernel entry {:?}, command line {:?}",
@@ -254,11 +232,11 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
     let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
-    let mut vcpus = Vec::with_capacity(config.cpus as usize);
-    for index in 0..config.cpus {
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for index in 0..config.vcpus {
         let fd = vm.create_vcpu(u64::from(index))?;
         let mut cpuid = supported_cpuid.clone();
-        cpuid::filter(cpuid.as_mut_slice(), index, config.cpus);
+        cpuid::filter(cpuid.as_mut_slice(), index, config.vcpus);
         fd.set_cpuid2(&cpuid)?;
         regs::setup_lapic(&fd)?;
         regs::setup_fpu(&fd)?;
@@ -294,7 +272,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
         .collect::<Result<Vec<_>, _>>()?;
     info!(
         "VM running: {} vCPUs, {} MiB, setup took {:.3} ms since VMM start",
-        config.cpus,
+        config.vcpus,
         config.memory_mib,
         crate::timing::since_start().as_secs_f64() * 1000.0
     );
@@ -319,26 +297,26 @@ fn phase(name: &str) {
     );
 }
 
+/// The contract's own checks, then what only this host can tell: its memory, and whether the
+/// kernel and initrd are there (so a typo costs no VM setup).
 fn validate(config: &VmConfig) -> Result<(), VmmError> {
-    if config.cpus == 0 || config.cpus > mptable::MAX_CPUS {
-        return Err(VmmError::Config(format!(
-            "--cpus must be 1 to {}, not {}",
-            mptable::MAX_CPUS,
-            config.cpus
-        )));
-    }
-    if config.memory_mib < 16 {
-        return Err(VmmError::Config(format!(
-            "--memory must be at least 16 MiB, not {}",
-            config.memory_mib
-        )));
-    }
+    config.validate()?;
     let host_max = host_memory_mib();
     if config.memory_mib > host_max {
         return Err(VmmError::Config(format!(
-            "--memory {} MiB is more than this host has ({host_max} MiB)",
+            "memory_mib {} is more than this host has ({host_max} MiB)",
             config.memory_mib
         )));
+    }
+    let files = std::iter::once(("kernel", &config.kernel))
+        .chain(config.initrd.iter().map(|initrd| ("initrd", initrd)));
+    for (what, path) in files {
+        if !path.is_file() {
+            return Err(VmmError::Config(format!(
+                "{what} {} does not exist or is not a file",
+                path.display()
+            )));
+        }
     }
     Ok(())
 }
@@ -540,9 +518,4 @@ fn stop_vcpus(handles: Vec<JoinHandle<()>>) {
             warn!("a vCPU thread did not stop within a second");
         }
     }
-}
-
-/// Whether `path` names a usable kernel image, for early, friendly errors in front ends.
-pub fn kernel_exists(path: &Path) -> bool {
-    path.is_file()
 }

@@ -9,8 +9,9 @@
 //!
 //! `bench boot`:
 //! - Host-side setup, process start to the first `KVM_RUN`, measured on this host directly
-//!   (with `--force` where guests cannot boot: setup is the same, the guest is then killed).
-//! - Inside the testbed (or directly on a host with hardware KVM): `microvm boot` and QEMU
+//!   (with the config's `force` where guests cannot boot: setup is the same, the guest is then
+//!   killed).
+//! - Inside the testbed (or directly on a host with hardware KVM): `microvm-vmm` and QEMU
 //!   `-M microvm` alternately on the same kernel and initramfs, time from spawn until the
 //!   guest's `/init` prints its first line, whole-run wall time, and each VMM's RSS beyond the
 //!   guest memory it touched.
@@ -24,7 +25,8 @@ use anyhow::{bail, Context, Result};
 use initramfs::Initramfs;
 
 use crate::kernel::{self, KernelArgs};
-use crate::util::{ensure_debs, run, workspace_root};
+use crate::util::{ensure_debs, run, target_dir, workspace_root};
+use vmm_api::{KernelCmdline, KernelParam, VmConfig};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -60,7 +62,25 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
 }
 
 fn release_dir() -> PathBuf {
-    workspace_root().join("target/release")
+    target_dir().join("release")
+}
+
+/// Writes the VMM config for a benchmark guest (`GUEST_MIB`, one vCPU, the initramfs, `params`
+/// after the default command line) to `path` and returns it, for `microvm-vmm --config`.
+fn bench_config(
+    path: PathBuf,
+    kernel: &Path,
+    initrd: &Path,
+    params: Vec<KernelParam>,
+    force: bool,
+) -> Result<PathBuf> {
+    let mut config = VmConfig::new(std::path::absolute(kernel)?);
+    config.initrd = Some(std::path::absolute(initrd)?);
+    config.memory_mib = GUEST_MIB;
+    config.cmdline = KernelCmdline::with_params(params);
+    config.force = force;
+    std::fs::write(&path, config.to_json()?)?;
+    Ok(path)
 }
 
 fn boot(runs: usize) -> Result<()> {
@@ -68,16 +88,25 @@ fn boot(runs: usize) -> Result<()> {
     let vmlinux = kernel::build(&KernelArgs::default())?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run(Command::new(&cargo)
-        .args(["build", "--release", "-q", "-p", "microvm", "-p", "xtask"])
+        .args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "microvm-vmm",
+            "-p",
+            "xtask",
+        ])
         .current_dir(workspace_root()))?;
-    let microvm = release_dir().join("microvm");
+    let vmm_bin = release_dir().join("microvm-vmm");
     let work = tempfile::tempdir()?;
     let initrd = bench_initramfs(work.path())?;
+    let config = bench_config(work.path().join("vm.json"), &vmlinux, &initrd, vec![], true)?;
 
     println!("== host-side setup: process start to first KVM_RUN (this host, {runs} runs) ==");
     let (mut setup, mut overhead) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        let (ms, rss) = first_kvm_run(&microvm, &vmlinux, &initrd)?;
+        let (ms, rss) = first_kvm_run(&vmm_bin, &config)?;
         setup.push(ms);
         overhead.extend(rss.map(|(total, guest)| total - guest));
     }
@@ -115,25 +144,13 @@ fn boot(runs: usize) -> Result<()> {
     Ok(())
 }
 
-/// Starts `microvm boot --force` and returns the VMM's own "first KVM_RUN at X ms" and its RSS
-/// split (total, guest memory) just after, then kills it (on a PVM host the guest would only
-/// crawl).
-fn first_kvm_run(
-    microvm: &Path,
-    kernel: &Path,
-    initrd: &Path,
-) -> Result<(f64, Option<(f64, f64)>)> {
-    let mut child = Command::new(microvm)
-        .args([
-            "boot",
-            "--force",
-            "--memory",
-            &GUEST_MIB.to_string(),
-            "--kernel",
-        ])
-        .arg(kernel)
-        .arg("--initrd")
-        .arg(initrd)
+/// Starts `microvm-vmm --config CONFIG` (a config with `force`) and returns the VMM's own
+/// "first KVM_RUN at X ms" and its RSS split (total, guest memory) just after, then kills it (on
+/// a PVM host the guest would only crawl).
+fn first_kvm_run(vmm_bin: &Path, config: &Path) -> Result<(f64, Option<(f64, f64)>)> {
+    let mut child = Command::new(vmm_bin)
+        .arg("--config")
+        .arg(config)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -249,20 +266,29 @@ fn summary(v: &[f64], unit: &str) -> String {
 
 fn boot_inner(runs: usize) -> Result<()> {
     let vmlinux = PathBuf::from(std::env::var_os("MICROVM_KERNEL").context("MICROVM_KERNEL")?);
-    let microvm = release_dir().join("microvm");
+    let vmm_bin = release_dir().join("microvm-vmm");
     let work = tempfile::tempdir()?;
     let initrd = bench_initramfs(work.path())?;
+    let sleep = vec![KernelParam::new("SLEEP", "1")];
+    let configs = [
+        bench_config(
+            work.path().join("vm.json"),
+            &vmlinux,
+            &initrd,
+            vec![],
+            false,
+        )?,
+        bench_config(
+            work.path().join("vm-sleep.json"),
+            &vmlinux,
+            &initrd,
+            sleep,
+            false,
+        )?,
+    ];
     let ours = |sleep: bool| {
-        let mut c = Command::new(&microvm);
-        c.args(["boot", "--memory", &GUEST_MIB.to_string(), "--kernel"])
-            .arg(&vmlinux)
-            .arg("--initrd")
-            .arg(&initrd)
-            .arg("--cmdline")
-            .arg(format!(
-                "console=ttyS0 reboot=k panic=-1 pci=off quiet{}",
-                if sleep { " SLEEP=1" } else { "" }
-            ));
+        let mut c = Command::new(&vmm_bin);
+        c.arg("--config").arg(&configs[usize::from(sleep)]);
         c
     };
     let qemu = |sleep: bool| {
@@ -291,7 +317,8 @@ fn boot_inner(runs: usize) -> Result<()> {
         // QEMU's microvm has no i8042: it resets by triple fault, which -no-reboot turns into exit.
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 reboot=t panic=-1 pci=off quiet{}",
+            "{}{}",
+            vmm_api::DEFAULT_CMDLINE.replace("reboot=k", "reboot=t"),
             if sleep { " SLEEP=1" } else { "" }
         ));
         c
@@ -369,16 +396,12 @@ fn run_bench(runs: usize, debug_build: bool) -> Result<()> {
     let agent = crate::agent::build()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build = Command::new(&cargo);
-    build.args(["build", "-q", "-p", "microvm"]);
+    build.args(["build", "-q", "-p", "microvm", "-p", "microvm-vmm"]);
     if !debug_build {
         build.arg("--release");
     }
     run(build.current_dir(workspace_root()))?;
-    let bin_dir = workspace_root().join(if debug_build {
-        "target/debug"
-    } else {
-        "target/release"
-    });
+    let bin_dir = target_dir().join(if debug_build { "debug" } else { "release" });
     let work = tempfile::Builder::new().prefix("bench-run-").tempdir()?;
     let layout = crate::demo::busybox_oci_layout(&work.path().join("busybox-oci"), &[])?;
     let xtask = std::env::current_exe()?;

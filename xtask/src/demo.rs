@@ -25,9 +25,9 @@ pub fn demo() -> Result<()> {
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run(Command::new(&cargo)
-        .args(["build", "-q", "-p", "microvm"])
+        .args(["build", "-q", "-p", "microvm", "-p", "microvm-vmm"])
         .current_dir(&root))?;
-    let microvm = root.join("target/debug/microvm");
+    let microvm = crate::util::target_dir().join("debug/microvm");
     let work = crate::util::cache_dir().join("demo");
     let layout = busybox_oci_layout(&work.join("busybox-oci"), &["GREETING=hello"])?;
     let home = work.join("home");

@@ -12,6 +12,15 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to the workspace root if relative),
+/// else `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
 /// The cache folder outside the checkout (`$MICROVM_CACHE`, else `$XDG_CACHE_HOME/microvm`,
 /// else `~/.cache/microvm`), shared with the testbed.
 pub fn cache_dir() -> PathBuf {

@@ -66,9 +66,9 @@ fn sandbox_config(
         Some(a) => a.clone(),
         None => sandbox::locate::agent()?,
     };
-    let microvm = match &cfg.microvm {
+    let vmm = match &cfg.vmm {
         Some(m) => m.clone(),
-        None => sandbox::locate::microvm()?,
+        None => sandbox::locate::vmm()?,
     };
     let slot_bytes = cfg.slot_size_gib << 30;
     let mut disks = Vec::new();
@@ -80,14 +80,15 @@ fn sandbox_config(
             read_only: true,
         });
     }
-    let mut sc = SandboxConfig::new(microvm, kernel, agent);
+    let mut sc = SandboxConfig::new(vmm, kernel, agent);
     sc.cpus = size.cpus;
     sc.memory_mib = size.memory_mib;
     sc.disks = disks;
     sc.console = Console::File(dir.join(pod::CONSOLE_LOG));
     sc.state_dir = Some(dir.to_path_buf());
     sc.start_timeout = Duration::from_secs(cfg.boot_timeout_s);
-    sc.cmdline.push_str(&format!(" RUST_LOG={}", cfg.log_level));
+    sc.kernel_params
+        .push(sandbox::KernelParam::new("RUST_LOG", &cfg.log_level));
     Ok(sc)
 }
 

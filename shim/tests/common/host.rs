@@ -19,11 +19,9 @@ fn pids_where(pick: impl Fn(&[&[u8]], bool) -> bool) -> Vec<u32> {
     pids
 }
 
-/// Pids of running VMM processes (`microvm boot ...`).
+/// Pids of running VMM processes (`microvm-vmm --config-fd 3`).
 pub fn vmm_pids() -> Vec<u32> {
-    pids_where(|args, zombie| {
-        !zombie && args.len() > 1 && args[0].ends_with(b"microvm") && args[1] == b"boot"
-    })
+    pids_where(|args, zombie| !zombie && args[0].ends_with(b"microvm-vmm"))
 }
 
 /// Pids of shim processes (zombies included: containerd has not reaped them yet).

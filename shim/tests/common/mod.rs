@@ -52,14 +52,14 @@ impl Containerd {
             "MICROVM_AGENT is not set (its path is what `cargo xtask agent` prints)"
         })?;
         let shim_dir = Path::new(SHIM).parent().unwrap().to_path_buf();
-        let microvm = match std::env::var_os("MICROVM_BIN") {
+        let vmm = match std::env::var_os("MICROVM_VMM") {
             Some(p) => PathBuf::from(p),
-            None => shim_dir.join("microvm"),
+            None => shim_dir.join("microvm-vmm"),
         };
-        for p in [Path::new(&kernel), Path::new(&agent), &microvm] {
+        for p in [Path::new(&kernel), Path::new(&agent), &vmm] {
             if !p.is_file() {
                 return Err(format!(
-                    "{} is missing (cargo build -p cli; cargo xtask agent)",
+                    "{} is missing (cargo build -p microvm-vmm; cargo xtask agent)",
                     p.display()
                 ));
             }
@@ -83,9 +83,9 @@ impl Containerd {
         std::fs::write(
             &shim_toml,
             format!(
-                "kernel = {kernel:?}\nagent = {agent:?}\nmicrovm = {:?}\nmemory_mib = 256\n\
+                "kernel = {kernel:?}\nagent = {agent:?}\nvmm = {:?}\nmemory_mib = 256\n\
                  log_level = {level:?}\nslots = 4\n",
-                microvm.display().to_string()
+                vmm.display().to_string()
             ),
         )
         .map_err(|e| e.to_string())?;

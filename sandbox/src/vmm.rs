@@ -1,0 +1,254 @@
+//! The VMM child process: `microvm-vmm`, started with its typed config on an inherited
+//! descriptor (no configuration in its arguments), killed and reaped when the sandbox goes.
+
+use std::ffi::CStr;
+use std::fs;
+use std::io::{Seek, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agent_protocol::agent as pb;
+use agent_protocol::agent_ttrpc::AgentClient;
+use agent_protocol::ttrpc::{self, context};
+use command_fds::{CommandFdExt, FdMapping};
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use vmm_api::VmConfig;
+
+use crate::{io, Console, Error, Result};
+
+/// The descriptor the VMM reads its config from (`microvm-vmm --config-fd 3`).
+pub const CONFIG_FD: i32 = 3;
+
+/// A command that runs the VMM binary `vmm` as `microvm-vmm --config-fd 3`, with `config`
+/// (validated here) as JSON in a sealed memfd on the child's descriptor 3. The memfd is
+/// close-on-exec in this process, so no other child inherits it; the seals keep anyone from
+/// changing the config after it was written. Stdio, process group and working directory are
+/// the caller's to set.
+pub fn vmm_command(vmm: &Path, config: &VmConfig) -> Result<Command> {
+    let json = config
+        .to_json()
+        .map_err(|e| Error::Invalid(format!("VM config: {e}")))?;
+    let memfd = sealed_memfd(&json).map_err(|e| Error::io("write the VM config to a memfd", e))?;
+    let mut cmd = Command::new(vmm);
+    cmd.arg("--config-fd").arg(CONFIG_FD.to_string());
+    cmd.fd_mappings(vec![FdMapping {
+        parent_fd: memfd,
+        child_fd: CONFIG_FD,
+    }])
+    .map_err(|e| Error::Invalid(e.to_string()))?;
+    Ok(cmd)
+}
+
+/// A memfd holding `data`, positioned at its start, sealed against every change.
+fn sealed_memfd(data: &[u8]) -> std::io::Result<OwnedFd> {
+    const NAME: &CStr = c"microvm-vm-config";
+    let fd = memfd_create(NAME, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
+    let mut file = fs::File::from(fd);
+    file.write_all(data)?;
+    file.rewind()?;
+    let seals = SealFlag::F_SEAL_WRITE
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_SEAL;
+    fcntl(&file, FcntlArg::F_ADD_SEALS(seals))?;
+    Ok(file.into())
+}
+
+/// Starts the VMM for a sandbox: `config` on descriptor 3, stdin from /dev/null, console and
+/// log as `console` says, in a process group of its own, with `state_dir` as its working
+/// directory (which is how a shim recognises its VMM in /proc after a restart: the arguments
+/// no longer name the sandbox).
+pub(crate) fn spawn(
+    vmm: &Path,
+    config: &VmConfig,
+    console: &Console,
+    state_dir: &Path,
+) -> Result<Child> {
+    let mut cmd = vmm_command(vmm, config)?;
+    cmd.stdin(Stdio::null()).current_dir(state_dir);
+    // A process group of its own: a terminal's SIGINT, SIGQUIT or SIGTSTP goes to the
+    // foreground group (the program that started the sandbox), never to the VMM, so that
+    // program decides what a Ctrl-C does (end the sandbox, which kills the VMM on drop, or
+    // forward it to the guest). No PR_SET_PDEATHSIG: it fires when the spawning *thread*
+    // exits, and async runtimes start and end their threads at will.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    console.redirect(&mut cmd)?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error::io(format!("start {}", vmm.display()), e))?;
+    tracing::debug!(pid = child.id(), "VMM started");
+    Ok(child)
+}
+
+/// The VMM child process: killed, reaped and its sockets removed when dropped. A sandbox
+/// reached through [`Sandbox::connect`] has no child and leaves the VMM and its sockets alone.
+pub(crate) struct Vmm {
+    pub(crate) child: Option<Child>,
+    pub(crate) uds: PathBuf,
+}
+
+impl Vmm {
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            remove_sockets(&self.uds);
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Retries CONNECT to the agent port until `Health` answers.
+pub(crate) async fn connect_agent(
+    vmm: &mut Vmm,
+    console: &Console,
+    timeout: Duration,
+) -> Result<AgentClient> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = vmm.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            vmm.child = None;
+            return Err(Error::VmmExited {
+                status,
+                console: console_tail(console),
+            });
+        }
+        if started.elapsed() > timeout {
+            return Err(Error::AgentTimeout {
+                timeout,
+                console: console_tail(console),
+            });
+        }
+        let attempt = async {
+            let s = io::connect_port(&vmm.uds, agent_protocol::AGENT_PORT)
+                .await
+                .ok()?;
+            let client = AgentClient::new(ttrpc::r#async::Client::new(
+                ttrpc::r#async::transport::Socket::from(s),
+            ));
+            client
+                .health(
+                    context::with_timeout(2_000_000_000),
+                    &pb::HealthRequest::new(),
+                )
+                .await
+                .ok()?;
+            Some(client)
+        };
+        if let Ok(Some(client)) = tokio::time::timeout(Duration::from_secs(3), attempt).await {
+            tracing::debug!("agent answered after {:?}", started.elapsed());
+            return Ok(client);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The last 4 KiB of the console file, if the console goes to one.
+pub(crate) fn console_tail(console: &Console) -> String {
+    match console {
+        Console::File(p) => {
+            let text = fs::read(p).unwrap_or_default();
+            let start = text.len().saturating_sub(4096);
+            String::from_utf8_lossy(&text[start..]).into_owned()
+        }
+        _ => String::new(),
+    }
+}
+
+/// Removes the VMM's vsock socket and the `<socket>_<port>` listeners beside it.
+pub(crate) fn remove_sockets(uds: &Path) {
+    let _ = fs::remove_file(uds);
+    let (Some(dir), Some(name)) = (uds.parent(), uds.file_name()) else {
+        return;
+    };
+    let prefix = format!("{}_", name.to_string_lossy());
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        for name in ["vsock.sock", "vsock.sock_5000", "other"] {
+            fs::write(dir.path().join(name), "").unwrap();
+        }
+        remove_sockets(&uds);
+        let left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, vec!["other".to_string()]);
+    }
+
+    #[test]
+    fn the_config_memfd_is_sealed() {
+        let fd = sealed_memfd(b"{}").unwrap();
+        let seals = SealFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GET_SEALS).unwrap());
+        assert!(seals.contains(SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_GROW));
+        assert!(seals.contains(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL));
+        let mut file = fs::File::from(fd);
+        let err = file.write_all(b"x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+        assert!(file.set_len(0).is_err());
+    }
+
+    /// The child finds the config, and only it, on descriptor 3, from its start.
+    #[test]
+    fn the_vmm_reads_its_config_on_descriptor_3() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake_vmm = dir.path().join("fake-vmm");
+        fs::write(&fake_vmm, "#!/bin/sh\necho \"$@\"; cat <&3\n").unwrap();
+        let mut perms = fs::metadata(&fake_vmm).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        fs::set_permissions(&fake_vmm, perms).unwrap();
+        let mut config = VmConfig::new("/k/vmlinux");
+        config.memory_mib = 512;
+        // A script just written can be busy (ETXTBSY) while another test's fork still holds
+        // its descriptor: try again.
+        let out = (0..50)
+            .find_map(
+                |_| match vmm_command(&fake_vmm, &config).unwrap().output() {
+                    Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        None
+                    }
+                    other => Some(other.unwrap()),
+                },
+            )
+            .expect("the script stayed busy");
+        assert!(out.status.success());
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let (args, json) = stdout.split_once('\n').unwrap();
+        assert_eq!(args, "--config-fd 3");
+        assert_eq!(VmConfig::from_json(json.as_bytes()).unwrap(), config);
+    }
+
+    #[test]
+    fn an_invalid_config_starts_nothing() {
+        let mut config = VmConfig::new("relative/vmlinux");
+        config.vcpus = 2;
+        let err = vmm_command(Path::new("/bin/true"), &config).unwrap_err();
+        assert!(
+            err.to_string().contains("kernel must be an absolute path"),
+            "{err}"
+        );
+    }
+}
