@@ -67,7 +67,14 @@ pub(crate) fn spawn(
     console: &Console,
     state_dir: &Path,
 ) -> Result<Child> {
-    let mut cmd = vmm_command(vmm, config)?;
+    // A relative program path would be looked up from the new working directory: resolve it
+    // here first (a bare name is left to the PATH lookup).
+    let vmm = if vmm.components().count() > 1 {
+        std::path::absolute(vmm).map_err(|e| Error::io(format!("resolve {}", vmm.display()), e))?
+    } else {
+        vmm.to_path_buf()
+    };
+    let mut cmd = vmm_command(&vmm, config)?;
     cmd.stdin(Stdio::null()).current_dir(state_dir);
     // A process group of its own: a terminal's SIGINT, SIGQUIT or SIGTSTP goes to the
     // foreground group (the program that started the sandbox), never to the VMM, so that
