@@ -5,8 +5,8 @@
 //! a container in the guest, and a teardown that leaves no tap or qdisc.
 //!
 //! Needs `MICROVM_KERNEL`; the static agent is built here unless `MICROVM_AGENT` names one;
-//! `microvm` comes from `MICROVM_BIN_DIR` or this test's target directory (`cargo build -p
-//! microvm`). On a host whose KVM cannot boot an unmodified guest, the binary re-runs itself inside
+//! the VMM `microvm-vmm` comes from `MICROVM_BIN_DIR` or this test's target directory (`cargo
+//! build -p microvm-vmm`). On a host whose KVM cannot boot an unmodified guest, the binary re-runs itself inside
 //! the testbed.
 
 use std::io::{BufRead, BufReader, Read};
@@ -17,6 +17,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use libtest_mimic::{Arguments, Failed, Trial};
+use sandbox::vmm_api::NetConfig;
 use sandbox::{
     Console, ContainerConfig, Disk, ProcessIo, Rootfs, RootfsSource, Sandbox, SandboxConfig,
 };
@@ -149,17 +150,16 @@ fn pod_network(dir: &Path) -> Result<(), String> {
     let pod = plumbing.interface.clone();
     let mac = pod.mac.map(|b| format!("{b:02x}")).join(":");
 
-    // The VMM runs inside the pod's namespace, where it finds the tap by name; the guest device
-    // gets the veth's MAC and MTU.
-    let microvm = microvm_bin()?;
-    let wrapper = dir.join("microvm-in-pod");
+    // The VMM runs inside the pod's namespace, where it finds the tap by name (its config comes
+    // on descriptor 3, which `ip netns exec` passes on); the guest device gets the veth's MAC
+    // and MTU.
+    let vmm = vmm_bin()?;
+    let wrapper = dir.join("microvm-vmm-in-pod");
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\nexec ip netns exec {POD_NS} {} \"$@\" --net {},mac={mac},mtu={}\n",
-            microvm.display(),
-            plumbing.tap,
-            pod.mtu
+            "#!/bin/sh\nexec ip netns exec {POD_NS} {} \"$@\"\n",
+            vmm.display()
         ),
     )
     .map_err(|e| e.to_string())?;
@@ -168,6 +168,11 @@ fn pod_network(dir: &Path) -> Result<(), String> {
     let kernel = PathBuf::from(std::env::var_os("MICROVM_KERNEL").ok_or("MICROVM_KERNEL unset")?);
     let agent = PathBuf::from(std::env::var_os("MICROVM_AGENT").ok_or("MICROVM_AGENT unset")?);
     let mut cfg = SandboxConfig::new(&wrapper, &kernel, &agent);
+    cfg.nets.push(NetConfig {
+        tap_name: plumbing.tap.clone(),
+        mac: pod.mac,
+        mtu: u16::try_from(pod.mtu).map_err(|_| format!("MTU {} is too large", pod.mtu))?,
+    });
     cfg.disks.push(Disk {
         path: busybox_disk(dir)?,
         read_only: true,
@@ -344,15 +349,15 @@ fn profile_dir() -> Result<PathBuf, String> {
         .ok_or_else(|| "cannot locate the target directory".into())
 }
 
-fn microvm_bin() -> Result<PathBuf, String> {
+fn vmm_bin() -> Result<PathBuf, String> {
     let dir = match std::env::var_os("MICROVM_BIN_DIR") {
         Some(d) => PathBuf::from(d),
         None => profile_dir()?,
     };
-    let bin = dir.join("microvm");
+    let bin = dir.join("microvm-vmm");
     bin.is_file()
         .then_some(bin.clone())
-        .ok_or_else(|| format!("{} is missing (cargo build -p microvm)", bin.display()))
+        .ok_or_else(|| format!("{} is missing (cargo build -p microvm-vmm)", bin.display()))
 }
 
 fn build_agent() -> Result<PathBuf, String> {

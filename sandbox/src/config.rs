@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use agent_protocol::agent as pb;
-use vmm_api::KernelParam;
+use vmm_api::{KernelParam, NetConfig};
 
 use crate::{Error, Result, SharedDir};
 
@@ -82,6 +82,9 @@ pub struct SandboxConfig {
     pub shares: Vec<SharedDir>,
     /// The virtio-fs daemon; `None`: [`crate::locate::virtiofsd`].
     pub virtiofsd: Option<PathBuf>,
+    /// virtio-net devices (eth0, eth1, ... in order) on host taps, which the VMM opens by name
+    /// in its own network namespace (or creates there).
+    pub nets: Vec<NetConfig>,
 }
 
 impl SandboxConfig {
@@ -106,6 +109,7 @@ impl SandboxConfig {
             guest_cid: 3,
             shares: Vec::new(),
             virtiofsd: None,
+            nets: Vec::new(),
         }
     }
 }

@@ -13,8 +13,8 @@ use vmm_api::{FsConfig, KernelCmdline, VmConfig, VsockConfig};
 use crate::vmm::{self, connect_agent, console_tail, remove_sockets, Vmm};
 use crate::{io, locate, share, Console, Error, Result, SandboxConfig};
 
-/// The VMM's config for a sandbox: `cfg`'s kernel, size, disks and command line additions, the
-/// agent's initramfs and a vsock device on `uds`. Paths are made absolute, as the contract
+/// The VMM's config for a sandbox: `cfg`'s kernel, size, disks, net devices and command line
+/// additions, the agent's initramfs and a vsock device on `uds`. Paths are made absolute, as the contract
 /// wants (a relative path would be resolved against the VMM's working directory).
 fn vm_config(cfg: &SandboxConfig, initrd: &Path, uds: &Path) -> Result<VmConfig> {
     let absolute = |p: &Path| {
@@ -36,7 +36,7 @@ fn vm_config(cfg: &SandboxConfig, initrd: &Path, uds: &Path) -> Result<VmConfig>
             uds_path: absolute(uds)?,
         }),
         rng: cfg.rng,
-        nets: Vec::new(),
+        nets: cfg.nets.clone(),
         fs: Vec::new(),
         force: false,
     };
