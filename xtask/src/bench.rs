@@ -125,6 +125,8 @@ fn boot(runs: usize) -> Result<()> {
         let xtask = release_dir().join("xtask");
         testbed::Testbed::new()
             .env("MICROVM_KERNEL", &vmlinux)
+            // Where the release binaries are, also when CARGO_TARGET_DIR moved them.
+            .env("CARGO_TARGET_DIR", target_dir())
             .run(
                 &[
                     xtask.as_os_str(),
