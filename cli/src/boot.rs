@@ -75,7 +75,7 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
-    let net = NetConfig::from(s.parse::<vmm::devices::virtio::net::NetConfig>()?);
+    let net: NetConfig = s.parse()?;
     net.validate().map_err(|e| e.to_string())?;
     Ok(net)
 }

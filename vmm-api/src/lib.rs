@@ -11,6 +11,7 @@
 //! typed additions.
 
 mod cmdline;
+mod net;
 mod validate;
 
 use std::io::Read;

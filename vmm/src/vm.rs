@@ -45,17 +45,6 @@ use crate::vcpu::{ExitSignal, Vcpu};
 
 pub use vmm_api::{DiskConfig, FsConfig, NetConfig, VmConfig, VsockConfig};
 
-/// The `--net TAP[,mac=..][,mtu=N]` form the net device parses, as the contract's type.
-impl From<crate::devices::virtio::net::NetConfig> for NetConfig {
-    fn from(net: crate::devices::virtio::net::NetConfig) -> Self {
-        Self {
-            tap_name: net.tap_name,
-            mac: net.mac,
-            mtu: net.mtu,
-        }
-    }
-}
-
 // The contract's limits are this VMM's: one IRQ line per virtio device, the MP table's CPUs,
 // the virtio-fs config space's tag.
 const _: () = assert!(vmm_api::MAX_VCPUS == mptable::MAX_CPUS);

@@ -42,14 +42,12 @@
 //! other devices keep their turn; an RX queue that is never refilled costs one frame of memory.
 //! The tap rejects malformed virtio headers itself (`EINVAL`), which is one more dropped frame.
 
-mod config;
 mod device;
 mod event_handler;
 mod tap;
 #[cfg(test)]
 mod tests;
 
-pub use config::NetConfig;
 pub use device::{Net, NetStats};
 pub use tap::{Tap, TapError, VNET_HDR_LEN};
 

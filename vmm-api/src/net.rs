@@ -1,15 +1,8 @@
-//! The configuration of one net device, and its command-line form `TAP[,mac=..][,mtu=N]`.
+//! The command-line form of a net device, `TAP[,mac=..][,mtu=N]` (`microvm boot --net`).
 
 use std::str::FromStr;
 
-/// A virtio-net device on the host tap `tap_name` (attached to, or created if missing; its MTU is
-/// set to `mtu`), seen by the guest with address `mac` and MTU `mtu`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetConfig {
-    pub tap_name: String,
-    pub mac: [u8; 6],
-    pub mtu: u16,
-}
+use crate::NetConfig;
 
 impl NetConfig {
     /// A device on `tap_name` with MTU 1500 and a MAC derived from the name: 02:00 (locally
