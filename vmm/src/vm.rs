@@ -239,9 +239,13 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     let mut vcpus = Vec::with_capacity(config.cpus as usize);
     for index in 0..config.cpus {
         let fd = vm.create_vcpu(u64::from(index))?;
-        let mut cpuid = supported_cpuid.clone();
-        cpuid::filter(cpuid.as_mut_slice(), index, config.cpus);
-        fd.set_cpuid2(&cpuid)?;
+        let timers = cpuid::HostTimers::probe(&kvm, &fd);
+        fd.set_cpuid2(&cpuid::for_vcpu(
+            &supported_cpuid,
+            index,
+            config.cpus,
+            timers,
+        ))?;
         regs::setup_lapic(&fd)?;
         regs::setup_fpu(&fd)?;
         if index == 0 {
