@@ -8,6 +8,7 @@
 //!   spawn until the guest's `/init` prints its first line, whole-run wall time, each VMM's RSS
 //!   beyond the guest memory it touched, and with `--phases` the guest kernel's own timeline.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -171,8 +172,9 @@ fn first_kvm_run(
     Ok((found.context("the VMM never reached KVM_RUN")?, rss))
 }
 
-/// busybox `/init`: mounts devtmpfs, writes boot marker 1, prints BOOTED, waits a little (so
-/// RSS can be sampled while the VM is alive), resets.
+/// busybox `/init`: mounts devtmpfs, writes boot marker 1, prints BOOTED with the guest's
+/// uptime (the kernel's own clock since it started counting), waits a little (so RSS can be
+/// sampled while the VM is alive), resets.
 fn bench_initramfs(dir: &Path) -> Result<PathBuf> {
     let mut i = Initramfs::new();
     i.busybox()?;
@@ -181,7 +183,9 @@ fn bench_initramfs(dir: &Path) -> Result<PathBuf> {
         "#!/bin/busybox sh\n\
          /bin/busybox mount -t devtmpfs dev /dev\n\
          /bin/busybox printf '\\001' | /bin/busybox dd of=/dev/port bs=1 seek=1008 count=1 2>/dev/null\n\
-         echo BOOTED\n\
+         /bin/busybox mkdir -p /proc\n\
+         /bin/busybox mount -t proc proc /proc\n\
+         echo BOOTED uptime $(/bin/busybox cut -d' ' -f1 /proc/uptime)\n\
          /bin/busybox sleep ${SLEEP:-0}\n\
          /bin/busybox reboot -f\n",
         0o755,
@@ -191,6 +195,8 @@ fn bench_initramfs(dir: &Path) -> Result<PathBuf> {
 
 struct Sample {
     to_init_ms: f64,
+    /// The guest kernel's uptime when `/init` printed BOOTED.
+    uptime_ms: Option<f64>,
     wall_ms: f64,
     rss: Option<(f64, f64)>,
     /// The guest's console output up to BOOTED.
@@ -206,7 +212,7 @@ fn measure(mut cmd: Command, sample_rss: bool) -> Result<Sample> {
         .stderr(Stdio::null())
         .spawn()?;
     let stdout = BufReader::new(child.stdout.take().unwrap());
-    let (mut to_init, mut rss, mut console) = (None, None, Vec::new());
+    let (mut to_init, mut rss, mut console, mut uptime_ms) = (None, None, Vec::new(), None);
     for line in stdout.lines() {
         let line = line?;
         if to_init.is_some() {
@@ -214,6 +220,7 @@ fn measure(mut cmd: Command, sample_rss: bool) -> Result<Sample> {
         }
         if line.contains("BOOTED") {
             to_init = Some(start.elapsed());
+            uptime_ms = number_after(&line, "BOOTED uptime ").map(|s| s * 1000.0);
             if sample_rss {
                 std::thread::sleep(Duration::from_millis(300));
                 rss = rss_split(child.id(), GUEST_MIB << 20).ok();
@@ -226,6 +233,7 @@ fn measure(mut cmd: Command, sample_rss: bool) -> Result<Sample> {
     let to_init = to_init.with_context(|| format!("guest never printed BOOTED ({status})"))?;
     Ok(Sample {
         to_init_ms: to_init.as_secs_f64() * 1000.0,
+        uptime_ms,
         wall_ms: wall.as_secs_f64() * 1000.0,
         rss,
         console,
@@ -361,17 +369,34 @@ pub(super) fn boot_inner(runs: usize, args: &BootArgs) -> Result<()> {
         .map(|s| s.iter().map(|x| x.to_init_ms).collect())
         .collect();
     let ours = median(&to_init[0]);
-    println!("| VMM | spawn to /init output, median | runs (ms) | ratio to microvm | whole run, median |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| VMM | spawn to /init output, median | runs (ms) | ratio to microvm | guest uptime at \
+         /init, median | spawn to kernel clock start, median | whole run, median |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for ((vmm, t), s) in vmms.iter().zip(&to_init).zip(&samples) {
         let walls: Vec<f64> = s.iter().map(|x| x.wall_ms).collect();
         let runs: Vec<String> = t.iter().map(|x| format!("{x:.0}")).collect();
+        let uptimes: Vec<f64> = s.iter().filter_map(|x| x.uptime_ms).collect();
+        let before_kernel: Vec<f64> = s
+            .iter()
+            .filter_map(|x| Some(x.to_init_ms - x.uptime_ms?))
+            .collect();
+        let ms_or_dash = |v: &[f64]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.0} ms", median(v))
+            }
+        };
         println!(
-            "| {} | {:.0} ms | {} | {:.2} | {:.0} ms |",
+            "| {} | {:.0} ms | {} | {:.2} | {} | {} | {:.0} ms |",
             vmm.name,
             median(t),
             runs.join(" "),
             median(t) / ours,
+            ms_or_dash(&uptimes),
+            ms_or_dash(&before_kernel),
             median(&walls)
         );
     }
@@ -394,9 +419,10 @@ pub(super) fn boot_inner(runs: usize, args: &BootArgs) -> Result<()> {
             "== guest kernel timeline, one boot each with `{PHASES_CMDLINE}` (the console \
              output itself slows these boots) =="
         );
+        let symbols = kernel_symbols(&vmlinux);
         for vmm in &vmms {
             let s = measure((vmm.command)(&cmdline(Mode::Phases, "reboot=k"))?, false)?;
-            print_phases(vmm.name, &s);
+            print_phases(vmm.name, &s, &symbols);
         }
     }
     Ok(())
@@ -417,7 +443,23 @@ fn initcall_time(text: &str) -> Option<(&str, f64)> {
     Some((name, usecs / 1000.0))
 }
 
-fn print_phases(name: &str, s: &Sample) {
+/// The kernel's function symbols by address (`nm`), to name the initcalls of a kernel built
+/// without kallsyms; empty if `nm` is missing.
+fn kernel_symbols(vmlinux: &Path) -> HashMap<String, String> {
+    let Ok(out) = Command::new("nm").arg(vmlinux).output() else {
+        return HashMap::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (addr, kind, name) = (w.next()?, w.next()?, w.next()?);
+            matches!(kind, "t" | "T").then(|| (format!("0x{addr}"), name.to_string()))
+        })
+        .collect()
+}
+
+fn print_phases(name: &str, s: &Sample, symbols: &HashMap<String, String>) {
     let lines: Vec<(f64, &str)> = s.console.iter().filter_map(|l| printk_line(l)).collect();
     let init = lines
         .iter()
@@ -427,9 +469,9 @@ fn print_phases(name: &str, s: &Sample) {
         lines.iter().filter_map(|(_, t)| initcall_time(t)).collect();
     initcalls.sort_by(|a, b| b.1.total_cmp(&a.1));
     let initcall_total: f64 = initcalls.iter().map(|x| x.1).sum();
-    let mut gaps: Vec<(f64, &str)> = lines
+    let mut gaps: Vec<(f64, &str, &str)> = lines
         .windows(2)
-        .map(|w| (w[1].0 - w[0].0, w[1].1))
+        .map(|w| (w[1].0 - w[0].0, w[0].1, w[1].1))
         .collect();
     gaps.sort_by(|a, b| b.0.total_cmp(&a.0));
     println!(
@@ -441,12 +483,16 @@ fn print_phases(name: &str, s: &Sample) {
     let top: Vec<String> = initcalls
         .iter()
         .take(6)
-        .map(|(n, ms)| format!("{n} {ms:.1}"))
+        .map(|(n, ms)| {
+            let n = symbols.get(*n).map_or(*n, String::as_str);
+            format!("{n} {ms:.1}")
+        })
         .collect();
     println!("    slowest initcalls (ms): {}", top.join(", "));
-    for (ms, text) in gaps.iter().take(4) {
-        let text: String = text.chars().take(70).collect();
-        println!("    {ms:.1} ms silence before: {text}");
+    for (ms, before, after) in gaps.iter().take(4) {
+        let before: String = before.chars().take(60).collect();
+        let after: String = after.chars().take(60).collect();
+        println!("    {ms:.1} ms between `{before}` and `{after}`");
     }
 }
 
