@@ -224,9 +224,13 @@ pub fn run(config: VmConfig, console: Box<dyn Write + Send>) -> Result<i32, VmmE
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
         let fd = vm.create_vcpu(u64::from(index))?;
-        let mut cpuid = supported_cpuid.clone();
-        cpuid::filter(cpuid.as_mut_slice(), index, config.vcpus);
-        fd.set_cpuid2(&cpuid)?;
+        let timers = cpuid::HostTimers::probe(&kvm, &fd);
+        fd.set_cpuid2(&cpuid::for_vcpu(
+            &supported_cpuid,
+            index,
+            config.vcpus,
+            timers,
+        ))?;
         regs::setup_lapic(&fd)?;
         regs::setup_fpu(&fd)?;
         if index == 0 {

@@ -1,17 +1,84 @@
 //! The CPUID each vCPU reports: what the host's KVM supports, plus this vCPU's APIC id, the
-//! topology (N single-threaded cores in one package), and the hypervisor bit.
+//! topology (N single-threaded cores in one package), the hypervisor bit, and what lets the
+//! guest kernel skip timer calibration:
+//!
+//! - the TSC-deadline timer bit (CPUID.1:ECX[24]), which `KVM_GET_SUPPORTED_CPUID` never sets
+//!   (it depends on the in-kernel local APIC; KVM reports it as `KVM_CAP_TSC_DEADLINE_TIMER`).
+//!   Without it Linux calibrates its local APIC timer against the PIT, waiting HZ/10 jiffies
+//!   (100 ms of guest time) in `calibrate_APIC_clock`.
+//! - the TSC and local APIC timer frequencies in KVM's timing leaf 0x40000010 (kHz in EAX and
+//!   EBX, the layout VMware defined and KVM VMMs follow), from `KVM_GET_TSC_KHZ`. Linux 6.1 on
+//!   KVM takes the TSC frequency from kvmclock instead (`kvm_get_tsc_khz`, which also sets
+//!   `X86_FEATURE_TSC_KNOWN_FREQ`), but other guests (and newer kernels) read this leaf.
 
-use kvm_bindings::kvm_cpuid_entry2;
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
 const ECX_HYPERVISOR: u32 = 1 << 31;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
+/// KVM's signature leaf: EAX is the highest hypervisor leaf.
+const LEAF_KVM_SIGNATURE: u32 = 0x4000_0000;
+/// The timing leaf: TSC frequency in kHz in EAX, local APIC timer frequency in kHz in EBX.
+const LEAF_KVM_TIMING: u32 = 0x4000_0010;
+/// KVM's local APIC timer runs at 1 GHz (`APIC_BUS_CYCLE_NS` = 1).
+const KVM_APIC_TIMER_KHZ: u32 = 1_000_000;
+
+/// What the host offers beyond `KVM_GET_SUPPORTED_CPUID`, probed once per VM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostTimers {
+    /// `KVM_CAP_TSC_DEADLINE_TIMER`.
+    pub tsc_deadline: bool,
+    /// The vCPU's TSC frequency (`KVM_GET_TSC_KHZ`), if KVM knows it.
+    pub tsc_khz: Option<u32>,
+}
+
+impl HostTimers {
+    pub fn probe(kvm: &Kvm, vcpu: &VcpuFd) -> Self {
+        HostTimers {
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+            tsc_khz: vcpu.get_tsc_khz().ok().filter(|&khz| khz != 0),
+        }
+    }
+}
+
+/// The CPUID for vCPU `index` of `count`: `supported` adjusted by [`filter`], with the timing
+/// leaf added when the TSC frequency is known.
+pub fn for_vcpu(supported: &CpuId, index: u8, count: u8, timers: HostTimers) -> CpuId {
+    let mut cpuid = supported.clone();
+    filter(cpuid.as_mut_slice(), index, count, timers);
+    if let Some(khz) = timers.tsc_khz {
+        let has_signature = cpuid
+            .as_slice()
+            .iter()
+            .any(|e| e.function == LEAF_KVM_SIGNATURE);
+        let has_timing = cpuid
+            .as_slice()
+            .iter()
+            .any(|e| e.function == LEAF_KVM_TIMING);
+        // A leaf past the signature leaf's EAX is invisible to the guest: only add it where
+        // the signature leaf exists (and was raised to cover it by `filter`).
+        if has_signature && !has_timing {
+            let timing = kvm_cpuid_entry2 {
+                function: LEAF_KVM_TIMING,
+                eax: khz,
+                ebx: KVM_APIC_TIMER_KHZ,
+                ..Default::default()
+            };
+            // The list is as long as KVM_MAX_CPUID_ENTRIES allows; if it is full, the guest
+            // simply has no timing leaf.
+            let _ = cpuid.push(timing);
+        }
+    }
+    cpuid
+}
 
 /// Adjusts the supported CPUID `entries` for vCPU `index` of `count`.
-pub fn filter(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
+pub fn filter(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8, timers: HostTimers) {
     // Bits needed to hold any APIC id of the package.
     let id_bits = u32::BITS - (u32::from(count.max(1)) - 1).leading_zeros();
     for e in entries.iter_mut() {
@@ -22,6 +89,9 @@ pub fn filter(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
                     | (u32::from(count) << 16)
                     | (8 << 8); // CLFLUSH line size in quadwords
                 e.ecx |= ECX_HYPERVISOR;
+                if timers.tsc_deadline {
+                    e.ecx |= ECX_TSC_DEADLINE;
+                }
                 if count > 1 {
                     e.edx |= EDX_HTT;
                 } else {
@@ -58,6 +128,16 @@ pub fn filter(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
                 // NC (cores - 1) and ApicIdCoreIdSize, which AMD guests use for topology.
                 e.ecx = (e.ecx & !0xf0ff) | (id_bits << 12) | (u32::from(count) - 1);
             }
+            LEAF_KVM_SIGNATURE if timers.tsc_khz.is_some() => {
+                e.eax = e.eax.max(LEAF_KVM_TIMING);
+            }
+            LEAF_KVM_TIMING => {
+                if let Some(khz) = timers.tsc_khz {
+                    e.eax = khz;
+                    e.ebx = KVM_APIC_TIMER_KHZ;
+                    e.flags &= !KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
+                }
+            }
             _ => {}
         }
     }
@@ -84,7 +164,7 @@ mod tests {
             entry(0x8000_0008, 0),
             entry(4, 0),
         ];
-        filter(&mut e, 3, 4);
+        filter(&mut e, 3, 4, HostTimers::default());
         assert_eq!(e[0].ebx >> 24, 3, "initial APIC id");
         assert_eq!((e[0].ebx >> 16) & 0xff, 4, "logical processors");
         assert_ne!(e[0].ecx & ECX_HYPERVISOR, 0);
@@ -101,8 +181,77 @@ mod tests {
     fn single_cpu_has_no_htt() {
         let mut e = [entry(1, 0)];
         e[0].edx = EDX_HTT;
-        filter(&mut e, 0, 1);
+        filter(&mut e, 0, 1, HostTimers::default());
         assert_eq!(e[0].edx & EDX_HTT, 0);
         assert_eq!(e[0].ebx >> 24, 0);
+    }
+
+    #[test]
+    fn tsc_deadline_bit_only_where_kvm_has_it() {
+        let mut e = [entry(1, 0)];
+        filter(&mut e, 0, 1, HostTimers::default());
+        assert_eq!(e[0].ecx & ECX_TSC_DEADLINE, 0);
+        let timers = HostTimers {
+            tsc_deadline: true,
+            tsc_khz: None,
+        };
+        filter(&mut e, 0, 1, timers);
+        assert_ne!(e[0].ecx & ECX_TSC_DEADLINE, 0);
+    }
+
+    fn supported(entries: &[kvm_cpuid_entry2]) -> CpuId {
+        CpuId::from_entries(entries).unwrap()
+    }
+
+    fn find(cpuid: &CpuId, function: u32) -> Option<kvm_cpuid_entry2> {
+        cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == function)
+            .copied()
+    }
+
+    #[test]
+    fn timing_leaf_carries_tsc_and_apic_khz() {
+        let mut sig = entry(LEAF_KVM_SIGNATURE, 0);
+        sig.eax = 0x4000_0001;
+        let base = supported(&[entry(1, 0), sig, entry(0x4000_0001, 0)]);
+        let timers = HostTimers {
+            tsc_deadline: false,
+            tsc_khz: Some(2_345_678),
+        };
+        let cpuid = for_vcpu(&base, 0, 1, timers);
+        let timing = find(&cpuid, LEAF_KVM_TIMING).expect("timing leaf added");
+        assert_eq!(timing.eax, 2_345_678);
+        assert_eq!(timing.ebx, KVM_APIC_TIMER_KHZ);
+        assert_eq!(
+            find(&cpuid, LEAF_KVM_SIGNATURE).unwrap().eax,
+            LEAF_KVM_TIMING,
+            "the signature leaf must announce the timing leaf"
+        );
+        // Asked again (an existing timing leaf), it is updated, not duplicated.
+        let again = for_vcpu(&cpuid, 0, 1, timers);
+        let n = again
+            .as_slice()
+            .iter()
+            .filter(|e| e.function == LEAF_KVM_TIMING)
+            .count();
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn no_timing_leaf_without_a_frequency_or_a_signature() {
+        let mut sig = entry(LEAF_KVM_SIGNATURE, 0);
+        sig.eax = 0x4000_0001;
+        let base = supported(&[entry(1, 0), sig]);
+        let cpuid = for_vcpu(&base, 0, 1, HostTimers::default());
+        assert!(find(&cpuid, LEAF_KVM_TIMING).is_none());
+        assert_eq!(find(&cpuid, LEAF_KVM_SIGNATURE).unwrap().eax, 0x4000_0001);
+        let timers = HostTimers {
+            tsc_deadline: false,
+            tsc_khz: Some(1_000_000),
+        };
+        let cpuid = for_vcpu(&supported(&[entry(1, 0)]), 0, 1, timers);
+        assert!(find(&cpuid, LEAF_KVM_TIMING).is_none());
     }
 }

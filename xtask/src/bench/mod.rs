@@ -1,0 +1,109 @@
+//! `cargo xtask bench boot|run`: boot-time, run-time and overhead figures (a benchmark, not a
+//! test: it prints numbers and asserts nothing about them).
+//!
+//! `bench boot` ([`boot`]): host-side setup to the first `KVM_RUN`, then boot to the guest's
+//! `/init` next to QEMU `-M microvm` and, when given, Firecracker and another microvm build.
+//! `bench run` ([`run`]): `microvm run --rm IMG true` end to end next to crun and runc.
+
+mod boot;
+mod run;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::util::workspace_root;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum)]
+    what: What,
+    /// Runs per VMM.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Internal: the part that runs where guests can boot.
+    #[arg(long, hide = true)]
+    inner: bool,
+    /// `bench run`: use the debug build of microvm (quicker to build; slower host side).
+    #[arg(long)]
+    debug_build: bool,
+    #[command(flatten)]
+    boot: boot::BootArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum What {
+    Boot,
+    Run,
+}
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    match args.what {
+        What::Boot if args.inner => boot::boot_inner(args.runs, &args.boot),
+        What::Boot => boot::boot(args.runs, &args.boot),
+        What::Run if args.inner => run::run_inner(args.runs),
+        What::Run => run::run_bench(args.runs, args.debug_build),
+    }
+}
+
+/// Where cargo puts release binaries: `$CARGO_TARGET_DIR/release`, else the workspace's.
+fn release_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("release")
+}
+
+fn sorted(v: &[f64]) -> Vec<f64> {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    s
+}
+
+fn median(v: &[f64]) -> f64 {
+    let s = sorted(v);
+    s[s.len() / 2]
+}
+
+fn summary(v: &[f64], unit: &str) -> String {
+    let s = sorted(v);
+    format!(
+        "median {:.1} {unit} (min {:.1}, max {:.1}, n={})",
+        median(v),
+        s[0],
+        s[s.len() - 1],
+        s.len()
+    )
+}
+
+/// The number that follows `prefix` on `line`.
+fn number_after(line: &str, prefix: &str) -> Option<f64> {
+    let rest = &line[line.find(prefix)? + prefix.len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// (total RSS, RSS of the guest-memory mapping) in MiB, from /proc/PID/smaps: the guest RAM is
+/// the mapping of exactly the guest's size.
+fn rss_split(pid: u32, guest_bytes: u64) -> Result<(f64, f64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let (mut total_kb, mut guest_kb, mut in_guest) = (0u64, 0u64, false);
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                in_guest = b - a == guest_bytes;
+                continue;
+            }
+        }
+        if first == "Rss:" {
+            let kb: u64 = words.next().unwrap_or("0").parse().unwrap_or(0);
+            total_kb += kb;
+            if in_guest {
+                guest_kb += kb;
+            }
+        }
+    }
+    Ok((total_kb as f64 / 1024.0, guest_kb as f64 / 1024.0))
+}
