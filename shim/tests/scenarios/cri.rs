@@ -7,7 +7,7 @@ use crate::common::{check, sh, text, Containerd};
 /// The pod's host network namespace (`ip netns add`), as CNI's `/var/run/netns/cni-…`.
 const NETNS: &str = "microvm-test-pod3";
 
-fn cri_annotations(pod: &str, container_type: &str) -> Vec<String> {
+pub fn cri_annotations(pod: &str, container_type: &str) -> Vec<String> {
     [
         format!("io.kubernetes.cri.container-type={container_type}"),
         format!("io.kubernetes.cri.sandbox-id={pod}"),
@@ -19,11 +19,21 @@ fn cri_annotations(pod: &str, container_type: &str) -> Vec<String> {
     .collect()
 }
 
-/// `ctr run -d` with these extra arguments, then waits until it runs.
-fn run_detached(c: &Containerd, id: &str, extra: &[String]) -> Result<(), String> {
+/// `ctr run -d` of `sleep 1000` with these extra arguments, then waits until it runs.
+pub fn run_detached(c: &Containerd, id: &str, extra: &[String]) -> Result<(), String> {
+    run_detached_cmd(c, id, extra, &["sleep", "1000"])
+}
+
+/// `ctr run -d` of `cmd` with these extra arguments, then waits until it runs.
+pub fn run_detached_cmd(
+    c: &Containerd,
+    id: &str,
+    extra: &[String],
+    cmd: &[&str],
+) -> Result<(), String> {
     let mut before: Vec<&str> = vec!["-d"];
     before.extend(extra.iter().map(String::as_str));
-    let out = c.ctr(&c.run_args(&before, id, &["sleep", "1000"]));
+    let out = c.ctr(&c.run_args(&before, id, cmd));
     check(out.status.success(), || {
         format!("ctr run -d {id}: {}", text(&out))
     })?;
@@ -31,7 +41,7 @@ fn run_detached(c: &Containerd, id: &str, extra: &[String]) -> Result<(), String
 }
 
 /// The PID column of `ctr task ls` for a task (the guest pid the shim reported).
-fn task_pid(c: &Containerd, id: &str) -> Result<String, String> {
+pub fn task_pid(c: &Containerd, id: &str) -> Result<String, String> {
     let ls = text(&c.ctr(&["task", "ls"]));
     ls.lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
