@@ -5,7 +5,7 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use super::cri::{cri_annotations, run_detached, run_detached_cmd, task_pid};
+use super::cri::{run_cri_sandbox, run_detached_cmd};
 use crate::common::{check, sh, text, wait_until, Containerd};
 
 /// The pod's network namespace, as CNI's `/var/run/netns/cni-…`.
@@ -60,22 +60,7 @@ fn plumbing_left() -> String {
 pub fn pod_on_its_cni_network(c: &Containerd) -> Result<(), String> {
     let _ = sh(&format!("ip link del {HOST_VETH}; ip netns del {NETNS}"));
     let r = make_cni_network().and_then(|()| {
-        let mut sandbox = cri_annotations("pod6", "sandbox");
-        sandbox.extend([
-            "--with-ns".into(),
-            format!("network:/var/run/netns/{NETNS}"),
-        ]);
-        run_detached(c, "pod6", &sandbox)?;
-        let pid = task_pid(c, "pod6")?;
-        let mut app = cri_annotations("pod6", "container");
-        for (typ, name) in [
-            ("network", "net"),
-            ("ipc", "ipc"),
-            ("uts", "uts"),
-            ("pid", "pid"),
-        ] {
-            app.extend(["--with-ns".into(), format!("{typ}:/proc/{pid}/ns/{name}")]);
-        }
+        let app = run_cri_sandbox(c, "pod6", NETNS)?;
         let serve = ["nc", "-ll", "-p", "8080", "-e", "echo", "pod-ok"];
         run_detached_cmd(c, "pod6-app", &app, &serve)?;
         check(!plumbing_left().is_empty(), || {
