@@ -85,6 +85,9 @@ pub struct SandboxConfig {
     /// virtio-net devices (eth0, eth1, ... in order) on host taps, which the VMM opens by name
     /// in its own network namespace (or creates there).
     pub nets: Vec<NetConfig>,
+    /// The network namespace the VMM runs in (an nsfs path such as `/var/run/netns/NAME`),
+    /// where it opens the `nets` taps; `None`: the caller's. virtiofsd stays in the caller's.
+    pub netns: Option<PathBuf>,
 }
 
 impl SandboxConfig {
@@ -110,6 +113,7 @@ impl SandboxConfig {
             shares: Vec::new(),
             virtiofsd: None,
             nets: Vec::new(),
+            netns: None,
         }
     }
 }

@@ -104,7 +104,13 @@ impl Sandbox {
                 Some(d)
             }
         };
-        let child = vmm::spawn(&cfg.vmm, &vm, &cfg.console, &state_dir)?;
+        let child = vmm::spawn(
+            &cfg.vmm,
+            &vm,
+            &cfg.console,
+            &state_dir,
+            cfg.netns.as_deref(),
+        )?;
         // From here on, dropping `vmm` kills the VMM.
         let mut vmm = Vmm {
             child: Some(child),

@@ -66,6 +66,7 @@ pub(crate) fn spawn(
     config: &VmConfig,
     console: &Console,
     state_dir: &Path,
+    netns: Option<&Path>,
 ) -> Result<Child> {
     // A relative program path would be looked up from the new working directory: resolve it
     // here first (a bare name is left to the PATH lookup).
@@ -83,11 +84,36 @@ pub(crate) fn spawn(
     // exits, and async runtimes start and end their threads at will.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     console.redirect(&mut cmd)?;
+    if let Some(netns) = netns {
+        enter_netns(&mut cmd, netns)?;
+    }
     let child = cmd
         .spawn()
         .map_err(|e| Error::io(format!("start {}", vmm.display()), e))?;
     tracing::debug!(pid = child.id(), "VMM started");
     Ok(child)
+}
+
+/// Makes `cmd`'s child enter the network namespace at `netns` (an nsfs file such as
+/// `/var/run/netns/NAME` or `/proc/PID/ns/net`) before it executes, so that it opens taps
+/// there by name. The file is opened here, close-on-exec, so a bad path fails before the fork;
+/// the child only calls `setns(2)` on the inherited descriptor.
+pub(crate) fn enter_netns(cmd: &mut Command, netns: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let ns = fs::File::open(netns)
+        .map_err(|e| Error::io(format!("open the network namespace {}", netns.display()), e))?;
+    // SAFETY: the closure only calls setns(2), which is async-signal-safe, on a descriptor the
+    // closure owns (kept open until the child executes or fails); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// The VMM child process: killed, reaped and its sockets removed when dropped. A sandbox
@@ -246,6 +272,36 @@ mod tests {
         let (args, json) = stdout.split_once('\n').unwrap();
         assert_eq!(args, "--config-fd 3");
         assert_eq!(VmConfig::from_json(json.as_bytes()).unwrap(), config);
+    }
+
+    /// A child spawned through `enter_netns` runs in that namespace (root and `ip` needed,
+    /// as for the hostnet tests).
+    #[test]
+    fn the_child_runs_in_the_given_network_namespace() {
+        use std::os::unix::fs::MetadataExt;
+        let name = format!("sbx-ns-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().unwrap();
+            assert!(st.success(), "ip {args:?}");
+        };
+        ip(&["netns", "add", &name]);
+        let path = PathBuf::from(format!("/var/run/netns/{name}"));
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let entered = enter_netns(&mut cmd, &path).map(|()| cmd.spawn());
+        let mut child = entered.unwrap().unwrap();
+        let child_ns = fs::metadata(format!("/proc/{}/ns/net", child.id())).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let want = fs::metadata(&path).unwrap();
+        let ours = fs::metadata("/proc/self/ns/net").unwrap();
+        ip(&["netns", "del", &name]);
+        assert_eq!((child_ns.dev(), child_ns.ino()), (want.dev(), want.ino()));
+        assert_ne!(child_ns.ino(), ours.ino());
+        // A missing namespace fails before anything is started.
+        let mut cmd = Command::new("true");
+        let err = enter_netns(&mut cmd, &path).unwrap_err();
+        assert!(err.to_string().contains("network namespace"), "{err}");
     }
 
     #[test]

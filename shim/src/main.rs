@@ -6,6 +6,7 @@ mod console;
 mod guest_spec;
 mod pod;
 mod pod_identity;
+mod podnet;
 mod rootfs;
 mod service;
 mod stdio;
@@ -92,6 +93,9 @@ impl Shim for MicrovmShim {
         if !shim_answers(pod::socket_path(&address)) {
             let dir = pod::state_dir(&address);
             kill_vmm(&dir);
+            if let Some(netns) = podnet::recorded(&dir) {
+                podnet::unplumb(&netns);
+            }
             let _ = std::fs::remove_dir_all(&dir);
             let _ = std::fs::remove_file(pod::socket_path(&address));
         }

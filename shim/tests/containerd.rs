@@ -43,7 +43,7 @@ fn main() -> ExitCode {
         }
     }
     // In this order (one at a time): the last checks that nothing is left behind.
-    let scenarios: [(&'static str, Scenario); 7] = [
+    let scenarios: [(&'static str, Scenario); 8] = [
         (
             "ctr_run_output_exit_codes_events_in_a_vm",
             scenarios::basics::run_basics,
@@ -63,6 +63,10 @@ fn main() -> ExitCode {
         (
             "cri_pod_namespaces_stay_on_the_host",
             scenarios::cri::cri_shaped_pod,
+        ),
+        (
+            "cri_pod_serves_on_its_cni_address",
+            scenarios::podnet::pod_on_its_cni_network,
         ),
         (
             "delete_after_the_shim_was_sigkilled",

@@ -262,3 +262,15 @@ pub fn check_host_netns(path: &Path) -> Result<(), NamespaceError> {
     }
     Ok(())
 }
+
+/// Leaves the network namespace out of a pod sandbox's guest spec: the sandbox then runs in the
+/// VM's own network namespace, where the pod's interface is (`ConfigureNetwork` sets it up
+/// there), and the pod's containers join it through the sandbox's pid as usual.
+pub fn use_vm_network(spec: &mut Value) {
+    if let Some(list) = spec
+        .pointer_mut("/linux/namespaces")
+        .and_then(Value::as_array_mut)
+    {
+        list.retain(|ns| ns.get("type").and_then(Value::as_str) != Some("network"));
+    }
+}

@@ -221,3 +221,22 @@ fn host_bind_mounts_stay_on_the_host() {
     assert_eq!(guest_disk(0), "/dev/vda");
     assert_eq!(guest_disk(7), "/dev/vdh");
 }
+
+#[test]
+fn a_sandbox_on_the_pod_network_keeps_its_other_namespaces() {
+    let mut guest = guest_spec(&spec(SANDBOX), &first_pod()).unwrap();
+    let types = |s: &Value| -> Vec<String> {
+        s.pointer("/linux/namespaces")
+            .and_then(Value::as_array)
+            .unwrap()
+            .iter()
+            .map(|ns| ns["type"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let before = types(&guest.spec);
+    assert!(before.iter().any(|t| t == "network"), "{before:?}");
+    namespaces::use_vm_network(&mut guest.spec);
+    let after = types(&guest.spec);
+    let expected: Vec<String> = before.into_iter().filter(|t| t != "network").collect();
+    assert_eq!(after, expected);
+}

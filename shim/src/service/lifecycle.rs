@@ -22,7 +22,7 @@ use super::status::{agent_err, internal, invalid, status, unimplemented};
 use super::Inner;
 use crate::config::ShimConfig;
 use crate::console::ConsoleLog;
-use crate::guest_spec::namespaces::check_host_netns;
+use crate::guest_spec::namespaces::{check_host_netns, use_vm_network};
 use crate::guest_spec::{guest_disk, guest_spec, PodView};
 use crate::pod;
 use crate::pod_identity;
@@ -96,7 +96,7 @@ impl Inner {
         let identity = pod_identity::admit(pod.identity.as_ref(), &req.id, &spec)
             .map_err(|e| status(Code::PERMISSION_DENIED, e.to_string()))?;
         let running = |pid| self.init_running(pid);
-        let guest = guest_spec(
+        let mut guest = guest_spec(
             &spec,
             &PodView {
                 first: pod.identity.is_none(),
@@ -111,11 +111,14 @@ impl Inner {
             Some(sandbox) => sandbox,
             None => {
                 let size = pod::vm_size(&cfg, &spec).map_err(invalid)?;
-                self.boot_vm(&mut pod, &cfg, &spec, size)
+                self.boot_vm(&mut pod, &cfg, &spec, size, guest.host_netns.as_deref())
                     .await
                     .map_err(|e| internal(format!("{e:#}")))?
             }
         };
+        if guest.host_netns.is_some() && pod.net.is_some() {
+            use_vm_network(&mut guest.spec);
+        }
         let slot = pod.free_slot()?;
         let slot_file = self.state_dir.join(format!("slot{slot}.img"));
         let slot_bytes = pod.slot_bytes;
@@ -155,10 +158,6 @@ impl Inner {
             .map_err(|e| with_console(e, pod.console.as_ref()))?;
         pod.slots[slot] = Some(req.id.clone());
         pod.identity.get_or_insert(identity);
-        if let Some(netns) = guest.host_netns.filter(|_| pod.host_netns.is_none()) {
-            tracing::info!(container = %req.id, "the pod's host network namespace: {}", netns.display());
-            pod.host_netns = Some(netns);
-        }
         drop(pod);
         let container = Arc::new(Container {
             id: req.id.clone(),

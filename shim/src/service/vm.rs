@@ -1,6 +1,7 @@
 //! The pod's VM: booted by the pod's first Create (with the agent as init and N pre-attached
 //! slot disks), ended once no container is left.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use crate::config::ShimConfig;
 use crate::console::ConsoleLog;
 use crate::pod::{self, VmSize};
 use crate::pod_identity::PodIdentity;
-use crate::rootfs;
+use crate::{podnet, rootfs};
 
 /// The pod's VM and its slot disks.
 #[derive(Default)]
@@ -33,6 +34,9 @@ pub(crate) struct Pod {
     /// The pod's network namespace on the host (the CRI sandbox's CNI namespace), where the
     /// VM's network device belongs. Never passed into the guest.
     pub host_netns: Option<std::path::PathBuf>,
+    /// The VM's tap joined to the pod's `eth0` in `host_netns` (none when that namespace has no
+    /// `eth0`), unplumbed when the VM ends.
+    pub net: Option<hostnet::Plumbing>,
 }
 
 impl Pod {
@@ -102,17 +106,19 @@ impl Inner {
             .ok_or_else(|| status(Code::FAILED_PRECONDITION, "the pod's VM is not running"))
     }
 
-    /// Boots the pod's VM of `size` for its first container (`spec`). The pod's state
-    /// directory and everything the shim puts there are the shim's only (0700, files 0600).
+    /// Boots the pod's VM of `size` for its first container (`spec`), on the pod's network
+    /// when `host_netns` (the pod's CNI namespace) has an `eth0`. The pod's state directory and
+    /// everything the shim puts there are the shim's only (0700, files 0600).
     pub(crate) async fn boot_vm(
         self: &Arc<Self>,
         pod: &mut Pod,
         cfg: &ShimConfig,
         spec: &serde_json::Value,
         size: VmSize,
+        host_netns: Option<&Path>,
     ) -> anyhow::Result<Arc<Sandbox>> {
         let dir = &self.state_dir;
-        for d in [std::path::Path::new(pod::STATE_ROOT), dir] {
+        for d in [Path::new(pod::STATE_ROOT), dir] {
             pod::private_dir(d).with_context(|| format!("create {}", d.display()))?;
         }
         let console = ConsoleLog::create(dir.join(pod::CONSOLE_LOG), cfg.console_log_max_kib << 10)
@@ -121,7 +127,58 @@ impl Inner {
             old.abort();
         }
         pod.console = Some(console);
-        let sc = sandbox_config(cfg, dir, size)?;
+        let mut sc = sandbox_config(cfg, dir, size)?;
+        if let Some(netns) = host_netns {
+            self.plumb(pod, &mut sc, netns).await?;
+        }
+        let booted = self.start_vm(pod, cfg, spec, sc).await;
+        if booted.is_err() {
+            unplumb(pod).await;
+        }
+        booted
+    }
+
+    /// Joins a tap to the pod's `eth0` in `netns` and puts it on the VM's config, with the VMM
+    /// to run in that namespace. The namespace is recorded first in the state directory, for a
+    /// `delete` after a killed shim.
+    async fn plumb(
+        &self,
+        pod: &mut Pod,
+        sc: &mut SandboxConfig,
+        netns: &Path,
+    ) -> anyhow::Result<()> {
+        pod::write_private(
+            &self.state_dir.join(podnet::NETNS_FILE),
+            netns.as_os_str().as_encoded_bytes(),
+        )
+        .context("record the pod's network namespace")?;
+        pod.host_netns = Some(netns.to_path_buf());
+        let ns = netns.to_path_buf();
+        let plumbing = tokio::task::spawn_blocking(move || podnet::plumb(&ns))
+            .await?
+            .with_context(|| {
+                format!(
+                    "connect the VM to the pod's network namespace {}",
+                    netns.display()
+                )
+            })?;
+        if let Some(p) = plumbing {
+            sc.nets
+                .push(podnet::net_config(&p).map_err(anyhow::Error::msg)?);
+            sc.netns = Some(netns.to_path_buf());
+            pod.net = Some(p);
+        }
+        Ok(())
+    }
+
+    async fn start_vm(
+        self: &Arc<Self>,
+        pod: &mut Pod,
+        cfg: &ShimConfig,
+        spec: &serde_json::Value,
+        sc: SandboxConfig,
+    ) -> anyhow::Result<Arc<Sandbox>> {
+        let dir = &self.state_dir;
         let started = std::time::Instant::now();
         let sandbox = match Sandbox::start(sc.clone()).await {
             Ok(s) => s,
@@ -144,6 +201,12 @@ impl Inner {
         if let Some(pid) = sandbox.vmm_pid() {
             pod::write_private(&dir.join(pod::VMM_PID_FILE), pid.to_string().as_bytes())
                 .context("write the VMM pid file")?;
+        }
+        if let Some(p) = &pod.net {
+            sandbox
+                .configure_network(&p.interface.agent_request())
+                .await
+                .context("configure the pod's network in the guest")?;
         }
         let hostname = spec
             .pointer("/hostname")
@@ -189,8 +252,17 @@ impl Inner {
                 Err(sb) => drop(sb),
             }
         }
+        unplumb(&mut pod).await;
         let _ = std::fs::remove_dir_all(&self.state_dir);
         let _ = std::fs::remove_file(pod::socket_path(&self.address));
         self.exit.signal();
+    }
+}
+
+/// Removes the pod's tap and redirects, if it has them (the VMM must be gone, or going: a
+/// VMM still holding the tap only loses its link).
+async fn unplumb(pod: &mut Pod) {
+    if let Some(p) = pod.net.take() {
+        let _ = tokio::task::spawn_blocking(move || podnet::unplumb(&p.netns)).await;
     }
 }

@@ -7,7 +7,7 @@ use crate::common::{check, sh, text, Containerd};
 /// The pod's host network namespace (`ip netns add`), as CNI's `/var/run/netns/cni-…`.
 const NETNS: &str = "microvm-test-pod3";
 
-fn cri_annotations(pod: &str, container_type: &str) -> Vec<String> {
+pub fn cri_annotations(pod: &str, container_type: &str) -> Vec<String> {
     [
         format!("io.kubernetes.cri.container-type={container_type}"),
         format!("io.kubernetes.cri.sandbox-id={pod}"),
@@ -19,15 +19,48 @@ fn cri_annotations(pod: &str, container_type: &str) -> Vec<String> {
     .collect()
 }
 
-/// `ctr run -d` with these extra arguments, then waits until it runs.
-fn run_detached(c: &Containerd, id: &str, extra: &[String]) -> Result<(), String> {
+/// `ctr run -d` of `sleep 1000` with these extra arguments, then waits until it runs.
+pub fn run_detached(c: &Containerd, id: &str, extra: &[String]) -> Result<(), String> {
+    run_detached_cmd(c, id, extra, &["sleep", "1000"])
+}
+
+/// `ctr run -d` of `cmd` with these extra arguments, then waits until it runs.
+pub fn run_detached_cmd(
+    c: &Containerd,
+    id: &str,
+    extra: &[String],
+    cmd: &[&str],
+) -> Result<(), String> {
     let mut before: Vec<&str> = vec!["-d"];
     before.extend(extra.iter().map(String::as_str));
-    let out = c.ctr(&c.run_args(&before, id, &["sleep", "1000"]));
+    let out = c.ctr(&c.run_args(&before, id, cmd));
     check(out.status.success(), || {
         format!("ctr run -d {id}: {}", text(&out))
     })?;
     c.wait_status(id, "RUNNING")
+}
+
+/// Runs CRI's sandbox `pod` (`sleep 1000`) on the host network namespace `netns` (under
+/// /var/run/netns) and returns the `ctr run` arguments of a container of that pod joining the
+/// sandbox's network, IPC, UTS and PID namespaces, as CRI writes them.
+pub fn run_cri_sandbox(c: &Containerd, pod: &str, netns: &str) -> Result<Vec<String>, String> {
+    let mut sandbox = cri_annotations(pod, "sandbox");
+    sandbox.extend([
+        "--with-ns".into(),
+        format!("network:/var/run/netns/{netns}"),
+    ]);
+    run_detached(c, pod, &sandbox)?;
+    let pid = task_pid(c, pod)?;
+    let mut app = cri_annotations(pod, "container");
+    for (typ, name) in [
+        ("network", "net"),
+        ("ipc", "ipc"),
+        ("uts", "uts"),
+        ("pid", "pid"),
+    ] {
+        app.extend(["--with-ns".into(), format!("{typ}:/proc/{pid}/ns/{name}")]);
+    }
+    Ok(app)
 }
 
 /// The PID column of `ctr task ls` for a task (the guest pid the shim reported).
@@ -70,22 +103,7 @@ pub fn cri_shaped_pod(c: &Containerd) -> Result<(), String> {
         format!("ip netns add (apt-get install iproute2): {}", text(&add))
     })?;
     let r = (|| {
-        let mut sandbox = cri_annotations("pod3", "sandbox");
-        sandbox.extend([
-            "--with-ns".into(),
-            format!("network:/var/run/netns/{NETNS}"),
-        ]);
-        run_detached(c, "pod3", &sandbox)?;
-        let pid = task_pid(c, "pod3")?;
-        let mut app = cri_annotations("pod3", "container");
-        for (typ, name) in [
-            ("network", "net"),
-            ("ipc", "ipc"),
-            ("uts", "uts"),
-            ("pid", "pid"),
-        ] {
-            app.extend(["--with-ns".into(), format!("{typ}:/proc/{pid}/ns/{name}")]);
-        }
+        let app = run_cri_sandbox(c, "pod3", NETNS)?;
         run_detached(c, "pod3-app", &app)?;
         let links = "for t in net ipc uts pid; do readlink /proc/self/ns/$t; done";
         let of_sandbox = text(&c.exec_sh("ns", "pod3", links));

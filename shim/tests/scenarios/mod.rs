@@ -4,4 +4,5 @@ pub mod basics;
 pub mod cleanup;
 pub mod cri;
 pub mod exec;
+pub mod podnet;
 pub mod pods;
