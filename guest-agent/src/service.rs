@@ -583,8 +583,8 @@ impl State {
                 .map_err(|e| failed("overlay over the rootfs", e))?;
             done.push(root.clone());
         }
-        // Mount points are resolved inside the rootfs and held open (openat2 RESOLVE_IN_ROOT):
-        // a symlink in the image, or one swapped in meanwhile, cannot take a mount outside it.
+        // Mount points are resolved inside the rootfs (openat2 RESOLVE_IN_ROOT): a symlink in
+        // the image cannot take a mount outside it.
         let root_dir = container::RootDir::open(&root)
             .map_err(|e| status(Code::INTERNAL, format!("open the rootfs: {e}")))?;
         for m in extra {
@@ -596,15 +596,13 @@ impl State {
                         format!("create mount point {}: {e}", m.destination),
                     )
                 })?;
-            // What the kernel resolved, for the unmount at removal.
+            // The path the kernel resolved inside the root, symlink-free. Nothing can change
+            // the rootfs between here and the mount (no process of the container runs yet; the
+            // image's layers are read-only). A path rather than the fd's magic link, because a
+            // read-only bind's remount must find the new mount on top of the directory.
             let dest = fs::read_link(container::fd_path(&point)).map_err(internal)?;
-            mounts::mount_fs(
-                &m.source,
-                &container::fd_path(&point),
-                &m.fstype,
-                &m.options,
-            )
-            .map_err(|e| {
+            drop(point);
+            mounts::mount_fs(&m.source, &dest, &m.fstype, &m.options).map_err(|e| {
                 failed(
                     &format!("mount {} ({}) on {}", m.source, m.fstype, m.destination),
                     e,
