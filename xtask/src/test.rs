@@ -5,6 +5,7 @@
 //! 3. Formatting and clippy with warnings as errors.
 //! 4. `cargo test --workspace`: unit tests here, guest-booting tests inside the testbed when
 //!    this host's KVM cannot boot guests (the test binary relays itself).
+//! 5. Every fuzz target for a few seconds on its committed corpus (`cargo xtask fuzz`).
 
 use std::process::Command;
 
@@ -75,6 +76,8 @@ pub fn run_tests(args: &TestArgs) -> Result<()> {
         .env("MICROVM_KERNEL", &vmlinux)
         .env("MICROVM_AGENT", &agent)
         .current_dir(&root))?;
+    step("fuzz targets");
+    crate::fuzz::run_targets(&[], crate::fuzz::TEST_SECONDS)?;
     Ok(())
 }
 
