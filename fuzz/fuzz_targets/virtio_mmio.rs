@@ -10,8 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use microvm_fuzz::{Driver, Input, MEM_SIZE};
-use vm_memory::{Bytes, GuestAddress};
+use microvm_fuzz::{Driver, Input};
 use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::rng::Rng;
 use vmm::devices::virtio::{MmioTransport, VirtioDevice, VirtioEvents, QUEUE_NOTIFY_OFFSET};
@@ -50,14 +49,10 @@ fn read_ops(r: &mut Input<'_>) -> Vec<Op> {
                 index: r.u8(),
                 value: r.u32(),
             },
-            3 => {
-                let at = r.u32();
-                let n = usize::from(r.u8());
-                Op::Poke {
-                    at,
-                    bytes: r.bytes(n).to_vec(),
-                }
-            }
+            3 => Op::Poke {
+                at: r.u32(),
+                bytes: r.short_bytes().to_vec(),
+            },
             _ => Op::EventLoop,
         });
     }
@@ -101,14 +96,7 @@ fn run<D: VirtioDevice + VirtioEvents + 'static>(dev: D, ops: &[Op]) {
                 let offset = u64::from(index & 0x3f) * 4;
                 transport.write(offset, &value.to_le_bytes());
             }
-            Op::Poke { at, bytes } => {
-                let at = *at as usize % MEM_SIZE;
-                let n = bytes.len().min(MEM_SIZE - at);
-                driver
-                    .mem
-                    .write_slice(&bytes[..n], GuestAddress(at as u64))
-                    .unwrap();
-            }
+            Op::Poke { at, bytes } => driver.poke(*at, bytes),
             Op::EventLoop => {
                 let mut dev = dev.lock().unwrap();
                 let ready: Vec<usize> = (0..dev.core().queue_events().len())

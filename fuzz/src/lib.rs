@@ -40,6 +40,12 @@ impl<'a> Input<'a> {
         head
     }
 
+    /// `n:u8` then `n` bytes.
+    pub fn short_bytes(&mut self) -> &'a [u8] {
+        let n = usize::from(self.u8());
+        self.bytes(n)
+    }
+
     fn array<const N: usize>(&mut self) -> [u8; N] {
         let mut a = [0u8; N];
         let b = self.bytes(N);
@@ -141,14 +147,10 @@ impl DeviceInput {
                     Step::Chain { queue, descs }
                 }
                 1 => Step::Notify { queue: r.u8() },
-                2 => {
-                    let at = r.u32();
-                    let n = usize::from(r.u8());
-                    Step::Poke {
-                        at,
-                        bytes: r.bytes(n).to_vec(),
-                    }
-                }
+                2 => Step::Poke {
+                    at: r.u32(),
+                    bytes: r.short_bytes().to_vec(),
+                },
                 _ => Step::Backend,
             });
         }

@@ -58,9 +58,10 @@ pub fn run_targets(targets: &[String], seconds: u64) -> Result<()> {
         targets.to_vec()
     };
     let cargo_fuzz = ensure_cargo_fuzz()?;
-    eprintln!("xtask fuzz: building {} targets", targets.len());
+    // All targets in one build (they share every dependency); cargo-fuzz takes one or all.
+    eprintln!("xtask fuzz: building the fuzz targets");
     let mut build = Command::new(&cargo_fuzz);
-    build.args(["fuzz", "build"]).args(&targets);
+    build.args(["fuzz", "build"]);
     run(with_nightly(&mut build).current_dir(&root))?;
     let bin_dir = fuzz_dir.join("target/x86_64-unknown-linux-gnu/release");
     let mut outcomes = Vec::new();
@@ -132,9 +133,11 @@ fn ensure_cargo_fuzz() -> Result<PathBuf> {
 /// Points a cargo-fuzz command at a compiler that takes its `-Z` flags.
 fn with_nightly(cmd: &mut Command) -> &mut Command {
     // `cargo xtask` runs under the default toolchain's cargo; cargo-fuzz must pick its own.
+    // The sanitized build always goes to `fuzz/target`, where the binaries are run from.
     cmd.env_remove("CARGO")
         .env_remove("RUSTC")
-        .env_remove("RUSTDOC");
+        .env_remove("RUSTDOC")
+        .env_remove("CARGO_TARGET_DIR");
     if has_nightly() {
         cmd.env("RUSTUP_TOOLCHAIN", "nightly")
     } else {
