@@ -122,7 +122,7 @@ async fn fake_agent(listener: &UnixListener, replies: &[Reply]) {
     }
     for reply in replies {
         let mut header = [0u8; 10];
-        let read = tokio::time::timeout(Duration::from_millis(50), s.read_exact(&mut header));
+        let read = tokio::time::timeout(Duration::from_millis(20), s.read_exact(&mut header));
         let Ok(Ok(_)) = read.await else {
             return; // the host waits for a reply it will not get: hang up
         };
@@ -192,7 +192,15 @@ fuzz_target!(|data: &[u8]| {
                 call(&sandbox, reply.next_call).await;
             }
         };
-        let both = async { tokio::join!(agent, client) };
+        // Whichever ends first: an agent that hung up ends the client's calls; a client that
+        // gave up (a reply it refused) needs no more replies.
+        let both = async {
+            tokio::pin!(agent, client);
+            tokio::select! {
+                _ = &mut agent => (&mut client).await,
+                _ = &mut client => {}
+            }
+        };
         tokio::time::timeout(Duration::from_secs(20), both)
             .await
             .expect("a call did not end after the agent hung up");
