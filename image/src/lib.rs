@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 pub use oci_spec::image::ImageConfiguration;
 
 mod blob;
+#[doc(hidden)]
+pub mod fuzzing;
 mod import;
 mod index;
 mod manifest;

@@ -47,7 +47,7 @@ impl Default for UnpackLimits {
 }
 
 #[derive(Default)]
-struct Totals {
+pub(crate) struct Totals {
     entries: u64,
     bytes: u64,
 }
@@ -351,7 +351,7 @@ struct LayerState {
     dir_times: Vec<(PathBuf, u64)>,
 }
 
-fn apply_layer(
+pub(crate) fn apply_layer(
     root: &Path,
     reader: Box<dyn Read>,
     digest: &str,

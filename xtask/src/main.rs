@@ -6,11 +6,13 @@
 //! - `testbed -- CMD...`: run CMD as root inside an emulated nested-KVM host.
 //! - `test`: everything CI runs.
 //! - `demo`: the README's main command.
+//! - `fuzz [--seconds N] [TARGET...]`: run the cargo-fuzz targets in `fuzz/`.
 //! - `bench boot`: boot-time and overhead figures; `bench run`: `microvm run` end to end.
 
 mod agent;
 mod bench;
 mod demo;
+mod fuzz;
 mod kernel;
 mod test;
 mod testbed;
@@ -44,6 +46,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Build everything and boot a microVM that greets (through the testbed where needed).
     Demo,
+    /// Run the fuzz targets in `fuzz/` (cargo-fuzz), each for a while; print execs and crashes.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> Result<()> {
@@ -68,5 +72,6 @@ fn main() -> Result<()> {
         Cmd::Test(args) => test::run_tests(&args),
         Cmd::Bench(args) => bench::bench(&args),
         Cmd::Demo => demo::demo(),
+        Cmd::Fuzz(args) => fuzz::fuzz(&args),
     }
 }

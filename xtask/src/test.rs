@@ -5,6 +5,7 @@
 //! 3. Formatting and clippy with warnings as errors.
 //! 4. `cargo test --workspace`: unit tests here, guest-booting tests inside the testbed when
 //!    this host's KVM cannot boot guests (the test binary relays itself).
+//! 5. Every fuzz target for a few seconds on its committed corpus (`cargo xtask fuzz`).
 
 use std::process::Command;
 
@@ -80,6 +81,8 @@ pub fn run_tests(args: &TestArgs) -> Result<()> {
         .env("MICROVM_AGENT", &agent)
         .env("MICROVM_VIRTIOFSD", &virtiofsd)
         .current_dir(&root))?;
+    step("fuzz targets");
+    crate::fuzz::run_targets(&[], crate::fuzz::TEST_SECONDS)?;
     Ok(())
 }
 
