@@ -127,6 +127,7 @@ fn vm_config(args: BootArgs) -> Result<VmConfig> {
         nets: args.nets,
         fs: args.fs,
         force: args.force,
+        seccomp: Default::default(),
     };
     config.validate().context("invalid VM configuration")?;
     Ok(config)

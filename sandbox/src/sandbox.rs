@@ -39,6 +39,7 @@ fn vm_config(cfg: &SandboxConfig, initrd: &Path, uds: &Path) -> Result<VmConfig>
         nets: cfg.nets.clone(),
         fs: Vec::new(),
         force: false,
+        seccomp: Default::default(),
     };
     vm.validate()
         .map_err(|e| Error::Invalid(format!("VM config: {e}")))?;

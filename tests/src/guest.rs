@@ -190,6 +190,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// The process id of `microvm`, which is the VMM's (`microvm boot` execs `microvm-vmm`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits for the VMM to exit (killing it after the timeout).
     pub fn wait(mut self) -> GuestOutput {
         let code = loop {

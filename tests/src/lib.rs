@@ -2,4 +2,5 @@
 //! relay into the testbed for hosts whose KVM cannot boot guests.
 
 pub mod guest;
+pub mod proc_status;
 pub use initramfs;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use initramfs::Initramfs;
 use libtest_mimic::{Arguments, Failed, Trial};
 use microvm_tests::guest::{fnv1a, init_script, pattern_byte, Artifacts, Boot, FNV_INIT};
+use microvm_tests::proc_status;
 
 /// The environment variables the copy of this binary inside the testbed needs.
 const RELAY_ENV: &[&str] = &[
@@ -43,6 +44,10 @@ fn main() -> ExitCode {
             hostile_scribble,
         ),
         trial("guest_triple_fault_ends_vmm_with_error", triple_fault),
+        trial(
+            "vmm_threads_are_seccomp_filtered",
+            vmm_threads_are_seccomp_filtered,
+        ),
     ];
     libtest_mimic::run(&args, trials).exit_code()
 }
@@ -217,25 +222,7 @@ fn vsock_both_ways(art: &Artifacts, dir: &Path) {
         .arg(format!("3,{}", uds.display()))
         .spawn();
     // Host -> guest: connect to guest port 6000 once the guest listens.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let stream = loop {
-        assert!(Instant::now() < deadline, "guest port 6000 never accepted");
-        // Until the guest's driver is up and its listener bound, the VMM closes the connection
-        // (EPIPE on write, EOF on read): retry.
-        if let Ok(mut s) = UnixStream::connect(&uds) {
-            if s.write_all(b"CONNECT 6000\n").is_err() {
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-            let mut line = String::new();
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            if r.read_line(&mut line).is_ok() && line.starts_with("OK ") {
-                break (s, r);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let (mut s, mut r) = stream;
+    let (mut s, mut r) = connect_to_guest(&uds, 6000);
     let writer = std::thread::spawn(move || {
         let data: Vec<u8> = (0..VSOCK_BYTES).map(pattern_byte).collect();
         s.write_all(&data).unwrap();
@@ -258,6 +245,66 @@ fn vsock_both_ways(art: &Artifacts, dir: &Path) {
         "guest->host stream corrupted"
     );
     assert_eq!(value_of(&out.stdout, "fnv"), format!("{want:016x}"));
+}
+
+/// A host connection to guest vsock port `port` through the VMM's socket `uds`, once the guest
+/// listens there (the handshake's `OK` line read), with a reader on the same stream.
+fn connect_to_guest(uds: &Path, port: u32) -> (UnixStream, BufReader<UnixStream>) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "guest port {port} never accepted"
+        );
+        // Until the guest's driver is up and its listener bound, the VMM closes the connection
+        // (EPIPE on write, EOF on read): retry.
+        if let Ok(mut s) = UnixStream::connect(uds) {
+            if s.write_all(format!("CONNECT {port}\n").as_bytes()).is_err() {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            let mut line = String::new();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            if r.read_line(&mut line).is_ok() && line.starts_with("OK ") {
+                return (s, r);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// While a two-vCPU guest runs, every VMM thread (the event thread and both vCPUs) shows a
+/// seccomp filter in `/proc/<pid>/task/*/status`; the guest's vsock echo then still works
+/// through the filtered event thread, and the guest's reset ends the VMM with 0.
+fn vmm_threads_are_seccomp_filtered(art: &Artifacts, dir: &Path) {
+    let uds = dir.join("vsock.sock");
+    let initrd = initramfs(art, dir, "guest-tool vsock-echo 6000");
+    let vm = Boot::new(art, &initrd)
+        .args(["--cpus", "2", "--vsock"])
+        .arg(format!("3,{}", uds.display()))
+        .spawn();
+    // The guest's user space runs (both vCPUs are past their first KVM_RUN) and the event
+    // loop answered the handshake: every thread has installed its filter.
+    let (mut s, mut r) = connect_to_guest(&uds, 6000);
+    let threads = proc_status::threads(vm.pid()).expect("the VMM's /proc/<pid>/task");
+    let names: Vec<&str> = threads.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(threads.len(), 3, "event thread and two vCPUs: {names:?}");
+    for t in &threads {
+        assert!(
+            t.seccomp_filtered(),
+            "thread {} ({}): Seccomp {:?}, Seccomp_filters {:?}",
+            t.tid,
+            t.name,
+            t.field("Seccomp"),
+            t.field("Seccomp_filters")
+        );
+    }
+    s.write_all(b"confined").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut echoed = Vec::new();
+    r.read_to_end(&mut echoed).unwrap();
+    assert_eq!(echoed, b"confined");
+    vm.wait().expect_ok(&["VSOCK-ECHO-DONE", "GUEST-END rc=0"]);
 }
 
 const NET_BYTES: u64 = 1 << 20;

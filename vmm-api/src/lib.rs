@@ -74,6 +74,27 @@ pub struct VmConfig {
     /// VMM refuses such a host at once with one line.
     #[serde(default)]
     pub force: bool,
+
+    /// Whether each VMM thread confines itself with its seccomp filter before it serves the
+    /// guest: enforced (a forbidden system call kills the VMM) unless a person debugging a
+    /// filter asks otherwise.
+    #[serde(default)]
+    pub seccomp: SeccompMode,
+}
+
+/// What the VMM's per-thread seccomp filters do with a system call outside their lists.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeccompMode {
+    /// Kill the whole VMM (`SECCOMP_RET_KILL_PROCESS`). The default, and the only mode for a
+    /// guest that is not being debugged.
+    #[default]
+    Enforce,
+    /// Allow the call and have the kernel log it (`SECCOMP_RET_LOG`: the audit log, or `dmesg`
+    /// without auditd): for finding what a filter lacks.
+    Log,
+    /// No filters at all.
+    Off,
 }
 
 /// A virtio block device backed by a host file.
@@ -152,6 +173,7 @@ impl VmConfig {
             nets: Vec::new(),
             fs: Vec::new(),
             force: false,
+            seccomp: SeccompMode::Enforce,
         }
     }
 

@@ -35,6 +35,7 @@ fn full() -> VmConfig {
             socket: "/run/s/virtiofs.sock".into(),
         }],
         force: true,
+        seccomp: SeccompMode::Log,
     }
 }
 
@@ -76,6 +77,11 @@ fn omitted_fields_take_the_defaults() {
     assert_eq!(c, VmConfig::new("/vmlinux"));
     assert_eq!((c.vcpus, c.memory_mib), (DEFAULT_VCPUS, DEFAULT_MEMORY_MIB));
     assert!(!c.force && !c.rng && c.disks.is_empty() && c.vsock.is_none());
+    assert_eq!(
+        c.seccomp,
+        SeccompMode::Enforce,
+        "seccomp is never off by default"
+    );
     let d = VmConfig::from_json(br#"{"kernel": "/k", "disks": [{"path": "/d"}]}"#).unwrap();
     assert!(!d.disks[0].read_only);
 }
@@ -92,6 +98,25 @@ fn unknown_fields_are_refused_at_every_level() {
     assert!(msg.contains("unknown field `append`"), "{msg}");
     let msg = refused(r#"{"kernel": "/k", "cmdline": {"params": [{"key": "a", "val": "b"}]}}"#);
     assert!(msg.contains("unknown field `val`"), "{msg}");
+}
+
+#[test]
+fn seccomp_mode_is_one_of_three_names() {
+    for (name, mode) in [
+        ("enforce", SeccompMode::Enforce),
+        ("log", SeccompMode::Log),
+        ("off", SeccompMode::Off),
+    ] {
+        let json = format!(r#"{{"kernel": "/k", "seccomp": "{name}"}}"#);
+        assert_eq!(VmConfig::from_json(json.as_bytes()).unwrap().seccomp, mode);
+    }
+    for bad in [r#""Enforce""#, r#""trap""#, "false", "0"] {
+        let msg = refused(&format!(r#"{{"kernel": "/k", "seccomp": {bad}}}"#));
+        assert!(
+            msg.contains("seccomp") || msg.contains("variant"),
+            "{bad}: {msg}"
+        );
+    }
 }
 
 #[test]

@@ -11,6 +11,7 @@
 pub mod arch;
 pub mod devices;
 pub mod host;
+pub mod seccomp;
 pub mod timing;
 pub mod vcpu;
 pub mod vm;

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::rate_limit::guest_warn;
 use crate::devices::Bus;
+use crate::seccomp::ThreadFilter;
 
 /// How the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +116,17 @@ impl Vcpu {
             mmio,
             exit,
         }
+    }
+
+    /// Confines this thread with `filter`, then runs the vCPU until the VM ends. A filter that
+    /// cannot be installed ends the VM before the vCPU runs.
+    pub fn run_confined(self, filter: &ThreadFilter) {
+        if let Err(e) = filter.install() {
+            self.exit
+                .report(VmExit::Error(format!("vcpu{}: {e}", self.index)));
+            return;
+        }
+        self.run();
     }
 
     /// Runs the vCPU until the VM ends.

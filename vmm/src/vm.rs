@@ -7,8 +7,9 @@
 //! - One **vCPU thread** per vCPU (`vcpuN`) runs `KVM_RUN` and handles port I/O and MMIO exits:
 //!   legacy devices and virtio-mmio register accesses, under the device's mutex.
 //!
-//! No other threads exist, so each kind can later get its own seccomp filter. The event thread
-//! never blocks on guest-controlled work, and nothing polls: every wakeup is an fd event.
+//! No other threads exist. Each kind installs its own seccomp filter ([`crate::seccomp`]) before
+//! it serves the guest. The event thread never blocks on guest-controlled work, and nothing
+//! polls: every wakeup is an fd event.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,7 @@ use crate::devices::virtio::{
 use crate::devices::virtio::{Subscriber as VirtioSubscriber, VirtioDevice, VirtioEvents};
 use crate::devices::virtio::{MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::devices::{lock, Bus};
+use crate::seccomp::{self, SeccompMode, ThreadFilter, ThreadRole};
 use crate::vcpu::{ExitSignal, Vcpu};
 
 pub use vmm_api::{DiskConfig, FsConfig, NetConfig, VmConfig, VsockConfig};
@@ -93,6 +95,8 @@ pub enum VmmError {
     Io(#[from] std::io::Error),
     #[error("kernel command line: {0}")]
     Cmdline(linux_loader::cmdline::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -249,18 +253,27 @@ pub fn run(config: VmConfig, console: Box<dyn Write + Send>) -> Result<i32, VmmE
 
     phase("vCPUs configured");
 
-    // The event thread's loop, then the vCPUs.
+    // The event thread's loop, then the vCPUs, each thread confined before it serves the guest.
     let mut events = EventManager::<Subscriber>::new()?;
     for s in subscribers {
         events.add_subscriber(s);
     }
     install_kick_handler()?;
+    let devices = seccomp::DeviceSet::of(&config);
+    let vcpu_filter = ThreadFilter::new(ThreadRole::Vcpu, devices, config.seccomp)?;
+    let event_filter = ThreadFilter::new(ThreadRole::EventLoop, devices, config.seccomp)?;
+    match config.seccomp {
+        SeccompMode::Enforce => {}
+        SeccompMode::Log => warn!("seccomp: calls outside the filters are logged, not refused"),
+        SeccompMode::Off => warn!("seccomp: the VMM's threads are not confined"),
+    }
     let handles = vcpus
         .into_iter()
         .map(|vcpu| {
+            let filter = vcpu_filter.clone();
             std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.index))
-                .spawn(move || vcpu.run())
+                .spawn(move || vcpu.run_confined(&filter))
         })
         .collect::<Result<Vec<_>, _>>()?;
     info!(
@@ -270,10 +283,16 @@ pub fn run(config: VmConfig, console: Box<dyn Write + Send>) -> Result<i32, VmmE
         crate::timing::since_start().as_secs_f64() * 1000.0
     );
 
-    let code = loop {
-        events.run()?;
-        if let Some(code) = exit.code() {
-            break code;
+    let code = match event_filter.install() {
+        Ok(()) => loop {
+            events.run()?;
+            if let Some(code) = exit.code() {
+                break code;
+            }
+        },
+        Err(e) => {
+            exit.report(crate::vcpu::VmExit::Error(e.to_string()));
+            exit.code().unwrap_or(1)
         }
     };
     stop_vcpus(handles);
