@@ -66,13 +66,24 @@ fn block() -> SyscallList {
     SyscallList::new().allow(&[libc::SYS_preadv, libc::SYS_pwritev, libc::SYS_fdatasync])
 }
 
-/// Host Unix stream sockets: reading and writing connections, shutting their write side; a
-/// guest connection to host port P is a non-blocking `socket` + `connect` to `<uds>_P`. The
-/// event thread also accepts host connections on the listener (made non-blocking with
-/// `FIONBIO`) and removes the listener's socket file when the VM ends.
+/// Host Unix stream sockets: reading and writing connections (`recv`/`send`, which `std` makes
+/// `recvfrom`/`sendto`), shutting their write side; a guest connection to host port P is a
+/// non-blocking `socket` + `connect` to `<uds>_P`, watched in the muxer's own epoll set; the
+/// handshake timeout is a timerfd. The event thread also accepts host connections on the
+/// listener (made non-blocking with `FIONBIO`), and at the VM's end checks that the socket file
+/// is still its own (`statx`) and removes it.
 fn vsock(role: ThreadRole) -> Result<SyscallList, BackendError> {
     let list = SyscallList::new()
-        .allow(&[libc::SYS_read, libc::SYS_shutdown, libc::SYS_connect])
+        .allow(&[
+            libc::SYS_read,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_shutdown,
+            libc::SYS_connect,
+            libc::SYS_epoll_ctl,
+            libc::SYS_timerfd_settime,
+            libc::SYS_timerfd_gettime,
+        ])
         .allow_when(
             libc::SYS_socket,
             vec![all(vec![
@@ -84,7 +95,7 @@ fn vsock(role: ThreadRole) -> Result<SyscallList, BackendError> {
     Ok(match role {
         ThreadRole::Vcpu => list,
         ThreadRole::EventLoop => list
-            .allow(&[libc::SYS_accept4, libc::SYS_unlink])
+            .allow(&[libc::SYS_accept4, libc::SYS_statx, libc::SYS_unlink])
             .allow_when(libc::SYS_ioctl, ioctls(&[FIONBIO])?),
     })
 }

@@ -14,8 +14,7 @@ pub fn event_loop(pid: u32) -> Result<SyscallList, BackendError> {
             libc::SYS_epoll_ctl,
             // Eventfds: queue notifications, the reset line, the exit signal, fs daemon calls.
             libc::SYS_read,
-            // Waiting for a vCPU thread to leave KVM_RUN after its kick.
-            libc::SYS_nanosleep,
+            // Waiting for a vCPU thread to leave KVM_RUN after its kick (std's sleep).
             libc::SYS_clock_nanosleep,
         ])
         // The kick that makes a vCPU's KVM_RUN return (SIGRTMIN), to this process's threads only.

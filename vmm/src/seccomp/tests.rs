@@ -61,6 +61,7 @@ fn lists_hold_only_what_the_role_and_devices_need() {
             libc::SYS_socket,
             libc::SYS_tgkill,
             libc::SYS_madvise,
+            libc::SYS_fcntl,
         ] {
             assert!(
                 widest.contains(narrowed) && !widest.allows_unconditionally(narrowed),
@@ -122,6 +123,7 @@ const FORBIDDEN: &[&str] = &[
     "ioctl_kvm_create_vm",
     "mmap_exec",
     "openat",
+    "fcntl_dupfd",
     "spawn_thread",
     "kill_other_process",
 ];
@@ -307,6 +309,12 @@ fn forbidden_call(call: &str) {
                 );
                 if p != libc::MAP_FAILED {
                     libc::munmap(p, 4096);
+                }
+            }
+            "fcntl_dupfd" => {
+                let fd = libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 100);
+                if fd >= 0 {
+                    libc::close(fd);
                 }
             }
             "openat" => {
