@@ -13,9 +13,9 @@ ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
 
 /// `TUNSETOFFLOAD`: a tap's offloads follow what the guest driver accepted (set on activation
 /// and reset).
-pub const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD as u64;
+pub const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD;
 /// `FIONBIO`: `std`'s `set_nonblocking` on a socket (vsock host connections after `accept`).
-pub const FIONBIO: u64 = libc::FIONBIO as u64;
+pub const FIONBIO: u64 = libc::FIONBIO;
 
 #[cfg(test)]
 mod tests {

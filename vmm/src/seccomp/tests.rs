@@ -233,7 +233,7 @@ fn allowed_calls(role: ThreadRole) {
     unsafe {
         let request = match role {
             ThreadRole::Vcpu => KVM_RUN(),
-            ThreadRole::EventLoop => FIONBIO as libc::c_ulong,
+            ThreadRole::EventLoop => FIONBIO,
         };
         assert_eq!(libc::ioctl(-1, request, 0), -1);
         assert_eq!(last_errno(), libc::EBADF);
