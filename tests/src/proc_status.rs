@@ -72,10 +72,16 @@ mod tests {
     #[test]
     fn reads_this_process_threads() {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (running_tx, running) = std::sync::mpsc::channel::<()>();
+        // std names the thread as it starts, before running the closure.
         let t = std::thread::Builder::new()
             .name("proc-status-t".into())
-            .spawn(move || rx.recv().unwrap())
+            .spawn(move || {
+                running_tx.send(()).unwrap();
+                rx.recv().unwrap()
+            })
             .unwrap();
+        running.recv().unwrap();
         let all = threads(std::process::id()).unwrap();
         assert!(all.iter().any(|t| t.name == "proc-status-t"), "{all:?}");
         let me = &all[0];
