@@ -80,6 +80,10 @@ pub struct SandboxConfig {
     /// the guest mounts [`crate::share::guest_mount`] and finds directory `i` at
     /// [`crate::share::guest_path`]`(i)`.
     pub shares: Vec<SharedDir>,
+    /// One live share instead of `shares`: the daemon serves [`crate::share::share_root`] of
+    /// `state_dir`, which the caller made a shared mount, and sees what the caller mounts under
+    /// it while the VM runs (the containerd shim's pod volumes; see [`crate::share`]).
+    pub live_share: bool,
     /// The virtio-fs daemon; `None`: [`crate::locate::virtiofsd`].
     pub virtiofsd: Option<PathBuf>,
     /// virtio-net devices (eth0, eth1, ... in order) on host taps, which the VMM opens by name
@@ -111,6 +115,7 @@ impl SandboxConfig {
             rpc_timeout: Duration::from_secs(60),
             guest_cid: 3,
             shares: Vec::new(),
+            live_share: false,
             virtiofsd: None,
             nets: Vec::new(),
             netns: None,

@@ -89,14 +89,20 @@ impl Sandbox {
             .map_err(|e| Error::io(format!("write {}", initrd.display()), e))?;
 
         let mut vm = vm_config(&cfg, &initrd, &uds)?;
-        let virtiofsd = match cfg.shares.is_empty() {
+        let virtiofsd = match cfg.shares.is_empty() && !cfg.live_share {
             true => None,
             false => {
                 let binary = match &cfg.virtiofsd {
                     Some(p) => p.clone(),
                     None => locate::virtiofsd().map_err(|e| Error::Invalid(e.to_string()))?,
                 };
-                let d = share::Virtiofsd::spawn(&binary, &state_dir, &cfg.shares, &cfg.console)?;
+                let d = share::Virtiofsd::spawn(
+                    &binary,
+                    &state_dir,
+                    &cfg.shares,
+                    cfg.live_share,
+                    &cfg.console,
+                )?;
                 vm.fs.push(FsConfig {
                     tag: share::SHARE_TAG.into(),
                     socket: std::path::absolute(&d.socket)

@@ -20,6 +20,9 @@ pub struct ShimConfig {
     pub agent: Option<PathBuf>,
     /// The VMM binary (`microvm-vmm`); default: `sandbox::locate::vmm()`.
     pub vmm: Option<PathBuf>,
+    /// The virtio-fs daemon serving the pod's volumes; default: `sandbox::locate::virtiofsd()`
+    /// (a pod VM booted without one refuses host bind mounts).
+    pub virtiofsd: Option<PathBuf>,
     /// vCPUs of a pod's VM before the pod's own CPU limit is added.
     pub cpus: u8,
     /// Memory (MiB) of a pod's VM before the pod's own memory limit is added.
@@ -50,6 +53,7 @@ impl Default for ShimConfig {
             kernel: None,
             agent: None,
             vmm: None,
+            virtiofsd: None,
             cpus: 1,
             memory_mib: 256,
             slots: 8,

@@ -4,6 +4,7 @@
 mod config;
 mod console;
 mod guest_spec;
+mod mounts;
 mod pod;
 mod pod_identity;
 mod podnet;
@@ -96,7 +97,7 @@ impl Shim for MicrovmShim {
             if let Some(netns) = podnet::recorded(&dir) {
                 podnet::unplumb(&netns);
             }
-            let _ = std::fs::remove_dir_all(&dir);
+            mounts::remove_state_dir(&dir);
             let _ = std::fs::remove_file(pod::socket_path(&address));
         }
         Ok(DeleteResponse {

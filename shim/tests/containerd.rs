@@ -24,6 +24,7 @@ const RELAY_ENV: &[&str] = &[
     "MICROVM_KERNEL",
     "MICROVM_AGENT",
     "MICROVM_VMM",
+    "MICROVM_VIRTIOFSD",
     "SHIM_TEST_LOG",
     "RUST_BACKTRACE",
 ];
@@ -43,7 +44,7 @@ fn main() -> ExitCode {
         }
     }
     // In this order (one at a time): the last checks that nothing is left behind.
-    let scenarios: [(&'static str, Scenario); 8] = [
+    let scenarios: [(&'static str, Scenario); 9] = [
         (
             "ctr_run_output_exit_codes_events_in_a_vm",
             scenarios::basics::run_basics,
@@ -63,6 +64,10 @@ fn main() -> ExitCode {
         (
             "cri_pod_namespaces_stay_on_the_host",
             scenarios::cri::cri_shaped_pod,
+        ),
+        (
+            "cri_pod_volumes_live_through_virtio_fs",
+            scenarios::volumes::pod_volumes,
         ),
         (
             "cri_pod_serves_on_its_cni_address",

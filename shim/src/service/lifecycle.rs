@@ -24,6 +24,7 @@ use crate::config::ShimConfig;
 use crate::console::ConsoleLog;
 use crate::guest_spec::namespaces::{check_host_netns, use_vm_network};
 use crate::guest_spec::{guest_disk, guest_spec, PodView};
+use crate::mounts;
 use crate::pod;
 use crate::pod_identity;
 use crate::rootfs::{self, BundleRootfs, HostMount};
@@ -64,6 +65,13 @@ fn with_console(e: sandbox::Error, console: Option<&ConsoleLog>) -> ttrpc::Error
         }
     }
     err
+}
+
+/// Removes a container's bind sources from the pod's share.
+fn detach_binds(pod: &mut super::vm::Pod, id: &str) {
+    if let Some(share) = pod.share.as_mut() {
+        share.detach(id);
+    }
 }
 
 impl Inner {
@@ -107,6 +115,8 @@ impl Inner {
         if let Some(netns) = &guest.host_netns {
             check_host_netns(netns).map_err(invalid)?;
         }
+        // Before any VM boots: a refused bind source costs nothing.
+        let binds = mounts::open_binds(&guest.spec).map_err(invalid)?;
         let sandbox = match pod.sandbox.clone() {
             Some(sandbox) => sandbox,
             None => {
@@ -120,6 +130,11 @@ impl Inner {
             use_vm_network(&mut guest.spec);
         }
         let slot = pod.free_slot()?;
+        match pod.share.as_mut() {
+            Some(share) => share.attach(&req.id, &mut guest.spec, binds),
+            None => mounts::refuse_without_share(&binds),
+        }
+        .map_err(|e| status(Code::FAILED_PRECONDITION, e.to_string()))?;
         let slot_file = self.state_dir.join(format!("slot{slot}.img"));
         let slot_bytes = pod.slot_bytes;
 
@@ -127,12 +142,13 @@ impl Inner {
         // there (no mounts given).
         let mounts: Vec<HostMount> = req.rootfs.iter().map(HostMount::from).collect();
         let tree2 = tree.clone();
-        let (size, took) = tokio::task::spawn_blocking(move || {
+        let built = tokio::task::spawn_blocking(move || {
             build_rootfs_image(&mounts, &tree2, &slot_file, slot_bytes)
         })
         .await
-        .map_err(internal)?
-        .map_err(internal)?;
+        .map_err(internal)
+        .and_then(|r| r.map_err(internal));
+        let (size, took) = built.inspect_err(|_| detach_binds(&mut pod, &req.id))?;
         tracing::info!(
             container = %req.id,
             "rootfs image of {} MiB in slot {slot} built in {:.2} s",
@@ -155,7 +171,10 @@ impl Inner {
                 mounts: vec![],
             })
             .await
-            .map_err(|e| with_console(e, pod.console.as_ref()))?;
+            .map_err(|e| {
+                detach_binds(&mut pod, &req.id);
+                with_console(e, pod.console.as_ref())
+            })?;
         pod.slots[slot] = Some(req.id.clone());
         pod.identity.get_or_insert(identity);
         drop(pod);
@@ -282,6 +301,7 @@ impl Inner {
             if let Some(s) = pod.slots.get_mut(c.slot) {
                 *s = None;
             }
+            detach_binds(&mut pod, &c.id);
         }
         let _ = rootfs::unmount_all(&c.rootfs);
         self.containers.lock().unwrap().remove(&c.id);

@@ -14,6 +14,7 @@ use super::status::status;
 use super::Inner;
 use crate::config::ShimConfig;
 use crate::console::ConsoleLog;
+use crate::mounts::PodShare;
 use crate::pod::{self, VmSize};
 use crate::pod_identity::PodIdentity;
 use crate::{podnet, rootfs};
@@ -37,6 +38,9 @@ pub(crate) struct Pod {
     /// The VM's tap joined to the pod's `eth0` in `host_netns` (none when that namespace has no
     /// `eth0`), unplumbed when the VM ends.
     pub net: Option<hostnet::Plumbing>,
+    /// The pod's virtio-fs share, where its containers' bind sources are attached (none when
+    /// no virtiofsd was found).
+    pub share: Option<PodShare>,
 }
 
 impl Pod {
@@ -128,6 +132,7 @@ impl Inner {
         }
         pod.console = Some(console);
         let mut sc = sandbox_config(cfg, dir, size)?;
+        pod.share = pod_share(cfg, dir, &mut sc)?;
         if let Some(netns) = host_netns {
             self.plumb(pod, &mut sc, netns).await?;
         }
@@ -216,6 +221,10 @@ impl Inner {
         sandbox
             .create_sandbox(&SandboxSettings {
                 hostname,
+                mounts: match pod.share {
+                    Some(_) => vec![sandbox::share::guest_mount()],
+                    None => Vec::new(),
+                },
                 ..Default::default()
             })
             .await
@@ -253,10 +262,34 @@ impl Inner {
             }
         }
         unplumb(&mut pod).await;
-        let _ = std::fs::remove_dir_all(&self.state_dir);
+        pod.share = None;
+        crate::mounts::remove_state_dir(&self.state_dir);
         let _ = std::fs::remove_file(pod::socket_path(&self.address));
         self.exit.signal();
     }
+}
+
+/// The pod's share root, made before the VM boots, and the live share on the VM's config; none
+/// (with a warning) when no virtiofsd is found.
+fn pod_share(
+    cfg: &ShimConfig,
+    dir: &Path,
+    sc: &mut SandboxConfig,
+) -> anyhow::Result<Option<PodShare>> {
+    let virtiofsd = match &cfg.virtiofsd {
+        Some(v) => v.clone(),
+        None => match sandbox::locate::virtiofsd() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("the pod's VM gets no volumes: {e}");
+                return Ok(None);
+            }
+        },
+    };
+    let share = PodShare::create(dir).context("make the pod's share")?;
+    sc.live_share = true;
+    sc.virtiofsd = Some(virtiofsd);
+    Ok(Some(share))
 }
 
 /// Removes the pod's tap and redirects, if it has them (the VMM must be gone, or going: a

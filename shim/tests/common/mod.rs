@@ -80,11 +80,19 @@ impl Containerd {
         let sock = dir.join("c.sock");
         let shim_toml = dir.join("shim.toml");
         let level = std::env::var("SHIM_TEST_LOG").unwrap_or_else(|_| "info".into());
+        // The pods' volumes (the volume scenario needs it; the others run without).
+        let virtiofsd = match sandbox::locate::virtiofsd() {
+            Ok(v) => format!("virtiofsd = {:?}\n", v.display().to_string()),
+            Err(e) => {
+                eprintln!("containerd tests: {e}");
+                String::new()
+            }
+        };
         std::fs::write(
             &shim_toml,
             format!(
                 "kernel = {kernel:?}\nagent = {agent:?}\nvmm = {:?}\nmemory_mib = 256\n\
-                 log_level = {level:?}\nslots = 4\n",
+                 log_level = {level:?}\nslots = 4\n{virtiofsd}",
                 vmm.display().to_string()
             ),
         )

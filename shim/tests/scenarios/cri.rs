@@ -64,7 +64,7 @@ pub fn run_cri_sandbox(c: &Containerd, pod: &str, netns: &str) -> Result<Vec<Str
 }
 
 /// The PID column of `ctr task ls` for a task (the guest pid the shim reported).
-fn task_pid(c: &Containerd, id: &str) -> Result<String, String> {
+pub fn task_pid(c: &Containerd, id: &str) -> Result<String, String> {
     let ls = text(&c.ctr(&["task", "ls"]));
     ls.lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())

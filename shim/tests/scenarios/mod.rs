@@ -6,3 +6,4 @@ pub mod cri;
 pub mod exec;
 pub mod podnet;
 pub mod pods;
+pub mod volumes;

@@ -24,6 +24,14 @@
 //!
 //! The mounts' read-only flags are locked from the daemon's point of view (they were made in a
 //! more privileged namespace), so a `:ro` share stays read-only whatever the guest sends.
+//!
+//! **A live share** ([`crate::SandboxConfig::live_share`], the containerd shim's one share per
+//! pod): the caller owns the share root ([`share_root`]), makes it a shared mount of its own
+//! before the VM starts and bind-mounts directories and files under it while the VM runs. The
+//! daemon's namespace is then made a slave of the caller's (step 1 uses `MS_SLAVE` instead of
+//! `MS_PRIVATE`; virtiofsd's own sandbox keeps slave propagation), so mounts the caller adds or
+//! removes under the root appear and disappear in the daemon's view, and nothing the daemon
+//! does propagates back.
 
 use std::ffi::CString;
 use std::fs;
@@ -54,6 +62,11 @@ const DAEMON_MAX_FILES: u64 = 65_536;
 pub struct SharedDir {
     pub host: PathBuf,
     pub read_only: bool,
+}
+
+/// The share root of a VM whose state directory is `state_dir`: the directory virtiofsd serves.
+pub fn share_root(state_dir: &Path) -> PathBuf {
+    state_dir.join("share")
 }
 
 /// The guest path of shared directory `index` (once the guest mounted [`guest_mount`]).
@@ -101,23 +114,42 @@ struct NamespaceMounts {
     root: CString,
     /// (host directory, its mount point under the root, read-only)
     shares: Vec<(CString, CString, bool)>,
+    /// Mounts made later under the root (in the caller's namespace) reach the daemon.
+    live: bool,
 }
 
 impl Virtiofsd {
-    /// Lays out the share root under `state_dir` and starts `binary` serving it.
+    /// Lays out the share root under `state_dir` and starts `binary` serving it. With `live`,
+    /// the root is the caller's (see the module docs) and `shares` must be empty.
     pub fn spawn(
         binary: &Path,
         state_dir: &Path,
         shares: &[SharedDir],
+        live: bool,
         output: &Console,
     ) -> Result<Virtiofsd> {
-        let root = state_dir.join("share");
+        let root = share_root(state_dir);
         let mut mounts = NamespaceMounts {
             root: cstr(&root)?,
             shares: Vec::new(),
+            live,
         };
-        let _ = fs::remove_dir_all(&root);
-        fs::create_dir_all(&root).map_err(io(format!("create {}", root.display())))?;
+        if live {
+            if !shares.is_empty() {
+                return Err(Error::Invalid(
+                    "a live share takes no fixed shared directories".into(),
+                ));
+            }
+            if !root.is_dir() {
+                return Err(Error::Invalid(format!(
+                    "the live share root {} is not a directory",
+                    root.display()
+                )));
+            }
+        } else {
+            let _ = fs::remove_dir_all(&root);
+            fs::create_dir_all(&root).map_err(io(format!("create {}", root.display())))?;
+        }
         for (i, s) in shares.iter().enumerate() {
             let point = root.join(i.to_string());
             fs::create_dir(&point).map_err(io(format!("create {}", point.display())))?;
@@ -175,7 +207,7 @@ impl Virtiofsd {
             "--log-level=warn",
         ])
         .stdin(Stdio::null());
-        if shares.iter().all(|s| s.read_only) {
+        if !live && shares.iter().all(|s| s.read_only) {
             cmd.arg("--readonly");
         }
         output.redirect(&mut cmd)?;
@@ -238,11 +270,18 @@ fn confine(
         check(libc::setrlimit(libc::RLIMIT_NOFILE, &files))?;
         check(libc::unshare(libc::CLONE_NEWNS))?;
         let none = std::ptr::null::<libc::c_char>();
+        // A live share receives the caller's later mounts under its root; nothing the daemon
+        // mounts ever propagates back either way.
+        let propagation = if mounts.live {
+            libc::MS_SLAVE
+        } else {
+            libc::MS_PRIVATE
+        };
         check(libc::mount(
             none,
             c"/".as_ptr(),
             none,
-            libc::MS_REC | libc::MS_PRIVATE,
+            libc::MS_REC | propagation,
             std::ptr::null(),
         ))?;
         bind(&mounts.root, &mounts.root, true, false)?;
@@ -337,91 +376,4 @@ impl Drop for UserNamespaceHolder {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The daemon starts confined and answers vhost-user: it runs in a user namespace with the
-    /// share's id map and in a mount namespace of its own. Needs root and a built virtiofsd
-    /// (`cargo xtask virtiofsd`); says so and passes vacuously otherwise.
-    #[test]
-    fn daemon_starts_confined_and_answers() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("not root: the daemon's confinement is not tested here");
-            return;
-        }
-        let Ok(binary) = crate::locate::virtiofsd() else {
-            eprintln!("no virtiofsd built: the daemon's confinement is not tested here");
-            return;
-        };
-        let t = tempfile::tempdir().unwrap();
-        let host = t.path().join("host");
-        fs::create_dir(&host).unwrap();
-        let state = t.path().join("state");
-        fs::create_dir(&state).unwrap();
-        let shares = [SharedDir {
-            host: host.clone(),
-            read_only: false,
-        }];
-        let d = Virtiofsd::spawn(&binary, &state, &shares, &Console::Inherit).unwrap();
-        let pid = d.child.id();
-        let uid_map = fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap();
-        assert_eq!(
-            uid_map.split_whitespace().collect::<Vec<_>>(),
-            ["0", "1000000000", "65536"]
-        );
-        let ns = |p: &str| fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
-        assert_ne!(ns(&pid.to_string()), ns("self"));
-        // The VMM's frontend connects and negotiates (owner, features, protocol features, the
-        // queue count).
-        let dev = vmm::devices::virtio::fs::Fs::new(SHARE_TAG, &d.socket).unwrap();
-        use vmm::devices::virtio::VirtioDevice;
-        assert_ne!(
-            dev.core().avail_features() & (1 << 32),
-            0,
-            "VIRTIO_F_VERSION_1"
-        );
-        assert_eq!(dev.core().device_type(), 26);
-        // The serving process (virtiofsd's sandboxed child) sees only the share root as `/`,
-        // runs as the mapped root, and has no CAP_MKNOD (27) nor CAP_SETFCAP (31).
-        let kids = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
-        let child = kids
-            .split_whitespace()
-            .next()
-            .expect("virtiofsd's serving child");
-        let mut root: Vec<_> = fs::read_dir(format!("/proc/{child}/root/"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        root.sort();
-        assert_eq!(root, ["0"]);
-        let status = fs::read_to_string(format!("/proc/{child}/status")).unwrap();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_string()
-        };
-        assert_eq!(field("Uid:"), SHARE_ID_BASE.to_string());
-        let caps = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
-        assert_eq!(caps & (1 << 27 | 1 << 31), 0, "CapEff {caps:#x}");
-        // The host's mount table is untouched: the share root is a plain directory here.
-        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert!(!mounts.contains(state.join("share").to_str().unwrap()));
-    }
-
-    #[test]
-    fn guest_layout() {
-        assert_eq!(guest_path(2), "/run/shares/microvm/2");
-        let m = guest_mount();
-        assert_eq!(
-            (m.source.as_str(), m.fstype.as_str()),
-            (SHARE_TAG, "virtiofs")
-        );
-        assert!(guest_path(0).starts_with(&m.destination));
-    }
-}
+mod tests;

@@ -1,0 +1,159 @@
+//! The daemon's confinement and the live share, with a real virtiofsd (root needed).
+
+use super::*;
+
+/// The daemon starts confined and answers vhost-user: it runs in a user namespace with the
+/// share's id map and in a mount namespace of its own. Needs root and a built virtiofsd
+/// (`cargo xtask virtiofsd`); says so and passes vacuously otherwise.
+#[test]
+fn daemon_starts_confined_and_answers() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: the daemon's confinement is not tested here");
+        return;
+    }
+    let Ok(binary) = crate::locate::virtiofsd() else {
+        eprintln!("no virtiofsd built: the daemon's confinement is not tested here");
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let host = t.path().join("host");
+    fs::create_dir(&host).unwrap();
+    let state = t.path().join("state");
+    fs::create_dir(&state).unwrap();
+    let shares = [SharedDir {
+        host: host.clone(),
+        read_only: false,
+    }];
+    let d = Virtiofsd::spawn(&binary, &state, &shares, false, &Console::Inherit).unwrap();
+    let pid = d.child.id();
+    let uid_map = fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap();
+    assert_eq!(
+        uid_map.split_whitespace().collect::<Vec<_>>(),
+        ["0", "1000000000", "65536"]
+    );
+    let ns = |p: &str| fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
+    assert_ne!(ns(&pid.to_string()), ns("self"));
+    // The VMM's frontend connects and negotiates (owner, features, protocol features, the
+    // queue count).
+    let dev = vmm::devices::virtio::fs::Fs::new(SHARE_TAG, &d.socket).unwrap();
+    use vmm::devices::virtio::VirtioDevice;
+    assert_ne!(
+        dev.core().avail_features() & (1 << 32),
+        0,
+        "VIRTIO_F_VERSION_1"
+    );
+    assert_eq!(dev.core().device_type(), 26);
+    // The serving process (virtiofsd's sandboxed child) sees only the share root as `/`,
+    // runs as the mapped root, and has no CAP_MKNOD (27) nor CAP_SETFCAP (31).
+    let kids = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let child = kids
+        .split_whitespace()
+        .next()
+        .expect("virtiofsd's serving child");
+    let mut root: Vec<_> = fs::read_dir(format!("/proc/{child}/root/"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    root.sort();
+    assert_eq!(root, ["0"]);
+    let status = fs::read_to_string(format!("/proc/{child}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(field("Uid:"), SHARE_ID_BASE.to_string());
+    let caps = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
+    assert_eq!(caps & (1 << 27 | 1 << 31), 0, "CapEff {caps:#x}");
+    // The host's mount table is untouched: the share root is a plain directory here.
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(state.join("share").to_str().unwrap()));
+}
+
+/// A live share: directories mounted under the share root after the daemon started reach
+/// its confined view (userns, its own mount namespaces, pivot_root). Root and a built
+/// virtiofsd needed, as above.
+#[test]
+fn a_live_share_sees_later_mounts() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: the live share is not tested here");
+        return;
+    }
+    let Ok(binary) = crate::locate::virtiofsd() else {
+        eprintln!("no virtiofsd built: the live share is not tested here");
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let host = t.path().join("host");
+    fs::create_dir(&host).unwrap();
+    fs::write(host.join("f"), "later").unwrap();
+    let state = t.path().join("state");
+    fs::create_dir(&state).unwrap();
+    let root = share_root(&state);
+    fs::create_dir(&root).unwrap();
+    let c = |p: &Path| cstr(p).unwrap();
+    let none = std::ptr::null::<libc::c_char>();
+    // SAFETY: mount(2) on paths of this test's temporary directory.
+    unsafe {
+        for (src, flags) in [
+            (c(&root).as_ptr(), libc::MS_BIND),
+            (none, libc::MS_PRIVATE),
+            (none, libc::MS_SHARED),
+        ] {
+            let r = libc::mount(src, c(&root).as_ptr(), none, flags, std::ptr::null());
+            assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        }
+    }
+    assert!(Virtiofsd::spawn(
+        &binary,
+        &state,
+        &[SharedDir {
+            host: host.clone(),
+            read_only: false
+        }],
+        true,
+        &Console::Inherit
+    )
+    .is_err());
+    let d = Virtiofsd::spawn(&binary, &state, &[], true, &Console::Inherit).unwrap();
+    // Serving (its sandbox set up) once the frontend has negotiated.
+    let _dev = vmm::devices::virtio::fs::Fs::new(SHARE_TAG, &d.socket).unwrap();
+    let pid = d.child.id();
+    let kids = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let child = kids.split_whitespace().next().expect("the serving child");
+    fs::create_dir(root.join("0")).unwrap();
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::mount(
+            c(&host).as_ptr(),
+            c(&root.join("0")).as_ptr(),
+            none,
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0);
+    let seen = fs::read_to_string(format!("/proc/{child}/root/0/f"));
+    // SAFETY: as above.
+    unsafe { libc::umount2(c(&root).as_ptr(), libc::MNT_DETACH) };
+    drop(d);
+    assert_eq!(seen.unwrap(), "later");
+}
+
+#[test]
+fn guest_layout() {
+    assert_eq!(guest_path(2), "/run/shares/microvm/2");
+    let m = guest_mount();
+    assert_eq!(
+        (m.source.as_str(), m.fstype.as_str()),
+        (SHARE_TAG, "virtiofs")
+    );
+    assert!(guest_path(0).starts_with(&m.destination));
+}
