@@ -2,18 +2,29 @@
 
 use super::*;
 
+/// The virtiofsd to test with, if this runs as root and one is built; else says what is not
+/// tested.
+fn root_and_virtiofsd(what: &str) -> Option<PathBuf> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: {what} is not tested here");
+        return None;
+    }
+    match crate::locate::virtiofsd() {
+        Ok(b) => Some(b),
+        Err(_) => {
+            eprintln!("no virtiofsd built: {what} is not tested here");
+            None
+        }
+    }
+}
+
 /// The daemon starts confined and answers vhost-user: it runs in a user namespace with the
 /// share's id map and in a mount namespace of its own. Needs root and a built virtiofsd
 /// (`cargo xtask virtiofsd`); says so and passes vacuously otherwise.
 #[test]
 fn daemon_starts_confined_and_answers() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("not root: the daemon's confinement is not tested here");
-        return;
-    }
-    let Ok(binary) = crate::locate::virtiofsd() else {
-        eprintln!("no virtiofsd built: the daemon's confinement is not tested here");
+    let Some(binary) = root_and_virtiofsd("the daemon's confinement") else {
         return;
     };
     let t = tempfile::tempdir().unwrap();
@@ -81,13 +92,7 @@ fn daemon_starts_confined_and_answers() {
 /// virtiofsd needed, as above.
 #[test]
 fn a_live_share_sees_later_mounts() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("not root: the live share is not tested here");
-        return;
-    }
-    let Ok(binary) = crate::locate::virtiofsd() else {
-        eprintln!("no virtiofsd built: the live share is not tested here");
+    let Some(binary) = root_and_virtiofsd("the live share") else {
         return;
     };
     let t = tempfile::tempdir().unwrap();

@@ -96,6 +96,15 @@ impl Drop for SlaveNamespace {
     }
 }
 
+/// A new tmpfs on the new directory `dir` with one file in it.
+fn tmpfs_with(dir: &Path, file: &str, text: &str) -> std::path::PathBuf {
+    fs::create_dir(dir).unwrap();
+    let flags = rustix::mount::MountFlags::empty();
+    rustix::mount::mount("tmpfs", dir, "tmpfs", flags, None).unwrap();
+    fs::write(dir.join(file), text).unwrap();
+    dir.to_path_buf()
+}
+
 fn bind(dest: &str, source: &Path, options: &[&str]) -> Value {
     json!({"destination": dest, "type": "bind", "source": source, "options": options})
 }
@@ -123,17 +132,7 @@ fn volumes_reach_the_share_live_and_go_away_cleanly() {
     rustix::mount::mount_change(&ro, rustix::mount::MountPropagationFlags::PRIVATE).unwrap();
     rustix::mount::mount_change(&ro, rustix::mount::MountPropagationFlags::SHARED).unwrap();
     // A submount under the ro volume: covered by rbind (and read-only with it).
-    let sub = ro.join("sub");
-    fs::create_dir(&sub).unwrap();
-    rustix::mount::mount(
-        "tmpfs",
-        &sub,
-        "tmpfs",
-        rustix::mount::MountFlags::empty(),
-        None,
-    )
-    .unwrap();
-    fs::write(sub.join("c"), "in a submount").unwrap();
+    let sub = tmpfs_with(&ro.join("sub"), "c", "in a submount");
 
     let mut share = PodShare::create(&state).unwrap();
     let daemon = SlaveNamespace::start();
@@ -179,17 +178,7 @@ fn volumes_reach_the_share_live_and_go_away_cleanly() {
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{p}");
     }
     // Host mounts under an `rslave` source arrive.
-    let late = ro.join("late");
-    fs::create_dir(&late).unwrap();
-    rustix::mount::mount(
-        "tmpfs",
-        &late,
-        "tmpfs",
-        rustix::mount::MountFlags::empty(),
-        None,
-    )
-    .unwrap();
-    fs::write(late.join("d"), "late").unwrap();
+    tmpfs_with(&ro.join("late"), "d", "late");
     assert_eq!(seen("2/late/d").unwrap(), "late");
 
     // Delete: the entries go, in both namespaces; the host files stay.
