@@ -35,14 +35,20 @@ pub fn processes_with_arg(arg: &str) -> bool {
 }
 
 /// The shim's state (`/run/microvm-shim` and everything in it) and the shim sockets
-/// (`/run/containerd/s/*`) that group or others could read or write: none should be.
+/// (`/run/containerd/s/*`) that group or others could read or write: none should be. The one
+/// exception is the pod's share root (`share`, 0755 behind the pod's 0700 directory): virtiofsd
+/// reads it without privileges over root's files; it must not be writable.
 pub fn state_open_to_others() -> Vec<String> {
     use std::os::unix::fs::PermissionsExt;
     let mut open = Vec::new();
     let mut check = |p: &std::path::Path| {
         if let Ok(m) = std::fs::symlink_metadata(p) {
             let mode = m.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
+            let closed = match p.file_name().is_some_and(|n| n == "share") && m.is_dir() {
+                true => 0o022,
+                false => 0o077,
+            };
+            if mode & closed != 0 {
                 open.push(format!("{} {mode:o}", p.display()));
             }
         }
