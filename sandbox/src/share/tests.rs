@@ -105,6 +105,14 @@ fn a_live_share_sees_later_mounts() {
     fs::create_dir(&root).unwrap();
     let c = |p: &Path| cstr(p).unwrap();
     let none = std::ptr::null::<libc::c_char>();
+    /// Detaches the share root (and what is under it) however the test ends.
+    struct Detach(CString);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            // SAFETY: umount2 of this test's own mount point.
+            unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
     // SAFETY: mount(2) on paths of this test's temporary directory.
     unsafe {
         for (src, flags) in [
@@ -116,6 +124,7 @@ fn a_live_share_sees_later_mounts() {
             assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
         }
     }
+    let _detach = Detach(c(&root));
     assert!(Virtiofsd::spawn(
         &binary,
         &state,
@@ -146,9 +155,6 @@ fn a_live_share_sees_later_mounts() {
     };
     assert_eq!(r, 0);
     let seen = fs::read_to_string(format!("/proc/{child}/root/0/f"));
-    // SAFETY: as above.
-    unsafe { libc::umount2(c(&root).as_ptr(), libc::MNT_DETACH) };
-    drop(d);
     assert_eq!(seen.unwrap(), "later");
 }
 
