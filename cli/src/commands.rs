@@ -342,6 +342,18 @@ pub fn rm(args: RmArgs) -> Result<i32> {
                 runs: vec![r.id.clone()],
             })?;
         }
+        // A run whose owner died (killed, a crashed host process) still has its network. One
+        // that cannot be removed keeps the run, unless -f.
+        if let Err(e) = crate::network::detach(&rd.path) {
+            if !args.force {
+                bail!(
+                    "run {}: its network cannot be removed ({e:#}); `microvm rm -f` removes \
+                     the run anyway",
+                    r.name
+                );
+            }
+            eprintln!("microvm: run {}: network not entirely removed: {e:#}", r.name);
+        }
         std::fs::remove_dir_all(&rd.path)
             .with_context(|| format!("remove {}", rd.path.display()))?;
         println!("{}", r.name);

@@ -7,6 +7,7 @@
 mod boot;
 mod commands;
 mod images;
+mod network;
 mod run;
 mod spec;
 mod state;

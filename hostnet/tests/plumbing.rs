@@ -455,3 +455,34 @@ fn teardown_leaves_someone_elses_ingress_qdisc_and_filters() {
     let prios: Vec<u16> = veth.ingress_filters.iter().map(|f| f.priority).collect();
     assert_eq!(prios, vec![9]);
 }
+
+#[test]
+fn a_created_namespace_is_listed_entered_and_removed() {
+    let name = format!("hn-new-{}", std::process::id());
+    std::fs::create_dir_all("/run/netns").unwrap();
+    let path = PathBuf::from(format!("/run/netns/{name}"));
+    netns::create(&path).unwrap();
+    // A second create at the same path is refused and leaves the first alone.
+    assert!(matches!(netns::create(&path), Err(Error::Netns { .. })));
+    let listed = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    // Entered by path: it is a new namespace with only `lo`, and `ip` sees the same.
+    let lo = hostnet::link_state(&path, "lo").unwrap();
+    let links = Command::new("ip")
+        .args(["-n", &name, "-o", "link"])
+        .output()
+        .unwrap();
+    let links = String::from_utf8_lossy(&links.stdout).into_owned();
+    let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let theirs = netns::run_in(&path, || {
+        std::fs::read_link("/proc/thread-self/ns/net").map_err(|e| Error::Thread(e.to_string()))
+    })
+    .unwrap();
+    netns::remove(&path).unwrap();
+    netns::remove(&path).unwrap();
+    assert!(listed.lines().any(|l| l.split_whitespace().next() == Some(&name)), "{listed}");
+    assert!(lo.is_some(), "no lo in the new namespace");
+    assert_eq!(links.lines().count(), 1, "{links}");
+    assert_ne!(ours, theirs, "the namespace is the caller's own");
+    assert!(!path.exists(), "{} left behind", path.display());
+}
