@@ -342,6 +342,19 @@ pub fn rm(args: RmArgs) -> Result<i32> {
                 runs: vec![r.id.clone()],
             })?;
         }
+        if r.status != Status::Exited && !r.is_live() {
+            // Its owner died (a SIGKILLed `microvm run` or monitor): its VM may still run, out
+            // of everyone's reach. End it through its agent.
+            let rt = runtime()?;
+            let ended = rt.block_on(async {
+                let sb = connect(&rd).await?;
+                sb.shutdown(Duration::from_secs(30)).await?;
+                anyhow::Ok(())
+            });
+            if let Err(e) = ended {
+                tracing::debug!("run {}: no VM to end: {e:#}", r.name);
+            }
+        }
         // A run whose owner died (killed, a crashed host process) still has its network. One
         // that cannot be removed keeps the run, unless -f.
         if let Err(e) = crate::network::detach(&rd.path) {

@@ -239,28 +239,6 @@ impl Watched {
     }
 }
 
-/// The VMM processes (`microvm-vmm ...`) working in a directory under `home` (the sandbox
-/// starts the VMM in the run's directory), as their command lines.
-fn vmm_processes(home: &Path) -> Vec<String> {
-    let home = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let in_home =
-            std::fs::read_link(entry.path().join("cwd")).is_ok_and(|d| d.starts_with(&home));
-        if args.first().is_some_and(|a| a.ends_with("microvm-vmm")) && in_home {
-            found.push(args.join(" "));
-        }
-    }
-    found
-}
-
 /// `-e` (value and from the host), `--env-file`, `-w`, `-u`, `--hostname`, `--entrypoint`;
 /// the container's loopback is up (its flags, and a line over 127.0.0.1); `-i` streams stdin;
 /// `-t` gives a pty.

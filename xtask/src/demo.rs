@@ -100,9 +100,17 @@ fn json_strings(v: &[&str]) -> String {
 /// in /bin, /etc/passwd and /etc/group (root and user 1000), Cmd `sh`, Env PATH plus `env`.
 /// Built with the system `tar`, no network. Returns `dir`.
 pub fn busybox_oci_layout(dir: &Path, env: &[&str]) -> Result<PathBuf> {
-    let _ = std::fs::remove_dir_all(dir);
     let tree = dir.with_extension("rootfs");
     busybox_rootfs(&tree)?;
+    let made = oci_layout_of(&tree, dir, env);
+    std::fs::remove_dir_all(&tree)?;
+    made
+}
+
+/// A one-layer OCI image layout at `dir` (replaced) of the root filesystem tree `tree`, Cmd
+/// `sh`, Env PATH=/bin plus `env`. Returns `dir`.
+pub fn oci_layout_of(tree: &Path, dir: &Path, env: &[&str]) -> Result<PathBuf> {
+    let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir.join("blobs/sha256"))?;
     let layer_path = dir.join("layer.tar");
     run(Command::new("tar")
@@ -112,13 +120,12 @@ pub fn busybox_oci_layout(dir: &Path, env: &[&str]) -> Result<PathBuf> {
             "--mtime=@1700000000",
             "-C",
         ])
-        .arg(&tree)
+        .arg(tree)
         .arg("-cf")
         .arg(&layer_path)
         .arg("."))?;
     let layer = std::fs::read(&layer_path)?;
     std::fs::remove_file(&layer_path)?;
-    std::fs::remove_dir_all(&tree)?;
     let layer_digest = add_blob(dir, &layer)?;
     let mut all_env = vec!["PATH=/bin"];
     all_env.extend_from_slice(env);

@@ -390,3 +390,25 @@ pub fn without_boot_retry(stderr: &str) -> String {
     }
     out
 }
+
+/// The VMM processes (`microvm-vmm ...`) working in a directory under `home` (the sandbox
+/// starts the VMM in the run's directory), as their command lines.
+pub fn vmm_processes(home: &Path) -> Vec<String> {
+    let home = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let in_home =
+            std::fs::read_link(entry.path().join("cwd")).is_ok_and(|d| d.starts_with(&home));
+        if args.first().is_some_and(|a| a.ends_with("microvm-vmm")) && in_home {
+            found.push(args.join(" "));
+        }
+    }
+    found
+}

@@ -4,8 +4,11 @@
 //! `bench boot` ([`boot`]): host-side setup to the first `KVM_RUN`, then boot to the guest's
 //! `/init` next to QEMU `-M microvm` and, when given, Firecracker and another microvm build.
 //! `bench run` ([`run`]): `microvm run --rm IMG true` end to end next to crun and runc.
+//! `bench net` ([`net`]): iperf3 TCP throughput host <-> container over microvm's bridge, next
+//! to crun on the same bridge.
 
 mod boot;
+mod net;
 mod run;
 
 use std::path::PathBuf;
@@ -19,13 +22,13 @@ pub struct BenchArgs {
     /// What to measure.
     #[arg(value_enum)]
     what: What,
-    /// Runs per VMM.
+    /// Runs per VMM (`bench net`: seconds per iperf3 direction).
     #[arg(long, default_value_t = 5)]
     runs: usize,
     /// Internal: the part that runs where guests can boot.
     #[arg(long, hide = true)]
     inner: bool,
-    /// `bench run`: use the debug build of microvm (quicker to build; slower host side).
+    /// `bench run`, `bench net`: use the debug build of microvm (quicker to build; slower host side).
     #[arg(long)]
     debug_build: bool,
     #[command(flatten)]
@@ -36,6 +39,7 @@ pub struct BenchArgs {
 enum What {
     Boot,
     Run,
+    Net,
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
@@ -44,6 +48,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         What::Boot => boot::boot(args.runs, &args.boot),
         What::Run if args.inner => run::run_inner(args.runs),
         What::Run => run::run_bench(args.runs, args.debug_build),
+        What::Net if args.inner => net::net_inner(args.runs),
+        What::Net => net::net_bench(args.runs, args.debug_build),
     }
 }
 

@@ -1,0 +1,293 @@
+//! `bench net`: iperf3 TCP throughput between the host and a container on microvm's bridge
+//! (`microvm0`), both ways: a `microvm run` container (virtio-net on a tap joined to CNI's veth)
+//! next to a crun container on the same bridge (CNI's bridge plugin, the veth straight into the
+//! container's namespace), same iperf3 binary, same host (inside the testbed where guests
+//! cannot boot here). Prints figures, asserts nothing about them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::kernel::{self, KernelArgs};
+use crate::util::{ensure_debs, run, workspace_root};
+
+/// The image's and the crun bundle's root filesystem: busybox plus iperf3 with the shared
+/// libraries `ldd` names.
+fn iperf_rootfs(tree: &Path) -> Result<()> {
+    crate::demo::busybox_rootfs(tree)?;
+    let iperf = Path::new("/usr/bin/iperf3");
+    let ldd = Command::new("ldd").arg(iperf).output()?;
+    let mut files = vec![iperf.to_path_buf()];
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libx.so.1 => /lib/x86_64-linux-gnu/libx.so.1 (0x...)" or "/lib64/ld-linux... (0x...)"
+        if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+            files.push(PathBuf::from(p));
+        }
+    }
+    for f in files {
+        let dest = tree.join(f.strip_prefix("/")?);
+        std::fs::create_dir_all(dest.parent().context("a file in /")?)?;
+        // The real file (ldd names symlinks), under the name the loader looks for.
+        std::fs::copy(std::fs::canonicalize(&f)?, &dest)
+            .with_context(|| format!("copy {}", f.display()))?;
+    }
+    Ok(())
+}
+
+pub(super) fn net_bench(secs: usize, debug_build: bool) -> Result<()> {
+    ensure_debs(&[
+        "busybox-static",
+        "e2fsprogs",
+        "crun",
+        "iperf3",
+        "containernetworking-plugins",
+        "iptables",
+    ])?;
+    let vmlinux = kernel::build(&KernelArgs::default())?;
+    let agent = crate::agent::build()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(&cargo);
+    build.args(["build", "-q", "-p", "microvm", "-p", "microvm-vmm"]);
+    if !debug_build {
+        build.arg("--release");
+    }
+    run(build.current_dir(workspace_root()))?;
+    let release = super::release_dir();
+    let bin_dir = if debug_build {
+        release.with_file_name("debug")
+    } else {
+        release
+    };
+    let work = tempfile::Builder::new().prefix("bench-net-").tempdir()?;
+    let rootfs = work.path().join("rootfs");
+    iperf_rootfs(&rootfs)?;
+    let layout = crate::demo::oci_layout_of(&rootfs, &work.path().join("iperf-oci"), &[])?;
+    let xtask = std::env::current_exe()?;
+    let secs_text = secs.to_string();
+    let argv = [
+        xtask.as_os_str(),
+        "bench".as_ref(),
+        "net".as_ref(),
+        "--inner".as_ref(),
+        "--runs".as_ref(),
+        secs_text.as_ref(),
+    ];
+    let envs = [
+        ("MICROVM_KERNEL", vmlinux.into_os_string()),
+        ("MICROVM_AGENT", agent.into_os_string()),
+        ("BENCH_MICROVM", bin_dir.join("microvm").into_os_string()),
+        ("BENCH_LAYOUT", layout.into_os_string()),
+        ("BENCH_ROOTFS", rootfs.into_os_string()),
+    ];
+    let code = if vmm::host::check_can_boot_guests().is_ok() {
+        let status = Command::new(argv[0])
+            .args(&argv[1..])
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .status()?;
+        status.code().unwrap_or(1)
+    } else {
+        println!("== this host cannot boot guests; the benchmark runs inside the testbed ==");
+        let mut tb = testbed::Testbed::new();
+        for (k, v) in &envs {
+            tb = tb.env(*k, v);
+        }
+        tb.run(&argv, &workspace_root()).context("testbed")?
+    };
+    if code != 0 {
+        bail!("the network benchmark failed ({code})");
+    }
+    Ok(())
+}
+
+/// One iperf3 client run against `server` for `secs` seconds (`-R`: the server sends); the
+/// receiver's rate in Gbit/s. Retried while the server is still starting.
+fn iperf(server: &str, secs: usize, reverse: bool) -> Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut c = Command::new("iperf3");
+        c.args(["-c", server, "-J", "-t", &secs.to_string()]);
+        if reverse {
+            c.arg("-R");
+        }
+        let out = c.stderr(Stdio::null()).output()?;
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if let Some(bps) = v
+            .pointer("/end/sum_received/bits_per_second")
+            .and_then(Value::as_f64)
+        {
+            return Ok(bps / 1e9);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "iperf3 -c {server}: {}",
+                v.get("error").unwrap_or(&Value::Null)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn both_ways(server: &str, secs: usize) -> Result<(f64, f64)> {
+    Ok((iperf(server, secs, false)?, iperf(server, secs, true)?))
+}
+
+/// The microvm side: a detached run serving iperf3 on the bridge.
+fn microvm_side(microvm: &Path, layout: &Path, home: &Path, secs: usize) -> Result<(f64, f64)> {
+    let mv = |args: &[&str]| -> Result<String> {
+        let out = Command::new(microvm)
+            .args(args)
+            .env("MICROVM_HOME", home)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "microvm {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let layout = layout.to_str().context("a UTF-8 path")?;
+    mv(&[
+        "run", "-d", "--name", "iperf", "--cpus", "2", layout, "iperf3", "-s",
+    ])?;
+    let measured = (|| {
+        let addr = mv(&["exec", "iperf", "ip", "-4", "-o", "addr", "show", "eth0"])?;
+        let ip = addr
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .context("the run's address")?
+            .to_string();
+        println!("microvm run: {ip} on microvm0");
+        both_ways(&ip, secs)
+    })();
+    mv(&["rm", "-f", "iperf"])?;
+    measured
+}
+
+/// Runs CNI plugin `plugin` (its config with the network's name and version) for `command`.
+fn cni(list: &Value, plugin: &Value, command: &str, id: &str, netns: &Path) -> Result<Value> {
+    let mut config = plugin.clone();
+    config["name"] = list["name"].clone();
+    config["cniVersion"] = list["cniVersion"].clone();
+    let ty = plugin["type"].as_str().context("a plugin type")?;
+    let mut child = Command::new(Path::new("/usr/lib/cni").join(ty))
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(
+        &mut child.stdin.take().context("stdin")?,
+        &serde_json::to_vec(&config)?,
+    )?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "CNI {ty} {command}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+}
+
+/// The crun side: the same iperf3 in a crun container whose namespace CNI's bridge plugin put
+/// on microvm0 (microvm's conflist, its bridge plugin alone).
+fn crun_side(rootfs: &Path, work: &Path, secs: usize) -> Result<(f64, f64)> {
+    let list: Value = serde_json::from_slice(
+        &std::fs::read("/etc/microvm/cni/microvm.conflist")
+            .context("microvm's conflist (written by the microvm run before)")?,
+    )?;
+    let bridge = list["plugins"][0].clone();
+    let name = "bench-crun";
+    let netns = Path::new("/run/netns").join(name);
+    run(Command::new("ip").args(["netns", "add", name]))?;
+    let measured = (|| {
+        let result = cni(&list, &bridge, "ADD", name, &netns)?;
+        let ip = result
+            .pointer("/ips/0/address")
+            .and_then(Value::as_str)
+            .and_then(|a| a.split('/').next())
+            .context("the bridge plugin's address")?
+            .to_string();
+        println!("crun: {ip} on microvm0");
+        let bundle = work.join("bundle");
+        std::fs::create_dir_all(&bundle)?;
+        run(Command::new("crun").arg("spec").current_dir(&bundle))?;
+        let mut spec: Value = serde_json::from_slice(&std::fs::read(bundle.join("config.json"))?)?;
+        spec["process"]["terminal"] = json!(false);
+        spec["process"]["args"] = json!(["iperf3", "-s"]);
+        spec["root"] = json!({"path": rootfs, "readonly": true});
+        for ns in spec["linux"]["namespaces"]
+            .as_array_mut()
+            .context("namespaces")?
+        {
+            if ns["type"] == "network" {
+                ns["path"] = json!(netns);
+            }
+        }
+        std::fs::write(bundle.join("config.json"), serde_json::to_vec(&spec)?)?;
+        run(Command::new("crun")
+            .args(["run", "-d", "-b"])
+            .arg(&bundle)
+            .arg(name)
+            .stdout(Stdio::null()))?;
+        let m = both_ways(&ip, secs);
+        let _ = Command::new("crun").args(["delete", "-f", name]).status();
+        m
+    })();
+    let _ = cni(&list, &bridge, "DEL", name, &netns);
+    let _ = Command::new("ip").args(["netns", "del", name]).status();
+    measured
+}
+
+pub(super) fn net_inner(secs: usize) -> Result<()> {
+    let var = |k: &str| -> Result<PathBuf> {
+        Ok(PathBuf::from(std::env::var_os(k).with_context(|| k.to_string())?))
+    };
+    let (microvm, layout, rootfs) = (
+        var("BENCH_MICROVM")?,
+        var("BENCH_LAYOUT")?,
+        var("BENCH_ROOTFS")?,
+    );
+    if testbed::in_testbed() {
+        // L1's kernel cannot load modules on demand (its modprobe helper runs in the
+        // initramfs root): what the CNI plugins and the tap plumbing use, loaded here.
+        for m in "bridge veth tun sch_ingress cls_u32 act_mirred nf_tables nft_compat \
+                  nft_chain_nat nft_nat nft_masq nft_ct nf_nat nf_conntrack xt_nat \
+                  xt_MASQUERADE xt_conntrack xt_comment xt_multiport xt_mark xt_addrtype \
+                  xt_tcpudp"
+            .split_whitespace()
+        {
+            let _ = Command::new("modprobe").arg(m).status();
+        }
+    }
+    let work = tempfile::Builder::new().prefix("bench-net-").tempdir()?;
+    println!("== iperf3 TCP, {secs} s per direction, host <-> container over microvm0 ==");
+    let vm = microvm_side(&microvm, &layout, &work.path().join("home"), secs)?;
+    let crun = crun_side(&rootfs, work.path(), secs)?;
+    println!(
+        "{:<20}{:>34}{:>26}",
+        "direction", "microvm (virtio-net, tap, 2 vCPU)", "crun (veth, no VM)"
+    );
+    for (label, a, b) in [
+        ("host -> container", vm.0, crun.0),
+        ("container -> host", vm.1, crun.1),
+    ] {
+        println!(
+            "{label:<20}{:>28.2} Gbit/s{:>19.2} Gbit/s  (microvm {:.0}% of crun)",
+            a,
+            b,
+            100.0 * a / b
+        );
+    }
+    Ok(())
+}
