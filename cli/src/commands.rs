@@ -365,7 +365,10 @@ pub fn rm(args: RmArgs) -> Result<i32> {
                     r.name
                 );
             }
-            eprintln!("microvm: run {}: network not entirely removed: {e:#}", r.name);
+            eprintln!(
+                "microvm: run {}: network not entirely removed: {e:#}",
+                r.name
+            );
         }
         std::fs::remove_dir_all(&rd.path)
             .with_context(|| format!("remove {}", rd.path.display()))?;

@@ -24,9 +24,6 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(code) => return code,
     };
-    if testbed::in_testbed() {
-        load_modules();
-    }
     let trials = vec![
         trial("network_bad_publish_starts_nothing", bad_publish),
         trial("network_none_has_only_lo", network_none),
@@ -36,19 +33,6 @@ fn main() -> ExitCode {
         ),
     ];
     libtest_mimic::run(&args, trials).exit_code()
-}
-
-/// The kernel modules the CNI plugins and the tap plumbing use. A host loads them on demand;
-/// the testbed's L1 cannot (the kernel runs `modprobe` in L1's initramfs root, which has no
-/// modules), so they are loaded here.
-pub const NETWORK_MODULES: &str = "bridge veth tun sch_ingress cls_u32 act_mirred nf_tables \
-    nft_compat nft_chain_nat nft_nat nft_masq nft_ct nf_nat nf_conntrack xt_nat xt_MASQUERADE \
-    xt_conntrack xt_comment xt_multiport xt_mark xt_addrtype xt_tcpudp";
-
-fn load_modules() {
-    for m in NETWORK_MODULES.split_whitespace() {
-        let _ = Command::new("modprobe").arg(m).status();
-    }
 }
 
 fn sh(cmd: &str) -> String {
@@ -105,7 +89,10 @@ fn run_id(env: &Env, name: &str) -> String {
 
 /// The IPv4 address of the run's `eth0`, through `exec`.
 fn address(env: &Env, name: &str) -> String {
-    let o = env.microvm(&["exec", name, "ip", "-4", "-o", "addr", "show", "eth0"], None);
+    let o = env.microvm(
+        &["exec", name, "ip", "-4", "-o", "addr", "show", "eth0"],
+        None,
+    );
     assert_eq!(o.code, 0, "{o:?}");
     let word = o
         .stdout
@@ -261,7 +248,10 @@ fn bridge_publish_two_runs(env: &Env) {
     );
     assert_eq!(other.code, 0, "{other:?}");
     let (ip1, ip2) = (address(env, "web"), address(env, "other"));
-    assert!(ip1.starts_with("10.89.") && ip2.starts_with("10.89."), "{ip1} {ip2}");
+    assert!(
+        ip1.starts_with("10.89.") && ip2.starts_with("10.89."),
+        "{ip1} {ip2}"
+    );
     assert_ne!(ip1, ip2, "two runs got the same address");
     let ids = vec![run_id(env, "web"), run_id(env, "other")];
     let ips = vec![ip1.clone(), ip2.clone()];
@@ -274,7 +264,7 @@ fn bridge_publish_two_runs(env: &Env) {
     // The host reaches web: the published port, on loopback and the bridge's address, and its
     // own address.
     for addr in [
-        format!("127.0.0.1:18080"),
+        "127.0.0.1:18080".to_string(),
         format!("{BRIDGE_IP}:18080"),
         format!("{ip1}:80"),
     ] {
@@ -306,10 +296,19 @@ fn bridge_publish_two_runs(env: &Env) {
     );
     assert_eq!(o.code, 0, "{o:?}");
     let (from, got) = accepted.join().unwrap();
-    assert_eq!((from.as_str(), got.as_str()), (ip1.as_str(), "reach-host\n"));
+    assert_eq!(
+        (from.as_str(), got.as_str()),
+        (ip1.as_str(), "reach-host\n")
+    );
     // The guest's configuration: default route via the bridge, --dns.
-    let o = env.microvm(&["exec", "web", "sh", "-c", "ip route; cat /etc/resolv.conf"], None);
-    assert!(o.stdout.contains(&format!("default via {BRIDGE_IP}")), "{o:?}");
+    let o = env.microvm(
+        &["exec", "web", "sh", "-c", "ip route; cat /etc/resolv.conf"],
+        None,
+    );
+    assert!(
+        o.stdout.contains(&format!("default via {BRIDGE_IP}")),
+        "{o:?}"
+    );
     assert!(o.stdout.contains("nameserver 192.0.2.53"), "{o:?}");
 
     // web ends by `microvm kill` (its monitor cleans up); other's monitor is SIGKILLed and
@@ -330,7 +329,9 @@ fn bridge_publish_two_runs(env: &Env) {
     // Only other's network is still there.
     let before_rm = traces(&ids, &ips);
     assert!(
-        before_rm.iter().all(|t| !t.contains(&ip1) && !t.contains(&ids[0])),
+        before_rm
+            .iter()
+            .all(|t| !t.contains(&ip1) && !t.contains(&ids[0])),
         "web left: {before_rm:?}"
     );
     assert!(

@@ -480,7 +480,12 @@ fn a_created_namespace_is_listed_entered_and_removed() {
     .unwrap();
     netns::remove(&path).unwrap();
     netns::remove(&path).unwrap();
-    assert!(listed.lines().any(|l| l.split_whitespace().next() == Some(&name)), "{listed}");
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(&name)),
+        "{listed}"
+    );
     assert!(lo.is_some(), "no lo in the new namespace");
     assert_eq!(links.lines().count(), 1, "{links}");
     assert_ne!(ours, theirs, "the namespace is the caller's own");

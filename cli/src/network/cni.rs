@@ -12,7 +12,7 @@
 
 use std::io::{Read, Write};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -160,7 +160,10 @@ pub fn parse_result(out: &[u8]) -> Result<(CniResult, Value)> {
     for (what, n) in [
         ("interfaces", typed.interfaces.len()),
         ("ips", typed.ips.len()),
-        ("dns entries", d.nameservers.len() + d.search.len() + d.options.len()),
+        (
+            "dns entries",
+            d.nameservers.len() + d.search.len() + d.options.len(),
+        ),
     ] {
         if n > MAX_ENTRIES {
             bail!("the CNI plugin's result has {n} {what} (at most {MAX_ENTRIES})");
@@ -169,7 +172,10 @@ pub fn parse_result(out: &[u8]) -> Result<(CniResult, Value)> {
     for ip in &typed.ips {
         ip.ip()?;
         if ip.interface.is_some_and(|i| i >= typed.interfaces.len()) {
-            bail!("CNI result address {} names a missing interface", ip.address);
+            bail!(
+                "CNI result address {} names a missing interface",
+                ip.address
+            );
         }
     }
     for s in &d.nameservers {
@@ -186,9 +192,10 @@ pub fn add(list: &ConfList, rt: &Runtime) -> Result<(CniResult, Value)> {
     for plugin in &list.plugins {
         let config = plugin_config(list, plugin, prev.as_ref().map(|p| &p.1), rt);
         let out = exec(plugin, "ADD", &config, rt)?;
-        prev = Some(parse_result(&out).with_context(|| {
-            format!("CNI plugin {} (ADD)", plugin_type(plugin).unwrap_or("?"))
-        })?);
+        prev =
+            Some(parse_result(&out).with_context(|| {
+                format!("CNI plugin {} (ADD)", plugin_type(plugin).unwrap_or("?"))
+            })?);
     }
     prev.ok_or_else(|| anyhow!("the CNI conflist has no plugins"))
 }
@@ -252,7 +259,12 @@ fn find_plugin(name: &str, dirs: &[PathBuf]) -> Result<PathBuf> {
 }
 
 /// Runs one plugin; its stdout on success, else an error with its message.
-fn exec(plugin: &Map<String, Value>, command: &str, config: &[u8], rt: &Runtime) -> Result<Vec<u8>> {
+fn exec(
+    plugin: &Map<String, Value>,
+    command: &str,
+    config: &[u8],
+    rt: &Runtime,
+) -> Result<Vec<u8>> {
     let name = plugin_type(plugin)?;
     let path = find_plugin(name, &rt.plugin_dirs)?;
     let cni_path = std::env::join_paths(&rt.plugin_dirs).context("CNI_PATH")?;
@@ -261,7 +273,10 @@ fn exec(plugin: &Map<String, Value>, command: &str, config: &[u8], rt: &Runtime)
         // A clean environment: only what the protocol defines, and a PATH for the tools the
         // plugins run (iptables).
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", &rt.container_id)
         .env("CNI_NETNS", &rt.netns)
@@ -296,7 +311,10 @@ fn exec(plugin: &Map<String, Value>, command: &str, config: &[u8], rt: &Runtime)
         if started.elapsed() > PLUGIN_TIMEOUT {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("{what} did not finish within {} s", PLUGIN_TIMEOUT.as_secs());
+            bail!(
+                "{what} did not finish within {} s",
+                PLUGIN_TIMEOUT.as_secs()
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -324,6 +342,8 @@ fn exec(plugin: &Map<String, Value>, command: &str, config: &[u8], rt: &Runtime)
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use serde_json::json;
 
@@ -419,7 +439,10 @@ mod tests {
         let l = list(&[("good", false), ("bad", false)]);
         let rt = runtime(dir.path());
         let e = format!("{:#}", add(&l, &rt).unwrap_err());
-        assert!(e.contains("CNI plugin bad (ADD) failed: no addresses left (range full)"), "{e}");
+        assert!(
+            e.contains("CNI plugin bad (ADD) failed: no addresses left (range full)"),
+            "{e}"
+        );
         // DEL: `bad` fails first, `good` still runs.
         let e = format!("{:#}", del(&l, &rt, None).unwrap_err());
         assert!(e.contains("bad (DEL)"), "{e}");
@@ -445,9 +468,13 @@ mod tests {
         ] {
             assert!(parse_result(bad.as_bytes()).is_err(), "{bad}");
         }
-        let many = json!({"cniVersion": "1.0.0", "ips": vec![json!({"address": "10.0.0.1/8"}); 65]});
+        let many =
+            json!({"cniVersion": "1.0.0", "ips": vec![json!({"address": "10.0.0.1/8"}); 65]});
         assert!(parse_result(&serde_json::to_vec(&many).unwrap()).is_err());
-        assert!(ConfList::parse(br#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"../x"}]}"#).is_err());
+        assert!(ConfList::parse(
+            br#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"../x"}]}"#
+        )
+        .is_err());
         assert!(ConfList::parse(br#"{"cniVersion":"1.0.0","name":"n","plugins":[]}"#).is_err());
     }
 
@@ -459,7 +486,10 @@ mod tests {
         let mut perm = std::fs::metadata(&p).unwrap().permissions();
         std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
         std::fs::set_permissions(&p, perm).unwrap();
-        let e = format!("{:#}", add(&list(&[("loud", false)]), &runtime(dir.path())).unwrap_err());
+        let e = format!(
+            "{:#}",
+            add(&list(&[("loud", false)]), &runtime(dir.path())).unwrap_err()
+        );
         assert!(e.contains("more than 1024 KiB"), "{e}");
     }
 }

@@ -31,7 +31,11 @@ fn traces(id: &str, ip: &str, leases: &Path) -> Vec<String> {
         }
     }
     // host-local keeps them in <dataDir>/<network name>.
-    for e in std::fs::read_dir(leases.join("mvtest")).into_iter().flatten().flatten() {
+    for e in std::fs::read_dir(leases.join("mvtest"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.parse::<std::net::IpAddr>().is_ok() {
             found.push(format!("lease {name}"));
@@ -82,8 +86,9 @@ fn real_plugins_attach_and_detach_leave_nothing() {
         let ip = pod.addresses[0].addr.to_string();
         assert!(ip.starts_with("10.231.0."), "{pod:?}");
         assert!(
-            pod.routes.iter().any(|r| r.destination.is_none()
-                && r.gateway == Some("10.231.0.1".parse().unwrap())),
+            pod.routes.iter().any(
+                |r| r.destination.is_none() && r.gateway == Some("10.231.0.1".parse().unwrap())
+            ),
             "{pod:?}"
         );
         assert!(hostnet::link_state(&a.netns, hostnet::DEFAULT_TAP)
@@ -95,8 +100,8 @@ fn real_plugins_attach_and_detach_leave_nothing() {
         assert!(here.iter().any(|t| t == "netns"), "{here:?}");
         assert!(here.iter().any(|t| t.starts_with("lease")), "{here:?}");
         assert!(
-            here.iter().any(|t| t.contains("DNAT") && t.contains("18123")
-                || t.contains("--dport 18123")),
+            here.iter()
+                .any(|t| t.contains("DNAT") && t.contains("18123") || t.contains("--dport 18123")),
             "no port forward for -p 18123:80: {here:?}"
         );
         // A second run gets another address.
@@ -120,7 +125,10 @@ fn real_plugins_attach_and_detach_leave_nothing() {
         let left2 = traces(&id2, &ip2, &leases);
         assert!(left2.is_empty(), "left behind: {left2:?}");
         let veths = sh(&format!("ip -o link show master {bridge}"));
-        assert!(veths.trim().is_empty(), "veths still on the bridge: {veths}");
+        assert!(
+            veths.trim().is_empty(),
+            "veths still on the bridge: {veths}"
+        );
     });
     // Whatever happened: nothing of this test stays on the host.
     let _ = detach(&run_dir);
@@ -159,6 +167,9 @@ fn a_failed_add_undoes_what_was_made() {
     // record stays for a retry.
     let _ = detach(tmp.path());
     let _ = Command::new("ip").args(["link", "del", "mvtbad0"]).status();
-    assert!(format!("{e:#}").contains("CNI plugin bridge (ADD) failed"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("CNI plugin bridge (ADD) failed"),
+        "{e:#}"
+    );
     assert!(!Path::new(NETNS_DIR).join(format!("microvm-{id}")).exists());
 }

@@ -103,6 +103,7 @@ pub struct Dns {
 /// Makes a bridge run's network: the namespace, CNI `ADD`, the tap. Everything is recorded in
 /// `run_dir` first; on a failure what was made is undone ([`detach`]) before the error returns.
 pub fn attach(run_dir: &Path, id: &str, plan: &NetworkPlan) -> Result<Attached> {
+    load_modules();
     let conflist = config::load_or_write(&config::conflist_path())?;
     attach_to(run_dir, id, plan, conflist, config::plugin_dirs()?)
 }
@@ -133,8 +134,7 @@ fn attach_to(
         };
         record.write(run_dir)?;
         std::fs::create_dir_all(NETNS_DIR).with_context(|| format!("create {NETNS_DIR}"))?;
-        hostnet::netns::create(&record.netns)
-            .with_context(|| format!("create the run's network namespace"))?;
+        hostnet::netns::create(&record.netns).context("create the run's network namespace")?;
         let (result, value) = cni::add(&record.conflist, &record.runtime())
             .with_context(|| format!("join the CNI network {:?}", record.conflist.name))?;
         record.result = Some(value);
@@ -142,7 +142,10 @@ fn attach_to(
         let plumbing = hostnet::plumb(&record.netns, IFNAME, hostnet::DEFAULT_TAP)
             .context("connect the VM's tap to the run's network")?;
         if let Some(ip) = result.ips.iter().find_map(|i| i.ip().ok()) {
-            tracing::info!("run {id}: {ip} on the CNI network {:?}", record.conflist.name);
+            tracing::info!(
+                "run {id}: {ip} on the CNI network {:?}",
+                record.conflist.name
+            );
         }
         Ok(Attached {
             netns: record.netns.clone(),
@@ -156,6 +159,50 @@ fn attach_to(
         }
     }
     made
+}
+
+/// The kernel modules the CNI plugins (bridge, veth, iptables NAT and filter rules) and the tap
+/// plumbing use.
+const MODULES: &[&str] = &[
+    "bridge",
+    "veth",
+    "tun",
+    "sch_ingress",
+    "cls_u32",
+    "act_mirred",
+    "nf_tables",
+    "nft_compat",
+    "nft_chain_nat",
+    "nft_nat",
+    "nft_masq",
+    "nft_ct",
+    "nf_nat",
+    "nf_conntrack",
+    "xt_nat",
+    "xt_MASQUERADE",
+    "xt_conntrack",
+    "xt_comment",
+    "xt_multiport",
+    "xt_mark",
+    "xt_addrtype",
+    "xt_tcpudp",
+];
+
+/// Loads [`MODULES`], best effort, as docker loads `bridge` and `br_netfilter`: the kernel
+/// loads them on demand only where its `modprobe` helper can reach the modules, which is not
+/// so in a chroot such as the testbed's (there the helper runs in the initramfs). One
+/// `modprobe` process; failures (no modprobe, a module built in or absent) are ignored, and
+/// a missing feature then fails in the plugin that needs it, with its message.
+fn load_modules() {
+    let done = std::process::Command::new("modprobe")
+        .arg("-a")
+        .arg("-q")
+        .args(MODULES)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    tracing::debug!("modprobe of the network's modules: {done:?}");
 }
 
 /// Undoes what [`attach`] recorded in `run_dir`: the tap and its redirects, CNI `DEL` (the
@@ -172,14 +219,11 @@ pub fn detach(run_dir: &Path) -> Result<()> {
         failed.get_or_insert(anyhow::Error::new(e).context("remove the VM's tap"));
     }
     if let Err(e) = cni::del(&record.conflist, &record.runtime(), record.result.as_ref()) {
-        failed.get_or_insert(
-            e.context(format!("leave the CNI network {:?}", record.conflist.name)),
-        );
+        failed
+            .get_or_insert(e.context(format!("leave the CNI network {:?}", record.conflist.name)));
     }
     if let Err(e) = hostnet::netns::remove(&record.netns) {
-        failed.get_or_insert(
-            anyhow::Error::new(e).context("remove the run's network namespace"),
-        );
+        failed.get_or_insert(anyhow::Error::new(e).context("remove the run's network namespace"));
     }
     if let Some(e) = failed {
         return Err(e);
@@ -286,14 +330,20 @@ mod tests {
         assert_eq!(d.servers, ["192.0.2.1"]);
         assert_eq!(d.search, ["a.example", "b.example"]);
         assert_eq!(d.options, ["ndots:2"]);
-        assert_eq!(dns(&plan, &none, "nameserver 127.0.0.1\n").servers, ["8.8.8.8", "8.8.4.4"]);
+        assert_eq!(
+            dns(&plan, &none, "nameserver 127.0.0.1\n").servers,
+            ["8.8.8.8", "8.8.4.4"]
+        );
         let from_cni = cni::ResultDns {
             nameservers: vec!["10.89.0.1".into()],
             search: vec!["cluster.local".into()],
             options: vec![],
         };
         let d = dns(&plan, &from_cni, host);
-        assert_eq!((d.servers[0].as_str(), d.search[0].as_str()), ("10.89.0.1", "cluster.local"));
+        assert_eq!(
+            (d.servers[0].as_str(), d.search[0].as_str()),
+            ("10.89.0.1", "cluster.local")
+        );
         plan.dns = vec!["198.51.100.7".parse().unwrap()];
         assert_eq!(dns(&plan, &from_cni, host).servers, ["198.51.100.7"]);
     }
@@ -305,7 +355,10 @@ mod tests {
             "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "uts"}]},
         });
         share_guest_network(&mut spec);
-        assert_eq!(spec["linux"]["namespaces"], json!([{"type": "pid"}, {"type": "uts"}]));
+        assert_eq!(
+            spec["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "uts"}])
+        );
         assert_eq!(spec["mounts"][0]["destination"], "/etc/resolv.conf");
     }
 

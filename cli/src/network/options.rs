@@ -20,10 +20,12 @@ pub fn parse_mode(s: &str) -> Result<Mode, String> {
     match s {
         "bridge" | "default" => Ok(Mode::Bridge),
         "none" => Ok(Mode::None),
-        "host" => Err("--network host is not possible: the container runs in a microVM with \
+        "host" => Err(
+            "--network host is not possible: the container runs in a microVM with \
                        its own kernel and network stack, which cannot share the host's; use \
                        the default bridge network and publish ports with -p HOSTPORT:CTRPORT"
-            .into()),
+                .into(),
+        ),
         other => Err(format!(
             "unknown network {other:?}: microvm has bridge (the default) and none"
         )),
@@ -165,6 +167,8 @@ mod tests {
         assert_eq!(parse_mode("bridge"), Ok(Mode::Bridge));
         assert_eq!(parse_mode("none"), Ok(Mode::None));
         assert!(parse_mode("host").unwrap_err().contains("own kernel"));
-        assert!(parse_mode("container:x").unwrap_err().contains("unknown network"));
+        assert!(parse_mode("container:x")
+            .unwrap_err()
+            .contains("unknown network"));
     }
 }

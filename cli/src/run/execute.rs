@@ -48,7 +48,12 @@ pub(super) struct Ended {
 }
 
 /// Boots the VM, runs the container to its end, shuts the VM down.
-pub(super) async fn execute(plan: &Plan, rd: &RunDir, stdio: Stdio, t: &mut Timings) -> Result<Ended> {
+pub(super) async fn execute(
+    plan: &Plan,
+    rd: &RunDir,
+    stdio: Stdio,
+    t: &mut Timings,
+) -> Result<Ended> {
     let mut cfg = SandboxConfig::new(&plan.vmm, &plan.kernel, &plan.agent);
     cfg.cpus = plan.cpus;
     cfg.memory_mib = plan.memory_mib;

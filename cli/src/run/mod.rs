@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-pub use args::{PullArgs, RunArgs, VmArgs};
 use args::{env_from_cli, DEFAULT_VM_MIB, GUEST_OVERHEAD_MIB, MIN_VM_MIB};
+pub use args::{PullArgs, RunArgs, VmArgs};
 use execute::{execute, Ended, Stdio, Timings};
 
 use crate::images;
@@ -301,7 +301,10 @@ fn finish(rd: &RunDir, plan: &Plan, outcome: Result<Ended>, t: &mut Timings) -> 
     // the record (even with --rm) so that `microvm rm` can retry.
     let mut keep = false;
     if let Err(e) = network::detach(&rd.path) {
-        eprintln!("microvm: the run's network was not entirely removed ({e:#}); `microvm rm {}` retries", record.name);
+        eprintln!(
+            "microvm: the run's network was not entirely removed ({e:#}); `microvm rm {}` retries",
+            record.name
+        );
         keep = true;
     }
     let (code, note) = match &outcome {

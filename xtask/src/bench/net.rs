@@ -251,25 +251,15 @@ fn crun_side(rootfs: &Path, work: &Path, secs: usize) -> Result<(f64, f64)> {
 
 pub(super) fn net_inner(secs: usize) -> Result<()> {
     let var = |k: &str| -> Result<PathBuf> {
-        Ok(PathBuf::from(std::env::var_os(k).with_context(|| k.to_string())?))
+        Ok(PathBuf::from(
+            std::env::var_os(k).with_context(|| k.to_string())?,
+        ))
     };
     let (microvm, layout, rootfs) = (
         var("BENCH_MICROVM")?,
         var("BENCH_LAYOUT")?,
         var("BENCH_ROOTFS")?,
     );
-    if testbed::in_testbed() {
-        // L1's kernel cannot load modules on demand (its modprobe helper runs in the
-        // initramfs root): what the CNI plugins and the tap plumbing use, loaded here.
-        for m in "bridge veth tun sch_ingress cls_u32 act_mirred nf_tables nft_compat \
-                  nft_chain_nat nft_nat nft_masq nft_ct nf_nat nf_conntrack xt_nat \
-                  xt_MASQUERADE xt_conntrack xt_comment xt_multiport xt_mark xt_addrtype \
-                  xt_tcpudp"
-            .split_whitespace()
-        {
-            let _ = Command::new("modprobe").arg(m).status();
-        }
-    }
     let work = tempfile::Builder::new().prefix("bench-net-").tempdir()?;
     println!("== iperf3 TCP, {secs} s per direction, host <-> container over microvm0 ==");
     let vm = microvm_side(&microvm, &layout, &work.path().join("home"), secs)?;
