@@ -19,7 +19,12 @@ echo \"user $(id -u):$(id -g), hostname $(hostname), cwd $(pwd), GREETING=$GREET
 echo \"pid 1 in the container: $(cat /proc/1/comm); processes: $(ls -d /proc/[0-9]* | wc -l)\"";
 
 pub fn demo() -> Result<()> {
-    ensure_debs(&["busybox-static", "e2fsprogs"])?;
+    ensure_debs(&[
+        "busybox-static",
+        "e2fsprogs",
+        "containernetworking-plugins",
+        "iptables",
+    ])?;
     let vmlinux = kernel::build(&KernelArgs::default())?;
     let agent = crate::agent::build()?;
     let root = workspace_root();

@@ -37,6 +37,8 @@ pub const TEST_DEBS: &[&str] = &[
     "skopeo",
     "containerd",
     "bsdutils",
+    "containernetworking-plugins",
+    "iptables",
     "libssl-dev",
     "pkg-config",
     "libseccomp-dev",

@@ -92,7 +92,8 @@ pub(super) fn run_bench(runs: usize, debug_build: bool) -> Result<()> {
 fn one_run(microvm: &Path, layout: &Path, home: &Path) -> Result<(f64, Vec<(String, f64)>)> {
     let start = Instant::now();
     let out = Command::new(microvm)
-        .args(["run", "--rm", "--timings"])
+        // No network: crun and runc beside it get none either.
+        .args(["run", "--rm", "--timings", "--network", "none"])
         .arg(layout)
         .arg("true")
         .env("MICROVM_HOME", home)
