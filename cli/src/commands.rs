@@ -9,19 +9,11 @@ use anyhow::{bail, Context, Result};
 use sandbox::agent_protocol::ttrpc::Code;
 use sandbox::{ProcessIo, Sandbox};
 
-use crate::run::PullArgs;
+use crate::run::{runtime, PullArgs};
 use crate::state::{self, RunDir, RunRecord, Status};
 use crate::ExitError;
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("start the async runtime")
-}
 
 fn live(name: &str) -> Result<(RunDir, RunRecord)> {
     let (rd, r) = state::find(name)?;

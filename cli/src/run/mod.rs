@@ -285,7 +285,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
     finish(&rd, &plan, outcome, &mut timings)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+/// The async runtime of `run` and the run commands.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

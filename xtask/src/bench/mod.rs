@@ -53,6 +53,23 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
 }
 
+/// Builds `microvm` and `microvm-vmm` (release unless `debug_build`); returns their directory.
+fn build_microvm(debug_build: bool) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = std::process::Command::new(&cargo);
+    build.args(["build", "-q", "-p", "microvm", "-p", "microvm-vmm"]);
+    if !debug_build {
+        build.arg("--release");
+    }
+    crate::util::run(build.current_dir(workspace_root()))?;
+    let release = release_dir();
+    Ok(if debug_build {
+        release.with_file_name("debug")
+    } else {
+        release
+    })
+}
+
 /// Where cargo puts release binaries: `$CARGO_TARGET_DIR/release`, else the workspace's.
 fn release_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")

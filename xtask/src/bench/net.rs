@@ -48,19 +48,7 @@ pub(super) fn net_bench(secs: usize, debug_build: bool) -> Result<()> {
     ])?;
     let vmlinux = kernel::build(&KernelArgs::default())?;
     let agent = crate::agent::build()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(&cargo);
-    build.args(["build", "-q", "-p", "microvm", "-p", "microvm-vmm"]);
-    if !debug_build {
-        build.arg("--release");
-    }
-    run(build.current_dir(workspace_root()))?;
-    let release = super::release_dir();
-    let bin_dir = if debug_build {
-        release.with_file_name("debug")
-    } else {
-        release
-    };
+    let bin_dir = super::build_microvm(debug_build)?;
     let work = tempfile::Builder::new().prefix("bench-net-").tempdir()?;
     let rootfs = work.path().join("rootfs");
     iperf_rootfs(&rootfs)?;

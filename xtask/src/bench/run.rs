@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 
 use super::{median, summary};
 use crate::kernel::{self, KernelArgs};
-use crate::util::{ensure_debs, run, workspace_root};
+use crate::util::{ensure_debs, workspace_root};
 
 /// The phases `microvm run --timings` prints, by name, in ms.
 fn parse_timings(stderr: &str) -> Vec<(String, f64)> {
@@ -38,19 +38,7 @@ pub(super) fn run_bench(runs: usize, debug_build: bool) -> Result<()> {
     ensure_debs(&["busybox-static", "e2fsprogs", "crun", "runc"])?;
     let vmlinux = kernel::build(&KernelArgs::default())?;
     let agent = crate::agent::build()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(&cargo);
-    build.args(["build", "-q", "-p", "microvm"]);
-    if !debug_build {
-        build.arg("--release");
-    }
-    run(build.current_dir(workspace_root()))?;
-    let release = super::release_dir();
-    let bin_dir = if debug_build {
-        release.with_file_name("debug")
-    } else {
-        release
-    };
+    let bin_dir = super::build_microvm(debug_build)?;
     let work = tempfile::Builder::new().prefix("bench-run-").tempdir()?;
     let layout = crate::demo::busybox_oci_layout(&work.path().join("busybox-oci"), &[])?;
     let xtask = std::env::current_exe()?;
