@@ -140,7 +140,15 @@ fn microvm_side(microvm: &Path, layout: &Path, home: &Path, secs: usize) -> Resu
     };
     let layout = layout.to_str().context("a UTF-8 path")?;
     mv(&[
-        "run", "-d", "--name", "iperf", "--cpus", "2", layout, "iperf3", "-s",
+        "run",
+        "-d",
+        "--name",
+        "iperf",
+        "--cpus",
+        "2",
+        layout,
+        "/usr/bin/iperf3",
+        "-s",
     ])?;
     let measured = (|| {
         let addr = mv(&["exec", "iperf", "ip", "-4", "-o", "addr", "show", "eth0"])?;
@@ -212,8 +220,13 @@ fn crun_side(rootfs: &Path, work: &Path, secs: usize) -> Result<(f64, f64)> {
         run(Command::new("crun").arg("spec").current_dir(&bundle))?;
         let mut spec: Value = serde_json::from_slice(&std::fs::read(bundle.join("config.json"))?)?;
         spec["process"]["terminal"] = json!(false);
-        spec["process"]["args"] = json!(["iperf3", "-s"]);
+        spec["process"]["args"] = json!(["/usr/bin/iperf3", "-s"]);
         spec["root"] = json!({"path": rootfs, "readonly": true});
+        // iperf3 keeps each stream's buffer in a file under /tmp.
+        spec["mounts"]
+            .as_array_mut()
+            .context("mounts")?
+            .push(json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"}));
         for ns in spec["linux"]["namespaces"]
             .as_array_mut()
             .context("namespaces")?
