@@ -1,4 +1,4 @@
-//! `cargo xtask bench boot|run`: boot-time, run-time and overhead figures (a benchmark, not a
+//! `cargo xtask bench boot|run|net|fs`: boot-time, run-time and overhead figures (a benchmark, not a
 //! test: it prints numbers and asserts nothing about them).
 //!
 //! `bench boot` ([`boot`]): host-side setup to the first `KVM_RUN`, then boot to the guest's
@@ -6,8 +6,10 @@
 //! `bench run` ([`run`]): `microvm run --rm IMG true` end to end next to crun and runc.
 //! `bench net` ([`net`]): iperf3 TCP throughput host <-> container over microvm's bridge, next
 //! to crun on the same bridge.
+//! `bench fs` ([`fs`]): file I/O on a `-v` volume (virtio-fs) next to a runc bind mount.
 
 mod boot;
+mod fs;
 mod net;
 mod run;
 
@@ -33,6 +35,8 @@ pub struct BenchArgs {
     debug_build: bool,
     #[command(flatten)]
     boot: boot::BootArgs,
+    #[command(flatten)]
+    fs: fs::FsArgs,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -40,6 +44,7 @@ enum What {
     Boot,
     Run,
     Net,
+    Fs,
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
@@ -50,6 +55,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         What::Run => run::run_bench(args.runs, args.debug_build),
         What::Net if args.inner => net::net_inner(args.runs),
         What::Net => net::net_bench(args.runs, args.debug_build),
+        What::Fs if args.inner => fs::fs_inner(args.runs, &args.fs),
+        What::Fs => fs::fs_bench(args.runs, args.debug_build, &args.fs),
     }
 }
 
@@ -68,6 +75,36 @@ fn build_microvm(debug_build: bool) -> Result<PathBuf> {
     } else {
         release
     })
+}
+
+/// Runs `xtask bench ARGS... --inner` with `envs` where guests can boot: on this host, or inside
+/// the testbed.
+fn run_inner(args: &[&str], envs: &[(&str, std::ffi::OsString)]) -> Result<()> {
+    let xtask = std::env::current_exe()?;
+    let code = if vmm::host::check_can_boot_guests().is_ok() {
+        let status = std::process::Command::new(&xtask)
+            .arg("bench")
+            .args(args)
+            .arg("--inner")
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .status()?;
+        status.code().unwrap_or(1)
+    } else {
+        println!("== this host cannot boot guests; the benchmark runs inside the testbed ==");
+        let mut argv = vec![xtask.into_os_string(), "bench".into()];
+        argv.extend(args.iter().map(Into::into));
+        argv.push("--inner".into());
+        let mut tb = testbed::Testbed::new();
+        for (k, v) in envs {
+            tb = tb.env(*k, v);
+        }
+        tb.run(&argv, &workspace_root())
+            .map_err(|e| anyhow::anyhow!("testbed: {e}"))?
+    };
+    if code != 0 {
+        anyhow::bail!("the benchmark `{}` failed ({code})", args.join(" "));
+    }
+    Ok(())
 }
 
 /// Where cargo puts release binaries: `$CARGO_TARGET_DIR/release`, else the workspace's.

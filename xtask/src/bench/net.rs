@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::kernel::{self, KernelArgs};
-use crate::util::{ensure_debs, run, workspace_root};
+use crate::util::{ensure_debs, run};
 
 /// The image's and the crun bundle's root filesystem: busybox plus iperf3 with the shared
 /// libraries `ldd` names.
@@ -53,41 +53,16 @@ pub(super) fn net_bench(secs: usize, debug_build: bool) -> Result<()> {
     let rootfs = work.path().join("rootfs");
     iperf_rootfs(&rootfs)?;
     let layout = crate::demo::oci_layout_of(&rootfs, &work.path().join("iperf-oci"), &[])?;
-    let xtask = std::env::current_exe()?;
-    let secs_text = secs.to_string();
-    let argv = [
-        xtask.as_os_str(),
-        "bench".as_ref(),
-        "net".as_ref(),
-        "--inner".as_ref(),
-        "--runs".as_ref(),
-        secs_text.as_ref(),
-    ];
-    let envs = [
-        ("MICROVM_KERNEL", vmlinux.into_os_string()),
-        ("MICROVM_AGENT", agent.into_os_string()),
-        ("BENCH_MICROVM", bin_dir.join("microvm").into_os_string()),
-        ("BENCH_LAYOUT", layout.into_os_string()),
-        ("BENCH_ROOTFS", rootfs.into_os_string()),
-    ];
-    let code = if vmm::host::check_can_boot_guests().is_ok() {
-        let status = Command::new(argv[0])
-            .args(&argv[1..])
-            .envs(envs.iter().map(|(k, v)| (k, v)))
-            .status()?;
-        status.code().unwrap_or(1)
-    } else {
-        println!("== this host cannot boot guests; the benchmark runs inside the testbed ==");
-        let mut tb = testbed::Testbed::new();
-        for (k, v) in &envs {
-            tb = tb.env(*k, v);
-        }
-        tb.run(&argv, &workspace_root()).context("testbed")?
-    };
-    if code != 0 {
-        bail!("the network benchmark failed ({code})");
-    }
-    Ok(())
+    super::run_inner(
+        &["net", "--runs", &secs.to_string()],
+        &[
+            ("MICROVM_KERNEL", vmlinux.into_os_string()),
+            ("MICROVM_AGENT", agent.into_os_string()),
+            ("BENCH_MICROVM", bin_dir.join("microvm").into_os_string()),
+            ("BENCH_LAYOUT", layout.into_os_string()),
+            ("BENCH_ROOTFS", rootfs.into_os_string()),
+        ],
+    )
 }
 
 /// One iperf3 client run against `server` for `secs` seconds (`-R`: the server sends); the

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 
 use super::{median, summary};
 use crate::kernel::{self, KernelArgs};
-use crate::util::{ensure_debs, workspace_root};
+use crate::util::ensure_debs;
 
 /// The phases `microvm run --timings` prints, by name, in ms.
 fn parse_timings(stderr: &str) -> Vec<(String, f64)> {
@@ -41,39 +41,15 @@ pub(super) fn run_bench(runs: usize, debug_build: bool) -> Result<()> {
     let bin_dir = super::build_microvm(debug_build)?;
     let work = tempfile::Builder::new().prefix("bench-run-").tempdir()?;
     let layout = crate::demo::busybox_oci_layout(&work.path().join("busybox-oci"), &[])?;
-    let xtask = std::env::current_exe()?;
-    let runs_text = runs.to_string();
-    let argv = [
-        xtask.as_os_str(),
-        "bench".as_ref(),
-        "run".as_ref(),
-        "--inner".as_ref(),
-        "--runs".as_ref(),
-        runs_text.as_ref(),
-    ];
-    let code = if vmm::host::check_can_boot_guests().is_ok() {
-        let status = Command::new(argv[0])
-            .args(&argv[1..])
-            .env("MICROVM_KERNEL", &vmlinux)
-            .env("MICROVM_AGENT", &agent)
-            .env("BENCH_MICROVM", bin_dir.join("microvm"))
-            .env("BENCH_LAYOUT", &layout)
-            .status()?;
-        status.code().unwrap_or(1)
-    } else {
-        println!("== this host cannot boot guests; the benchmark runs inside the testbed ==");
-        testbed::Testbed::new()
-            .env("MICROVM_KERNEL", &vmlinux)
-            .env("MICROVM_AGENT", &agent)
-            .env("BENCH_MICROVM", bin_dir.join("microvm"))
-            .env("BENCH_LAYOUT", &layout)
-            .run(&argv, &workspace_root())
-            .context("testbed")?
-    };
-    if code != 0 {
-        bail!("the run benchmark failed ({code})");
-    }
-    Ok(())
+    super::run_inner(
+        &["run", "--runs", &runs.to_string()],
+        &[
+            ("MICROVM_KERNEL", vmlinux.into_os_string()),
+            ("MICROVM_AGENT", agent.into_os_string()),
+            ("BENCH_MICROVM", bin_dir.join("microvm").into_os_string()),
+            ("BENCH_LAYOUT", layout.into_os_string()),
+        ],
+    )
 }
 
 /// One `microvm run --rm --timings IMG true`: wall ms and the phases.
