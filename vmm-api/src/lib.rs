@@ -11,6 +11,7 @@
 //! typed additions.
 
 mod cmdline;
+mod jail;
 mod net;
 mod validate;
 
@@ -20,6 +21,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use cmdline::{KernelCmdline, KernelParam, DEFAULT_CMDLINE, MAX_CMDLINE_BYTES};
+pub use jail::{JailConfig, CGROUP_ROOT};
 pub use validate::{
     ConfigError, MAX_CONFIG_BYTES, MAX_DISKS, MAX_FS_TAG_BYTES, MAX_MEMORY_MIB, MAX_PATH_BYTES,
     MAX_UDS_PATH_BYTES, MAX_VCPUS, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
@@ -80,6 +82,11 @@ pub struct VmConfig {
     /// filter asks otherwise.
     #[serde(default)]
     pub seccomp: SeccompMode,
+
+    /// Confine the VMM before the guest runs ([`JailConfig`]); `None`: it runs as started (for
+    /// tests of the VMM itself and for hosts where the jail cannot be built).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<JailConfig>,
 }
 
 /// What the VMM's per-thread seccomp filters do with a system call outside their lists.
@@ -174,6 +181,7 @@ impl VmConfig {
             fs: Vec::new(),
             force: false,
             seccomp: SeccompMode::Enforce,
+            jail: None,
         }
     }
 

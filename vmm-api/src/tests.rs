@@ -36,6 +36,11 @@ fn full() -> VmConfig {
         }],
         force: true,
         seccomp: SeccompMode::Log,
+        jail: Some(JailConfig {
+            uid: 900_001,
+            gid: 900_001,
+            cgroup: Some("/sys/fs/cgroup/microvm/vm900001".into()),
+        }),
     }
 }
 
@@ -124,6 +129,40 @@ fn malformed_json_and_missing_kernel_are_refused() {
     assert!(refused(r#"{"kernel": "/k""#).contains("not valid"));
     assert!(refused(r#"{"vcpus": 1}"#).contains("missing field `kernel`"));
     assert!(refused(r#"{"kernel": "/k", "vcpus": 300}"#).contains("u8"));
+}
+
+#[test]
+fn the_jail_asks_for_unprivileged_ids_and_a_cgroup_beneath_the_hierarchy() {
+    let jail = |c: &mut VmConfig| c.jail.as_mut().unwrap().clone();
+    assert_eq!(
+        invalid(|c| c.jail.as_mut().unwrap().uid = 0),
+        "jail.uid must be an unprivileged id (not 0 or 4294967295), not 0"
+    );
+    assert!(invalid(|c| c.jail.as_mut().unwrap().gid = u32::MAX).starts_with("jail.gid must be"));
+    for cgroup in [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/../../etc",
+        "/sys/fs/cgroup/microvm/./x",
+        "/sys/fs/cgroupx/vm",
+        "/tmp/vm",
+    ] {
+        let msg = invalid(|c| c.jail.as_mut().unwrap().cgroup = Some(cgroup.into()));
+        assert!(
+            msg.starts_with("jail.cgroup must be a directory beneath"),
+            "{cgroup}: {msg}"
+        );
+    }
+    assert!(
+        invalid(|c| c.jail.as_mut().unwrap().cgroup = Some("cg".into()))
+            .starts_with("jail.cgroup must be an absolute path")
+    );
+    let mut c = full();
+    let mut without_cgroup = jail(&mut c);
+    without_cgroup.cgroup = None;
+    c.jail = Some(without_cgroup);
+    c.validate().unwrap();
+    let msg = refused(r#"{"kernel": "/k", "jail": {"uid": 5, "gid": 5, "caps": []}}"#);
+    assert!(msg.contains("unknown field `caps`"), "{msg}");
 }
 
 #[test]

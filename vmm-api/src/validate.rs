@@ -70,6 +70,13 @@ pub enum ConfigError {
     },
     #[error("the kernel command line is longer than {MAX_CMDLINE_BYTES} bytes ({0})")]
     CmdlineTooLong(usize),
+    #[error("{field} must be an unprivileged id (not 0 or {}), not {id}", u32::MAX)]
+    JailId { field: &'static str, id: u32 },
+    #[error(
+        "jail.cgroup must be a directory beneath {}, not {0:?}",
+        crate::CGROUP_ROOT
+    )]
+    JailCgroup(PathBuf),
 }
 
 impl VmConfig {
@@ -104,6 +111,9 @@ impl VmConfig {
         let devices = self.virtio_devices();
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
+        }
+        if let Some(jail) = &self.jail {
+            jail.validate()?;
         }
         Ok(())
     }
@@ -179,7 +189,7 @@ impl FsConfig {
 }
 
 /// A host path in a config: absolute, no NUL (the kernel would cut it there), not too long.
-fn check_path(field: &str, path: &Path, max: usize) -> Result<(), ConfigError> {
+pub(crate) fn check_path(field: &str, path: &Path, max: usize) -> Result<(), ConfigError> {
     let bytes = path.as_os_str().as_bytes();
     if bytes.contains(&0) {
         return Err(ConfigError::NulInPath {
