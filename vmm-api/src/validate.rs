@@ -70,12 +70,9 @@ pub enum ConfigError {
     },
     #[error("the kernel command line is longer than {MAX_CMDLINE_BYTES} bytes ({0})")]
     CmdlineTooLong(usize),
-    #[error("{field} must be an unprivileged id (not 0 or {}), not {id}", u32::MAX)]
+    #[error("{field} must be an unprivileged id (not 0 or {max}), not {id}", max = u32::MAX)]
     JailId { field: &'static str, id: u32 },
-    #[error(
-        "jail.cgroup must be a directory beneath {}, not {0:?}",
-        crate::CGROUP_ROOT
-    )]
+    #[error("jail.cgroup must be a directory beneath {root}, not {0:?}", root = crate::CGROUP_ROOT)]
     JailCgroup(PathBuf),
 }
 
