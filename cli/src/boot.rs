@@ -1,11 +1,13 @@
 //! `microvm boot`: booting a kernel directly, for people. A thin wrapper: it turns its flags into
-//! the VMM's typed config ([`vmm_api::VmConfig`]) and execs `microvm-vmm` with it on descriptor
-//! 3, so the console, the log, the exit status and the process are the VMM's own.
+//! the VMM's typed config ([`vmm_api::VmConfig`]) and runs `microvm-vmm` with it on descriptor
+//! 3, so the console, the log and the exit status are the VMM's own. By default the VMM is
+//! jailed ([`sandbox::jail::VmJail`]): `microvm boot` holds the VM's ids and cgroup leaf while
+//! it runs and releases them after; with `--no-jail` it execs the VMM unconfined.
 
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use sandbox::vmm_api::{
     self, DiskConfig, FsConfig, KernelCmdline, NetConfig, VmConfig, VsockConfig,
 };
@@ -51,6 +53,11 @@ pub struct BootArgs {
     /// kernels).
     #[arg(long)]
     force: bool,
+    /// Run the VMM unconfined (as this user, in this process's namespaces); by default it is
+    /// jailed, which needs root. A host listener for guest connections (UDS_PATH_P) must then
+    /// be reachable by the VM's jail uid: its directory searchable, the socket writable.
+    #[arg(long)]
+    no_jail: bool,
 }
 
 /// `path` made absolute against this directory (the contract takes absolute paths only).
@@ -108,7 +115,7 @@ fn parse_fs(s: &str) -> Result<FsConfig, String> {
 }
 
 /// The VMM's config for these flags.
-fn vm_config(args: BootArgs) -> Result<VmConfig> {
+fn vm_config(args: &BootArgs) -> Result<VmConfig> {
     let config = VmConfig {
         kernel: absolute(&args.kernel).map_err(|e| anyhow!(e))?,
         initrd: match &args.initrd {
@@ -116,30 +123,66 @@ fn vm_config(args: BootArgs) -> Result<VmConfig> {
             None => None,
         },
         cmdline: KernelCmdline {
-            base: args.cmdline,
+            base: args.cmdline.clone(),
             params: Vec::new(),
         },
         vcpus: args.cpus,
         memory_mib: args.memory,
-        disks: args.disks,
-        vsock: args.vsock,
+        disks: args.disks.clone(),
+        vsock: args.vsock.clone(),
         rng: args.rng,
-        nets: args.nets,
-        fs: args.fs,
+        nets: args.nets.clone(),
+        fs: args.fs.clone(),
         force: args.force,
         seccomp: Default::default(),
+        jail: None,
     };
     config.validate().context("invalid VM configuration")?;
     Ok(config)
 }
 
-/// Replaces this process with `microvm-vmm` (found next to `microvm`, or `$MICROVM_VMM`);
-/// returns only if that fails.
+/// Runs `microvm-vmm` (found next to `microvm`, or `$MICROVM_VMM`) jailed and returns its exit
+/// status (128 + N for a signal N); with `--no-jail`, replaces this process with it.
 pub fn boot(args: BootArgs) -> Result<i32> {
-    let config = vm_config(args)?;
+    let mut config = vm_config(&args)?;
     let vmm = sandbox::locate::vmm()?;
-    let err = sandbox::vmm_command(&vmm, &config)?.exec();
-    Err(err).with_context(|| format!("cannot run {}", vmm.display()))
+    if args.no_jail {
+        let err = sandbox::vmm_command(&vmm, &config)?.exec();
+        return Err(err).with_context(|| format!("cannot run {}", vmm.display()));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("jailing the VMM needs root: run as root, or pass --no-jail");
+    }
+    let jail = sandbox::jail::VmJail::prepare(&mut config)?;
+    let mut cmd = sandbox::vmm_command(&vmm, &config)?;
+    // This process is one thread, so the signal fires exactly when it dies: killing `microvm
+    // boot` still ends the VM, as it did when this process was the VMM (the jail's supervisor
+    // keeps the signal across its identity change).
+    // SAFETY: the closure only calls prctl(2), async-signal-safe, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot run {}", vmm.display()))?;
+    // As system(3) does: a terminal's Ctrl-C or Ctrl-\ reaches the VMM (same process group),
+    // which ends; this process stays to release the jail. Set after the spawn, so the VMM
+    // keeps the default dispositions.
+    for sig in [libc::SIGINT, libc::SIGQUIT] {
+        // SAFETY: SIG_IGN installs no handler code.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+    let status = child.wait().context("wait for the VMM")?;
+    drop(jail);
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
 #[cfg(test)]
@@ -212,7 +255,7 @@ mod tests {
             "tap0,mtu=1400",
         ])
         .unwrap();
-        let c = vm_config(cli.boot).unwrap();
+        let c = vm_config(&cli.boot).unwrap();
         assert_eq!(
             (c.vcpus, c.memory_mib, c.rng, c.force),
             (2, 256, true, true)
@@ -231,12 +274,12 @@ mod tests {
 
         let cli =
             Cli::try_parse_from(["boot", "--kernel", "/k", "--cmdline", "console=hvc0"]).unwrap();
-        let c = vm_config(cli.boot).unwrap();
+        let c = vm_config(&cli.boot).unwrap();
         assert_eq!(c.cmdline.render(), "console=hvc0");
         assert_eq!((c.vcpus, c.memory_mib), (1, 128));
 
         let cli = Cli::try_parse_from(["boot", "--kernel", "/k", "--cpus", "0"]).unwrap();
-        let err = format!("{:#}", vm_config(cli.boot).unwrap_err());
+        let err = format!("{:#}", vm_config(&cli.boot).unwrap_err());
         assert!(err.contains("vcpus must be 1 to 32, not 0"), "{err}");
     }
 }

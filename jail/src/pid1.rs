@@ -97,8 +97,16 @@ impl Supervisor {
     /// Drops every privilege (the same identity, no capabilities, no_new_privs; it keeps the
     /// host's other namespaces, so its working directory still says which VM it is), then
     /// waits for PID 1. A failure to drop kills PID 1 (the supervisor returns, and exits).
+    /// A parent-death signal its starter asked for survives the identity change (which clears
+    /// it), so the starter's death still ends the VM.
     pub fn wait(self) -> Result<ChildExit> {
+        let inherited =
+            nix::sys::prctl::get_pdeathsig().map_err(JailError::sys("prctl(PR_GET_PDEATHSIG)"))?;
         self.jail.drop_privileges()?;
+        if inherited.is_some() {
+            nix::sys::prctl::set_pdeathsig(inherited)
+                .map_err(JailError::sys("prctl(PR_SET_PDEATHSIG) again"))?;
+        }
         loop {
             match waitpid(self.child, None) {
                 Ok(WaitStatus::Exited(_, code)) => return Ok(ChildExit::Code(code)),

@@ -92,6 +92,9 @@ pub struct SandboxConfig {
     /// The network namespace the VMM runs in (an nsfs path such as `/var/run/netns/NAME`),
     /// where it opens the `nets` taps; `None`: the caller's. virtiofsd stays in the caller's.
     pub netns: Option<PathBuf>,
+    /// Jail the VMM ([`crate::jail::VmJail`]: its own namespaces, an empty root, a per-VM
+    /// unprivileged uid/gid, no capabilities, a cgroup leaf). Needs root; on by default.
+    pub jail: bool,
 }
 
 impl SandboxConfig {
@@ -119,6 +122,7 @@ impl SandboxConfig {
             virtiofsd: None,
             nets: Vec::new(),
             netns: None,
+            jail: true,
         }
     }
 }

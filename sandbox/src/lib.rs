@@ -17,6 +17,7 @@
 mod config;
 mod forward;
 mod io;
+pub mod jail;
 pub mod locate;
 mod process;
 mod rpc;

@@ -10,6 +10,7 @@ use agent_protocol::agent_ttrpc::AgentClient;
 use agent_protocol::ttrpc::{self, context};
 use vmm_api::{FsConfig, KernelCmdline, VmConfig, VsockConfig};
 
+use crate::jail::VmJail;
 use crate::vmm::{self, connect_agent, console_tail, remove_sockets, Vmm};
 use crate::{io, locate, share, Console, Error, Result, SandboxConfig};
 
@@ -40,6 +41,7 @@ fn vm_config(cfg: &SandboxConfig, initrd: &Path, uds: &Path) -> Result<VmConfig>
         fs: Vec::new(),
         force: false,
         seccomp: Default::default(),
+        jail: None,
     };
     vm.validate()
         .map_err(|e| Error::Invalid(format!("VM config: {e}")))?;
@@ -111,6 +113,10 @@ impl Sandbox {
                 Some(d)
             }
         };
+        let jail = match cfg.jail {
+            true => Some(VmJail::prepare(&mut vm)?),
+            false => None,
+        };
         let child = vmm::spawn(
             &cfg.vmm,
             &vm,
@@ -122,6 +128,7 @@ impl Sandbox {
         let mut vmm = Vmm {
             child: Some(child),
             uds,
+            jail,
         };
         let client = connect_agent(&mut vmm, &cfg.console, cfg.start_timeout).await?;
         Ok(Sandbox {
@@ -157,7 +164,11 @@ impl Sandbox {
             ttrpc::r#async::transport::Socket::from(s),
         ));
         let sandbox = Sandbox {
-            vmm: Vmm { child: None, uds },
+            vmm: Vmm {
+                child: None,
+                uds,
+                jail: None,
+            },
             _virtiofsd: None,
             client,
             state_dir,

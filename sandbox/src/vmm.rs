@@ -17,6 +17,7 @@ use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use vmm_api::VmConfig;
 
+use crate::jail::VmJail;
 use crate::{io, Console, Error, Result};
 
 /// The descriptor the VMM reads its config from (`microvm-vmm --config-fd 3`).
@@ -121,15 +122,21 @@ pub(crate) fn enter_netns(cmd: &mut Command, netns: &Path) -> Result<()> {
 pub(crate) struct Vmm {
     pub(crate) child: Option<Child>,
     pub(crate) uds: PathBuf,
+    /// The jail's ids and cgroup leaf: released after the child is reaped.
+    pub(crate) jail: Option<VmJail>,
 }
 
 impl Vmm {
+    /// Kills the VMM (its jail's supervisor, whose death kills the jailed VMM too) and reaps
+    /// it, then removes its sockets and its cgroup leaf (which waits for the jailed process to
+    /// be gone) and frees its ids.
     pub(crate) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
             remove_sockets(&self.uds);
         }
+        self.jail = None;
     }
 }
 

@@ -190,9 +190,30 @@ pub struct Running {
 }
 
 impl Running {
-    /// The process id of `microvm`, which is the VMM's (`microvm boot` execs `microvm-vmm`).
+    /// The pid of the `microvm boot` process (with the jail, the VMM is its grandchild: see
+    /// [`Running::vmm_pid`]).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The only child of process `pid`, if it has exactly one.
+    pub fn child_pid(&self, pid: u32) -> Option<u32> {
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        let mut pids = children.split_whitespace();
+        match (pids.next(), pids.next()) {
+            (Some(only), None) => only.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// The process that runs the VM: `microvm boot` → the jail's supervisor → the jailed VMM
+    /// (the last of the only-child chain below [`Running::pid`]).
+    pub fn vmm_pid(&self) -> u32 {
+        let mut pid = self.pid();
+        while let Some(child) = self.child_pid(pid) {
+            pid = child;
+        }
+        pid
     }
 
     /// Waits for the VMM to exit (killing it after the timeout).

@@ -4,8 +4,10 @@
 //! machines), the test binary re-runs itself inside the testbed, an emulated nested-KVM host
 //! (see `testbed/`), with the same arguments; on a host with hardware KVM it runs directly.
 
+use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
             "vmm_threads_are_seccomp_filtered",
             vmm_threads_are_seccomp_filtered,
         ),
+        trial("vmm_is_jailed_while_the_guest_runs", vmm_is_jailed),
     ];
     libtest_mimic::run(&args, trials).exit_code()
 }
@@ -206,8 +209,12 @@ fn expected_hash(bytes: u64) -> u64 {
 
 fn vsock_both_ways(art: &Artifacts, dir: &Path) {
     let uds = dir.join("vsock.sock");
-    // Guest -> host: the guest connects to host port 5000; we echo.
-    let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    // Guest -> host: the guest connects to host port 5000; we echo. The jailed VMM connects
+    // as its own unprivileged uid: the directory must let it through, the socket take it.
+    let listener_path = format!("{}_5000", uds.display());
+    let listener = UnixListener::bind(&listener_path).unwrap();
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&listener_path, fs::Permissions::from_mode(0o777)).unwrap();
     let host_echo = std::thread::spawn(move || {
         let s = listener.accept().unwrap().0;
         echo_stream(s, |s| s.shutdown(std::net::Shutdown::Write).unwrap())
@@ -286,7 +293,7 @@ fn vmm_threads_are_seccomp_filtered(art: &Artifacts, dir: &Path) {
     // The guest's user space runs (both vCPUs are past their first KVM_RUN) and the event
     // loop answered the handshake: every thread has installed its filter.
     let (mut s, mut r) = connect_to_guest(&uds, 6000);
-    let threads = proc_status::threads(vm.pid()).expect("the VMM's /proc/<pid>/task");
+    let threads = proc_status::threads(vm.vmm_pid()).expect("the VMM's /proc/<pid>/task");
     let names: Vec<&str> = threads.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(threads.len(), 3, "event thread and two vCPUs: {names:?}");
     for t in &threads {
@@ -305,6 +312,83 @@ fn vmm_threads_are_seccomp_filtered(art: &Artifacts, dir: &Path) {
     r.read_to_end(&mut echoed).unwrap();
     assert_eq!(echoed, b"confined");
     vm.wait().expect_ok(&["VSOCK-ECHO-DONE", "GUEST-END rc=0"]);
+/// The VMM's jail, read from outside while the guest runs its workload (an echo over vsock,
+/// which the host reaches only after the inspection): `microvm boot` → the jail's supervisor →
+/// the VMM, PID 1 of its own namespace. Every thread of both: no_new_privs, no capabilities,
+/// the VM's unprivileged uid/gid; the VMM's threads seccomp-filtered too, the VMM in its own
+/// mount, PID, IPC, UTS and network namespaces with its own root, in its cgroup leaf with the
+/// VM's memory limit.
+fn vmm_is_jailed(art: &Artifacts, dir: &Path) {
+    let uds = dir.join("vsock.sock");
+    let initrd = initramfs(art, dir, "guest-tool vsock-echo 6000");
+    let vm = Boot::new(art, &initrd)
+        .arg("--vsock")
+        .arg(format!("3,{}", uds.display()))
+        .spawn();
+    let (mut s, mut r) = connect_to_guest(&uds, 6000);
+    let supervisor = vm.child_pid(vm.pid()).expect("the jail's supervisor");
+    let vmm = vm.vmm_pid();
+    assert_eq!(vm.child_pid(supervisor), Some(vmm));
+    let mut uids = Vec::new();
+    for pid in [supervisor, vmm] {
+        let threads = proc_status::threads(pid).expect("/proc/<pid>/task");
+        if pid == vmm {
+            // The event thread and the vCPU thread, each behind its seccomp filter (installed
+            // after the jail: the guest's user space runs, so both are past it).
+            assert!(threads.len() >= 2, "VMM threads: {threads:?}");
+            for t in &threads {
+                assert!(t.seccomp_filtered(), "thread {} not filtered: {t:?}", t.name);
+            }
+        }
+        for t in &threads {
+            let field = |key: &str| t.field(key).unwrap_or_else(|| panic!("no {key}: {t:?}"));
+            assert_eq!(field("NoNewPrivs"), "1", "{t:?}");
+            for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+                assert_eq!(field(set), "0000000000000000", "{set} of {t:?}");
+            }
+            for ids in [field("Uid"), field("Gid")] {
+                let ids: Vec<&str> = ids.split_whitespace().collect();
+                assert!(ids.iter().all(|id| *id == ids[0] && *id != "0"), "{t:?}");
+                uids.push(ids[0].to_string());
+            }
+            assert_eq!(field("Groups"), "", "{t:?}");
+        }
+    }
+    assert!(
+        uids.iter().all(|u| *u == uids[0]),
+        "one id for the VM: {uids:?}"
+    );
+    let ns = |pid: &str, ns: &str| fs::metadata(format!("/proc/{pid}/ns/{ns}")).unwrap().ino();
+    for kind in ["mnt", "pid", "ipc", "uts", "net"] {
+        assert_ne!(
+            ns(&vmm.to_string(), kind),
+            ns("self", kind),
+            "{kind} namespace"
+        );
+    }
+    let root = fs::metadata(format!("/proc/{vmm}/root")).unwrap();
+    let host_root = fs::metadata("/").unwrap();
+    assert_ne!((root.dev(), root.ino()), (host_root.dev(), host_root.ino()));
+    let cgroup = fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+    let leaf = cgroup.trim().strip_prefix("0::").unwrap_or_default();
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        assert!(leaf.starts_with("/microvm/vm"), "VMM cgroup: {cgroup}");
+        let max = fs::read_to_string(format!("/sys/fs/cgroup{leaf}/memory.max")).unwrap();
+        assert_eq!(max.trim(), ((128u64 + 128) << 20).to_string());
+    }
+    // The workload still runs in the jail.
+    s.write_all(b"jailed").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut echoed = Vec::new();
+    r.read_to_end(&mut echoed).unwrap();
+    assert_eq!(echoed, b"jailed");
+    vm.wait().expect_ok(&["VSOCK-ECHO-DONE", "GUEST-END rc=0"]);
+    if !leaf.is_empty() {
+        assert!(
+            !Path::new(&format!("/sys/fs/cgroup{leaf}")).exists(),
+            "the leaf stays"
+        );
+    }
 }
 
 const NET_BYTES: u64 = 1 << 20;

@@ -5,16 +5,21 @@
 //!
 //! The guest's serial console goes to stdout, the VMM's log to stderr. Exit status: 0 when the
 //! guest reset the VM, 1 on any failure (with one line on stderr), 2 for a usage error.
+//!
+//! With the config's `jail`, the process confines itself with the `jail` crate before the guest
+//! runs: the process its starter knows becomes the jail's supervisor (unprivileged, it waits and
+//! ends as the VMM ended), the VM runs in its child, PID 1 of a namespace of its own.
 
 use std::ffi::OsString;
 use std::fs::File;
 use std::os::fd::{FromRawFd, RawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
+use jail::{Forked, Jail};
 use tracing_subscriber::EnvFilter;
-use vmm_api::VmConfig;
+use vmm_api::{JailConfig, VmConfig};
 
 const USAGE: &str = "usage: microvm-vmm --config-fd N | --config PATH";
 
@@ -96,7 +101,43 @@ fn read_config(source: ConfigSource) -> Result<VmConfig> {
 fn run(source: ConfigSource) -> Result<i32> {
     let config = read_config(source)?;
     init_logging();
-    Ok(vmm::run(config, Box::new(std::io::stdout()))?)
+    let Some(jail) = config
+        .jail
+        .as_ref()
+        .map(|j| jail_for(j, &config))
+        .transpose()?
+    else {
+        return Ok(vmm::run(config, Box::new(std::io::stdout()))?);
+    };
+    // Still one thread here, as the fork needs.
+    match jail.fork_into_pid_namespace()? {
+        Forked::Supervisor(supervisor) => supervisor.wait()?.relay(),
+        Forked::Pid1(parent) => {
+            jail.isolate()?;
+            let confine = || Ok(jail.confine(&parent)?);
+            Ok(vmm::run_confined(
+                config,
+                Box::new(std::io::stdout()),
+                confine,
+            )?)
+        }
+    }
+}
+
+/// The jail `config` asks for: its ids and cgroup; a network namespace of its own unless it
+/// has taps (they are opened in the namespace the VMM was started in); its vsock socket's
+/// directory the one thing visible in its root, for the connections the guest opens to host
+/// listeners `<socket>_<port>` beside it. Everything else is opened before the root changes.
+fn jail_for(j: &JailConfig, config: &VmConfig) -> Result<Jail> {
+    let mut jail = Jail::new(j.uid, j.gid)?;
+    jail.cgroup = j.cgroup.clone();
+    jail.new_network_namespace = config.nets.is_empty();
+    jail.visible_dirs = config
+        .vsock
+        .iter()
+        .filter_map(|v| v.uds_path.parent().map(Path::to_path_buf))
+        .collect();
+    Ok(jail)
 }
 
 fn init_logging() {

@@ -16,6 +16,9 @@ pub mod timing;
 pub mod vcpu;
 pub mod vm;
 
-pub use vm::{run, DiskConfig, FsConfig, NetConfig, VmConfig, VmmError, VsockConfig};
+pub use vm::{
+    run, run_confined, ConfineError, DiskConfig, FsConfig, NetConfig, VmConfig, VmmError,
+    VsockConfig,
+};
 /// The VM configuration's types and limits: the contract this VMM is started with.
 pub use vmm_api;

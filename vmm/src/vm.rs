@@ -97,6 +97,8 @@ pub enum VmmError {
     Cmdline(linux_loader::cmdline::Error),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("{0}")]
+    Confine(ConfineError),
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -105,6 +107,21 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 /// serves it until the guest resets or fails. Returns the VMM's exit code: 0 when the guest
 /// reset the machine, 1 on a VM error.
 pub fn run(config: VmConfig, console: Box<dyn Write + Send>) -> Result<i32, VmmError> {
+    run_confined(config, console, || Ok(()))
+}
+
+/// What [`run_confined`]'s `confine` may fail with.
+pub type ConfineError = Box<dyn std::error::Error + Send + Sync>;
+
+/// [`run`], calling `confine` once everything the VM needs from the host is open (KVM, guest
+/// memory, devices, kernel) and before the guest's first instruction or any other thread: where
+/// the jail drops the VMM's privileges (capabilities are per thread) and before any seccomp
+/// filter.
+pub fn run_confined(
+    config: VmConfig,
+    console: Box<dyn Write + Send>,
+    confine: impl FnOnce() -> Result<(), ConfineError>,
+) -> Result<i32, VmmError> {
     validate(&config)?;
     if !config.force {
         crate::host::check_can_boot_guests()?;
@@ -252,6 +269,8 @@ pub fn run(config: VmConfig, console: Box<dyn Write + Send>) -> Result<i32, VmmE
     }
 
     phase("vCPUs configured");
+    confine().map_err(VmmError::Confine)?;
+    phase("confined");
 
     // The event thread's loop, then the vCPUs, each thread confined before it serves the guest.
     let mut events = EventManager::<Subscriber>::new()?;

@@ -176,10 +176,24 @@ fn first_kvm_run(
         }
     }
     std::thread::sleep(Duration::from_millis(100));
-    let rss = rss_split(child.id(), mib << 20).ok();
+    let rss = rss_split(vmm_pid(child.id()), mib << 20).ok();
     let _ = child.kill();
     let _ = child.wait();
     Ok((found.context("the VMM never reached KVM_RUN")?, rss))
+}
+
+/// The process that runs the VM below `pid`: the last of its only-child descendants (`microvm
+/// boot` → the jail's supervisor → the jailed VMM; `pid` itself for a VMM that is exec'd).
+fn vmm_pid(pid: u32) -> u32 {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
+    match children
+        .as_deref()
+        .map(str::split_whitespace)
+        .map(|mut c| (c.next(), c.next()))
+    {
+        Ok((Some(only), None)) => only.parse().map_or(pid, vmm_pid),
+        _ => pid,
+    }
 }
 
 /// busybox `/init`: mounts devtmpfs, writes boot marker 1, prints BOOTED with the guest's
@@ -233,7 +247,7 @@ fn measure(mut cmd: Command, sample_rss: bool) -> Result<Sample> {
             uptime_ms = number_after(&line, "BOOTED uptime ").map(|s| s * 1000.0);
             if sample_rss {
                 std::thread::sleep(Duration::from_millis(300));
-                rss = rss_split(child.id(), GUEST_MIB << 20).ok();
+                rss = rss_split(vmm_pid(child.id()), GUEST_MIB << 20).ok();
             }
         }
         console.push(line);

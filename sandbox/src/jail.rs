@@ -1,0 +1,67 @@
+//! The host's side of a VM's jail: a per-VM unprivileged uid/gid and a cgroup v2 leaf, made
+//! before the VMM starts and named in its config ([`vmm_api::JailConfig`]); the VMM confines
+//! itself with them (the `jail` crate).
+
+use std::path::Path;
+use std::sync::Once;
+
+use jail::cgroup::{self, CgroupLimits, VmCgroup};
+use jail::JailIds;
+use vmm_api::{JailConfig, VmConfig};
+
+use crate::{Error, Result};
+
+/// What a jailed VM holds on the host: dropped after its VMM is reaped, it removes the cgroup
+/// leaf (killing anything left in it) and frees the ids.
+#[derive(Debug)]
+pub struct VmJail {
+    // Dropped first: the leaf goes before its ids can be handed to another VM (whose leaf has
+    // the same name).
+    cgroup: Option<VmCgroup>,
+    ids: JailIds,
+}
+
+impl VmJail {
+    /// Allocates the VM's ids and cgroup leaf (`/sys/fs/cgroup/microvm/vm<uid>`, memory.max =
+    /// guest memory + the VMM's overhead, pids.max = vCPUs + a few) and writes them into
+    /// `config.jail`. Without cgroup v2 at `/sys/fs/cgroup` the VM runs without a leaf of its
+    /// own, with one warning per process; a cgroup v2 that refuses the leaf is an error.
+    pub fn prepare(config: &mut VmConfig) -> Result<VmJail> {
+        let ids = JailIds::allocate().map_err(|e| Error::Invalid(e.to_string()))?;
+        let hierarchy = Path::new(cgroup::HIERARCHY);
+        let cgroup = if cgroup::is_cgroup2(hierarchy) {
+            let limits = CgroupLimits::for_vm(config.memory_mib, config.vcpus);
+            let name = format!("vm{}", ids.uid());
+            Some(
+                VmCgroup::create(hierarchy, cgroup::GROUP, &name, limits)
+                    .map_err(|e| Error::Invalid(e.to_string()))?,
+            )
+        } else {
+            static WARNED: Once = Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "{} is not cgroup v2: VMs run without a cgroup of their own (no memory or \
+                     pids limit); the rest of the jail applies",
+                    cgroup::HIERARCHY
+                )
+            });
+            None
+        };
+        config.jail = Some(JailConfig {
+            uid: ids.uid(),
+            gid: ids.gid(),
+            cgroup: cgroup.as_ref().map(|c| c.path().to_path_buf()),
+        });
+        Ok(VmJail { cgroup, ids })
+    }
+
+    /// The VM's uid (its gid is the same number).
+    pub fn uid(&self) -> u32 {
+        self.ids.uid()
+    }
+
+    /// The VM's cgroup leaf, if it has one.
+    pub fn cgroup(&self) -> Option<&Path> {
+        self.cgroup.as_ref().map(VmCgroup::path)
+    }
+}
