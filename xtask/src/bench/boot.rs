@@ -1,7 +1,8 @@
 //! `bench boot`:
 //! - Host-side setup, process start to the first `KVM_RUN`, measured on this host directly
 //!   (with `--force` where guests cannot boot: setup is the same, the guest is then killed), for
-//!   each `--setup-memory` size, alternating with the `--baseline` build when given.
+//!   each `--setup-memory` size, alternating with the same build's `--no-jail` run (the jail's
+//!   cost) and the `--baseline` build when given.
 //! - Inside the testbed (or directly on a host with hardware KVM): `microvm boot`, QEMU
 //!   `-M microvm` and, when given, Firecracker (`--firecracker`) and another microvm build
 //!   (`--baseline`), alternately, on the same kernel and initramfs, 128 MiB, 1 vCPU: time from
@@ -78,22 +79,26 @@ pub(super) fn boot(runs: usize, args: &BootArgs) -> Result<()> {
     let initrd = bench_initramfs(work.path())?;
 
     println!("== host-side setup: process start to first KVM_RUN (this host, {runs} runs) ==");
-    let mut binaries = vec![("microvm", microvm.clone())];
-    binaries.extend(baseline.clone().map(|b| ("baseline", b)));
+    // The jail's own cost: the same build with and without it.
+    let mut binaries = vec![
+        ("microvm", microvm.clone(), None),
+        ("microvm --no-jail", microvm.clone(), Some("--no-jail")),
+    ];
+    binaries.extend(baseline.clone().map(|b| ("baseline", b, None)));
     for &mib in &args.setup_memory {
         let mut setup = vec![Vec::new(); binaries.len()];
         let mut overhead = Vec::new();
         for _ in 0..runs {
             // Alternate the binaries so a loaded machine hurts both alike.
-            for (i, (_, bin)) in binaries.iter().enumerate() {
-                let (ms, rss) = first_kvm_run(bin, &vmlinux, &initrd, mib)?;
+            for (i, (_, bin, flag)) in binaries.iter().enumerate() {
+                let (ms, rss) = first_kvm_run(bin, *flag, &vmlinux, &initrd, mib)?;
                 setup[i].push(ms);
                 if i == 0 {
                     overhead.extend(rss.map(|(total, guest)| total - guest));
                 }
             }
         }
-        for ((name, _), v) in binaries.iter().zip(&setup) {
+        for ((name, _, _), v) in binaries.iter().zip(&setup) {
             println!(
                 "{name} {mib} MiB, setup to first KVM_RUN: {}",
                 summary(v, "ms")
@@ -148,17 +153,21 @@ pub(super) fn boot(runs: usize, args: &BootArgs) -> Result<()> {
     Ok(())
 }
 
-/// Starts `microvm boot --force` and returns the VMM's own "first KVM_RUN at X ms" and its RSS
+/// Starts `microvm boot --force [flag]` and returns the VMM's own "first KVM_RUN at X ms" (for
+/// a jailed VMM: since the supervisor started, the jail included) and its RSS
 /// split (total, guest memory) just after, then kills it (on a PVM host the guest would only
 /// crawl).
 fn first_kvm_run(
     microvm: &Path,
+    flag: Option<&str>,
     kernel: &Path,
     initrd: &Path,
     mib: u64,
 ) -> Result<(f64, Option<(f64, f64)>)> {
     let mut child = Command::new(microvm)
-        .args(["boot", "--force", "--memory", &mib.to_string(), "--kernel"])
+        .args(["boot", "--force", "--memory", &mib.to_string()])
+        .args(flag)
+        .arg("--kernel")
         .arg(kernel)
         .arg("--initrd")
         .arg(initrd)
