@@ -65,3 +65,34 @@ impl VmJail {
         self.cgroup.as_ref().map(VmCgroup::path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two VMs get two ids, written into their configs with the leaf (where cgroup v2 is).
+    #[test]
+    fn each_vm_gets_its_own_ids_in_its_config() {
+        let mut a = VmConfig::new("/k");
+        let mut b = VmConfig::new("/k");
+        let ja = VmJail::prepare(&mut a).unwrap();
+        let jb = VmJail::prepare(&mut b).unwrap();
+        assert_ne!(ja.uid(), jb.uid());
+        let (ca, cb) = (a.jail.clone().unwrap(), b.jail.clone().unwrap());
+        assert_eq!((ca.uid, ca.gid), (ja.uid(), ja.uid()));
+        assert_eq!((cb.uid, cb.gid), (jb.uid(), jb.uid()));
+        assert!(ja.uid() >= jail::ids::JAIL_ID_BASE);
+        assert_eq!(ca.cgroup.as_deref(), ja.cgroup());
+        if let Some(leaf) = ja.cgroup() {
+            assert!(leaf.ends_with(format!("microvm/vm{}", ja.uid())));
+            assert!(leaf.is_dir());
+        }
+        a.validate().unwrap();
+        let leaf = ja.cgroup().map(Path::to_path_buf);
+        drop(ja);
+        assert!(
+            leaf.is_none_or(|l| !l.exists()),
+            "the leaf goes with the jail"
+        );
+    }
+}

@@ -19,9 +19,24 @@ fn pids_where(pick: impl Fn(&[&[u8]], bool) -> bool) -> Vec<u32> {
     pids
 }
 
-/// Pids of running VMM processes (`microvm-vmm --config-fd 3`).
+/// Pids of running VMMs (`microvm-vmm --config-fd 3`), one per VM: a jailed VMM is two
+/// processes (the jail's supervisor and its child, PID 1 of the VM's PID namespace), and only
+/// the one whose parent is not a VMM counts (a child left without its supervisor counts too).
 pub fn vmm_pids() -> Vec<u32> {
-    pids_where(|args, zombie| !zombie && args[0].ends_with(b"microvm-vmm"))
+    let vmms = pids_where(|args, zombie| !zombie && args[0].ends_with(b"microvm-vmm"));
+    let parent = |pid: &u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(") ")?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    vmms.iter()
+        .copied()
+        .filter(|pid| !parent(pid).is_some_and(|p| vmms.contains(&p)))
+        .collect()
 }
 
 /// Pids of shim processes (zombies included: containerd has not reaped them yet).
