@@ -312,6 +312,8 @@ fn vmm_threads_are_seccomp_filtered(art: &Artifacts, dir: &Path) {
     r.read_to_end(&mut echoed).unwrap();
     assert_eq!(echoed, b"confined");
     vm.wait().expect_ok(&["VSOCK-ECHO-DONE", "GUEST-END rc=0"]);
+}
+
 /// The VMM's jail, read from outside while the guest runs its workload (an echo over vsock,
 /// which the host reaches only after the inspection): `microvm boot` → the jail's supervisor →
 /// the VMM, PID 1 of its own namespace. Every thread of both: no_new_privs, no capabilities,
@@ -337,7 +339,11 @@ fn vmm_is_jailed(art: &Artifacts, dir: &Path) {
             // after the jail: the guest's user space runs, so both are past it).
             assert!(threads.len() >= 2, "VMM threads: {threads:?}");
             for t in &threads {
-                assert!(t.seccomp_filtered(), "thread {} not filtered: {t:?}", t.name);
+                assert!(
+                    t.seccomp_filtered(),
+                    "thread {} not filtered: {t:?}",
+                    t.name
+                );
             }
         }
         for t in &threads {
