@@ -292,7 +292,7 @@ fn vmm_threads_are_seccomp_filtered(art: &Artifacts, dir: &Path) {
         .spawn();
     // The guest's user space runs (both vCPUs are past their first KVM_RUN) and the event
     // loop answered the handshake: every thread has installed its filter.
-    let (mut s, mut r) = connect_to_guest(&uds, 6000);
+    let (s, r) = connect_to_guest(&uds, 6000);
     let threads = proc_status::threads(vm.vmm_pid()).expect("the VMM's /proc/<pid>/task");
     let names: Vec<&str> = threads.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(threads.len(), 3, "event thread and two vCPUs: {names:?}");
@@ -306,12 +306,17 @@ fn vmm_threads_are_seccomp_filtered(art: &Artifacts, dir: &Path) {
             t.field("Seccomp_filters")
         );
     }
-    s.write_all(b"confined").unwrap();
+    echo_once(s, r, b"confined");
+    vm.wait().expect_ok(&["VSOCK-ECHO-DONE", "GUEST-END rc=0"]);
+}
+
+/// Sends `payload` to a guest `vsock-echo`, ends the sending side, and checks it comes back.
+fn echo_once(mut s: UnixStream, mut r: BufReader<UnixStream>, payload: &[u8]) {
+    s.write_all(payload).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut echoed = Vec::new();
     r.read_to_end(&mut echoed).unwrap();
-    assert_eq!(echoed, b"confined");
-    vm.wait().expect_ok(&["VSOCK-ECHO-DONE", "GUEST-END rc=0"]);
+    assert_eq!(echoed, payload);
 }
 
 /// The VMM's jail, read from outside while the guest runs its workload (an echo over vsock,
@@ -327,7 +332,7 @@ fn vmm_is_jailed(art: &Artifacts, dir: &Path) {
         .arg("--vsock")
         .arg(format!("3,{}", uds.display()))
         .spawn();
-    let (mut s, mut r) = connect_to_guest(&uds, 6000);
+    let (s, r) = connect_to_guest(&uds, 6000);
     let supervisor = vm.child_pid(vm.pid()).expect("the jail's supervisor");
     let vmm = vm.vmm_pid();
     assert_eq!(vm.child_pid(supervisor), Some(vmm));
@@ -383,11 +388,7 @@ fn vmm_is_jailed(art: &Artifacts, dir: &Path) {
         assert_eq!(max.trim(), ((128u64 + 128) << 20).to_string());
     }
     // The workload still runs in the jail.
-    s.write_all(b"jailed").unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut echoed = Vec::new();
-    r.read_to_end(&mut echoed).unwrap();
-    assert_eq!(echoed, b"jailed");
+    echo_once(s, r, b"jailed");
     vm.wait().expect_ok(&["VSOCK-ECHO-DONE", "GUEST-END rc=0"]);
     if !leaf.is_empty() {
         assert!(
