@@ -10,11 +10,17 @@ use std::path::{Path, PathBuf};
 
 /// The places a lookup tried, for the error message.
 #[derive(Debug, thiserror::Error)]
-#[error("{what} not found; looked at: {}. {hint}", .tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+#[error("{what} not found; looked at: {}.{} {hint}", .tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "), skipped_text(.skipped))]
 pub struct NotFound {
     pub what: &'static str,
     pub tried: Vec<PathBuf>,
+    /// Files that were there but could not serve (why, one each).
+    pub skipped: Vec<String>,
     pub hint: &'static str,
+}
+
+fn skipped_text(skipped: &[String]) -> String {
+    skipped.iter().map(|s| format!(" Skipped: {s}.")).collect()
 }
 
 fn first_file(
@@ -22,14 +28,71 @@ fn first_file(
     hint: &'static str,
     candidates: Vec<PathBuf>,
 ) -> Result<PathBuf, NotFound> {
-    match candidates.iter().find(|p| p.is_file()) {
-        Some(p) => Ok(p.clone()),
-        None => Err(NotFound {
-            what,
-            tried: candidates,
-            hint,
-        }),
+    first_fit(what, hint, candidates, |_| Ok(()))
+}
+
+/// The first candidate that is a file and that `fits`; the others that are files are listed
+/// with `fits`'s reason in the error.
+fn first_fit(
+    what: &'static str,
+    hint: &'static str,
+    candidates: Vec<PathBuf>,
+    fits: impl Fn(&Path) -> Result<(), String>,
+) -> Result<PathBuf, NotFound> {
+    let mut skipped = Vec::new();
+    for p in candidates.iter().filter(|p| p.is_file()) {
+        match fits(p) {
+            Ok(()) => return Ok(p.clone()),
+            Err(why) => skipped.push(why),
+        }
     }
+    Err(NotFound {
+        what,
+        tried: candidates,
+        skipped,
+        hint,
+    })
+}
+
+/// Why a file cannot be the guest agent, which runs as the guest's init from an initramfs that
+/// holds nothing else: no dynamic loader, no libraries.
+#[derive(Debug, thiserror::Error)]
+pub enum UnfitAgent {
+    #[error("cannot read the guest agent {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the guest agent {path} is not an ELF executable: {reason}")]
+    NotElf { path: PathBuf, reason: String },
+    #[error(
+        "the guest agent {path} is dynamically linked ({why}); the guest has no loader or \
+         libraries, so it cannot run as init: use the static agent (`cargo xtask agent`)"
+    )]
+    Dynamic { path: PathBuf, why: String },
+}
+
+/// Checks that `path` is a statically linked ELF executable (static-pie included): no program
+/// interpreter (`PT_INTERP`) and no needed libraries (`DT_NEEDED`).
+pub fn check_static_agent(path: &Path) -> Result<(), UnfitAgent> {
+    let bytes = std::fs::read(path).map_err(|source| UnfitAgent::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let elf = goblin::elf::Elf::parse(&bytes).map_err(|e| UnfitAgent::NotElf {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let why = match (elf.interpreter, elf.libraries.as_slice()) {
+        (Some(interp), _) => format!("program interpreter {interp}"),
+        (None, []) => return Ok(()),
+        (None, libs) => format!("needs {}", libs.join(", ")),
+    };
+    Err(UnfitAgent::Dynamic {
+        path: path.to_path_buf(),
+        why,
+    })
 }
 
 /// The microvm cache directory (`$MICROVM_CACHE`, else `$XDG_CACHE_HOME/microvm`, else
@@ -81,7 +144,8 @@ fn target_of(exe: &Path) -> Option<(PathBuf, String)> {
     Some((dir.parent()?.to_path_buf(), profile))
 }
 
-/// The static guest agent: `$MICROVM_AGENT`; `microvm-agent` next to the running executable;
+/// The static guest agent (each candidate only when statically linked, see
+/// [`check_static_agent`]): `$MICROVM_AGENT`; `microvm-agent` next to the running executable;
 /// the static build in the same cargo target directory
 /// (`<target>/guest/x86_64-unknown-linux-gnu/release/microvm-agent`, what `cargo xtask agent`
 /// and the guest tests build); an installed `/usr/local/lib/microvm/microvm-agent` or
@@ -105,10 +169,13 @@ pub fn agent() -> Result<PathBuf, NotFound> {
     }
     candidates.push("/usr/local/lib/microvm/microvm-agent".into());
     candidates.push("/usr/lib/microvm/microvm-agent".into());
-    first_file(
+    // A plain `cargo build` leaves a dynamically linked `microvm-agent` next to `microvm`:
+    // skipped (and named in the error), so the static build further down is found.
+    first_fit(
         "the static guest agent",
         "Build it with `cargo xtask agent`, set MICROVM_AGENT, or pass --agent",
         candidates,
+        |p| check_static_agent(p).map_err(|e| e.to_string()),
     )
 }
 
@@ -187,7 +254,7 @@ pub fn virtiofsd() -> Result<PathBuf, NotFound> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -237,5 +304,84 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got, file);
+    }
+
+    /// A minimal ELF64 executable: one PT_LOAD, and a PT_INTERP naming `interp` if given.
+    pub(crate) fn tiny_elf(interp: Option<&str>) -> Vec<u8> {
+        let phnum: u16 = if interp.is_some() { 2 } else { 1 };
+        let data_at = 64 + 56 * u64::from(phnum);
+        let mut b = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        b.extend(2u16.to_le_bytes()); // ET_EXEC
+        b.extend(0x3eu16.to_le_bytes()); // x86-64
+        b.extend(1u32.to_le_bytes());
+        b.extend(0x40_0000u64.to_le_bytes()); // entry
+        b.extend(64u64.to_le_bytes()); // program headers right after this header
+        b.extend(0u64.to_le_bytes()); // no section headers
+        b.extend(0u32.to_le_bytes());
+        for half in [64u16, 56, phnum, 64, 0, 0] {
+            b.extend(half.to_le_bytes());
+        }
+        let text = interp.map(|i| format!("{i}\0")).unwrap_or_default();
+        let total = data_at + text.len() as u64;
+        let mut phdr = |typ: u32, offset: u64, size: u64| {
+            b.extend(typ.to_le_bytes());
+            b.extend(4u32.to_le_bytes()); // PF_R
+            for word in [offset, 0x40_0000 + offset, 0x40_0000 + offset, size, size, 0x1000] {
+                b.extend(word.to_le_bytes());
+            }
+        };
+        phdr(1, 0, total); // PT_LOAD
+        if interp.is_some() {
+            phdr(3, data_at, text.len() as u64); // PT_INTERP
+        }
+        b.extend(text.as_bytes());
+        b
+    }
+
+    #[test]
+    fn a_static_agent_passes_and_a_dynamic_one_is_refused_in_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let fine = dir.path().join("static");
+        std::fs::write(&fine, tiny_elf(None)).unwrap();
+        check_static_agent(&fine).unwrap();
+
+        let dynamic = dir.path().join("dynamic");
+        std::fs::write(&dynamic, tiny_elf(Some("/lib64/ld-linux-x86-64.so.2"))).unwrap();
+        let msg = check_static_agent(&dynamic).unwrap_err().to_string();
+        assert!(
+            msg.contains("dynamically linked")
+                && msg.contains("/lib64/ld-linux-x86-64.so.2")
+                && msg.contains("cargo xtask agent")
+                && !msg.contains('\n'),
+            "{msg}"
+        );
+
+        // This test binary is a real dynamically linked executable (glibc, no crt-static).
+        let me = std::env::current_exe().unwrap();
+        let msg = check_static_agent(&me).unwrap_err().to_string();
+        assert!(msg.contains("dynamically linked"), "{msg}");
+
+        let text = dir.path().join("script");
+        std::fs::write(&text, b"#!/bin/sh\n").unwrap();
+        let msg = check_static_agent(&text).unwrap_err().to_string();
+        assert!(msg.contains("not an ELF executable"), "{msg}");
+    }
+
+    #[test]
+    fn the_lookup_skips_a_dynamic_agent_and_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let dynamic = dir.path().join("next-to-microvm");
+        std::fs::write(&dynamic, tiny_elf(Some("/lib/ld.so"))).unwrap();
+        let fine = dir.path().join("static-build");
+        std::fs::write(&fine, tiny_elf(None)).unwrap();
+        let fits = |p: &Path| check_static_agent(p).map_err(|e| e.to_string());
+        let got = first_fit("agent", "", vec![dynamic.clone(), fine.clone()], fits).unwrap();
+        assert_eq!(got, fine);
+        let err = first_fit("agent", "Build it.", vec![dynamic.clone()], fits).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("Skipped: the guest agent") && msg.contains("/lib/ld.so"),
+            "{msg}"
+        );
     }
 }

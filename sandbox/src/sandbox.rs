@@ -82,6 +82,9 @@ impl Sandbox {
         let uds = state_dir.join("vsock.sock");
         remove_sockets(&uds);
         let initrd = state_dir.join("initramfs.cpio");
+        // The agent runs as init from an initramfs holding nothing else: a dynamically linked
+        // one would make the guest reset at once without a word.
+        locate::check_static_agent(&cfg.agent).map_err(|e| Error::Invalid(e.to_string()))?;
         let mut image = initramfs::Initramfs::new();
         image
             .host_file("init", &cfg.agent)
@@ -299,7 +302,7 @@ mod tests {
     async fn a_vmm_that_exits_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let agent = dir.path().join("agent");
-        fs::write(&agent, b"\x7fELF").unwrap();
+        fs::write(&agent, crate::locate::tests::tiny_elf(None)).unwrap();
         let console = dir.path().join("console.log");
         let mut cfg = SandboxConfig::new("/bin/false", "/nonexistent-kernel", &agent);
         cfg.state_dir = Some(dir.path().join("state"));
@@ -309,5 +312,23 @@ mod tests {
         assert!(matches!(err, Error::VmmExited { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(10));
         assert!(!dir.path().join("state/vsock.sock").exists());
+    }
+
+    /// A dynamically linked agent (this test binary) is refused with one line, before any VMM
+    /// starts (`/bin/false` as the VMM would otherwise be reported as `VmmExited`).
+    #[tokio::test]
+    async fn a_dynamic_agent_is_refused_before_the_vmm_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = std::env::current_exe().unwrap();
+        let mut cfg = SandboxConfig::new("/bin/false", "/nonexistent-kernel", &agent);
+        cfg.state_dir = Some(dir.path().join("state"));
+        cfg.console = Console::File(dir.path().join("console.log"));
+        let err = Sandbox::start(cfg).await.err().expect("must fail");
+        let msg = err.to_string();
+        assert!(
+            matches!(err, Error::Invalid(_)) && msg.contains("dynamically linked"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'), "{msg}");
     }
 }
