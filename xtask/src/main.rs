@@ -3,6 +3,7 @@
 //! - `agent`: build the static guest agent.
 //! - `kernel`: build (or find in the cache) the guest `vmlinux`.
 //! - `virtiofsd`: build (or find in the cache) the virtio-fs daemon.
+//! - `peers`: build (or find in the cache) crictl, critest and containerd 2.x from Go modules.
 //! - `testbed -- CMD...`: run CMD as root inside an emulated nested-KVM host.
 //! - `test`: everything CI runs.
 //! - `demo`: the README's main command.
@@ -14,6 +15,7 @@ mod bench;
 mod demo;
 mod fuzz;
 mod kernel;
+mod peers;
 mod test;
 mod testbed;
 mod util;
@@ -37,6 +39,9 @@ enum Cmd {
     Kernel(kernel::KernelArgs),
     /// Build the virtio-fs daemon (cached outside the checkout) and print its path.
     Virtiofsd,
+    /// Build crictl, critest and containerd 2.x from the Go module proxy (cached outside the
+    /// checkout by version) and print their paths.
+    Peers,
     /// Run a command as root inside the emulated nested-KVM host (QEMU TCG with AMD SVM).
     Testbed(testbed::TestbedArgs),
     /// Run everything CI runs: lints, unit tests, guest-booting tests (in the testbed if needed).
@@ -61,6 +66,7 @@ fn main() -> Result<()> {
             println!("{}", virtiofsd::build()?.display());
             Ok(())
         }
+        Cmd::Peers => peers::peers(),
         Cmd::Agent => {
             println!("{}", agent::build()?.display());
             Ok(())

@@ -28,7 +28,7 @@ pub struct TestArgs {
 /// What the tests run for real: e2fsprogs (disks), busybox (test images), Debian's registry
 /// and skopeo (`microvm run` from a registry), containerd (the shim), `script` (ttys);
 /// libssl-dev and pkg-config build oci-client's TLS; libseccomp-dev and libcap-ng-dev build
-/// virtiofsd (volumes).
+/// virtiofsd (volumes); the CNI plugins (the shim's CRI tests).
 pub const TEST_DEBS: &[&str] = &[
     "e2fsprogs",
     "busybox-static",
@@ -36,6 +36,7 @@ pub const TEST_DEBS: &[&str] = &[
     "docker-registry",
     "skopeo",
     "containerd",
+    "containernetworking-plugins",
     "bsdutils",
     "containernetworking-plugins",
     "iptables",
@@ -50,6 +51,10 @@ pub fn run_tests(args: &TestArgs) -> Result<()> {
     testbed::ensure_prerequisites()?;
     let vmlinux = kernel::build(&KernelArgs::default())?;
     let virtiofsd = crate::virtiofsd::build()?;
+    // crictl, critest, containerd 2.x for the shim's CRI tests (from the cache after once).
+    for peer in crate::peers::ALL {
+        crate::peers::build(peer)?;
+    }
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     if !args.no_lint {
