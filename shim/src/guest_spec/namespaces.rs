@@ -21,6 +21,7 @@
 //! pod asks for the host's (`hostNetwork` also drops UTS; `hostPID`, `hostIPC`), and the host's
 //! namespaces do not exist in a microVM, so such a pod is refused with one clear error.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -265,7 +266,10 @@ pub fn check_host_netns(path: &Path) -> Result<(), NamespaceError> {
 
 /// Leaves the network namespace out of a pod sandbox's guest spec: the sandbox then runs in the
 /// VM's own network namespace, where the pod's interface is (`ConfigureNetwork` sets it up
-/// there), and the pod's containers join it through the sandbox's pid as usual.
+/// there), and the pod's containers join it through the sandbox's pid as usual. The spec's
+/// network sysctls (containerd 2.x sets `net.ipv4.ip_unprivileged_port_start` and
+/// `net.ipv4.ping_group_range` on every sandbox) go too: they are the pod network's, so the VM's
+/// network namespace gets them, from [`network_sysctls`] through `CreateSandbox`.
 pub fn use_vm_network(spec: &mut Value) {
     if let Some(list) = spec
         .pointer_mut("/linux/namespaces")
@@ -273,4 +277,26 @@ pub fn use_vm_network(spec: &mut Value) {
     {
         list.retain(|ns| ns.get("type").and_then(Value::as_str) != Some("network"));
     }
+    if let Some(sysctl) = spec
+        .pointer_mut("/linux/sysctl")
+        .and_then(Value::as_object_mut)
+    {
+        sysctl.retain(|key, _| !is_network_sysctl(key));
+    }
+}
+
+fn is_network_sysctl(key: &str) -> bool {
+    key.starts_with("net.") || key.starts_with("net/")
+}
+
+/// The spec's network sysctls (`net.*`), for the VM's network namespace when the pod's sandbox
+/// runs there (see [`use_vm_network`]). The agent checks each name and value again.
+pub fn network_sysctls(spec: &Value) -> BTreeMap<String, String> {
+    spec.pointer("/linux/sysctl")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter(|(key, _)| is_network_sysctl(key))
+        .filter_map(|(key, value)| Some((key.clone(), value.as_str()?.to_string())))
+        .collect()
 }

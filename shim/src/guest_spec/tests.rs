@@ -225,3 +225,36 @@ fn a_sandbox_on_the_pod_network_keeps_its_other_namespaces() {
     let expected: Vec<String> = before.into_iter().filter(|t| t != "network").collect();
     assert_eq!(after, expected);
 }
+
+/// containerd 2.x's sandbox sysctls: the network ones move from the sandbox's spec (where the
+/// agent would refuse them: the sandbox has no network namespace of its own in the guest) to
+/// the VM's network namespace; the others stay.
+#[test]
+fn a_sandbox_on_the_pod_network_hands_its_network_sysctls_to_the_vm() {
+    let mut spec = spec(SANDBOX);
+    spec["linux"]["sysctl"] = serde_json::json!({
+        "net.ipv4.ip_unprivileged_port_start": "0",
+        "net.ipv4.ping_group_range": "0 2147483647",
+        "kernel.shm_rmid_forced": "1",
+    });
+    let mut guest = guest_spec(&spec, &first_pod()).unwrap();
+    let moved = namespaces::network_sysctls(&guest.spec);
+    assert_eq!(
+        moved.into_iter().collect::<Vec<_>>(),
+        [
+            (
+                "net.ipv4.ip_unprivileged_port_start".to_string(),
+                "0".to_string()
+            ),
+            (
+                "net.ipv4.ping_group_range".to_string(),
+                "0 2147483647".to_string()
+            ),
+        ]
+    );
+    namespaces::use_vm_network(&mut guest.spec);
+    assert_eq!(
+        guest.spec["linux"]["sysctl"],
+        serde_json::json!({"kernel.shm_rmid_forced": "1"})
+    );
+}

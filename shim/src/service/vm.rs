@@ -14,6 +14,7 @@ use super::status::status;
 use super::Inner;
 use crate::config::ShimConfig;
 use crate::console::ConsoleLog;
+use crate::guest_spec::namespaces::network_sysctls;
 use crate::mounts::PodShare;
 use crate::pod::{self, VmSize};
 use crate::pod_identity::PodIdentity;
@@ -218,9 +219,15 @@ impl Inner {
             .and_then(|h| h.as_str())
             .unwrap_or("")
             .to_string();
+        // On the pod's network the VM's network namespace is the pod's: its sysctls go there.
+        let sysctls = match &pod.net {
+            Some(_) => network_sysctls(spec),
+            None => Default::default(),
+        };
         sandbox
             .create_sandbox(&SandboxSettings {
                 hostname,
+                sysctls,
                 mounts: match pod.share {
                     Some(_) => vec![sandbox::share::guest_mount()],
                     None => Vec::new(),
