@@ -12,13 +12,12 @@
 mod common;
 mod scenarios;
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
-use common::{containerd, Containerd, CONTAINERD, SHIM};
+use common::{containerd, Containerd, CONTAINERD};
 
 const RELAY_ENV: &[&str] = &[
     "MICROVM_KERNEL",
@@ -35,7 +34,7 @@ fn main() -> ExitCode {
     if !args.list && !testbed::in_testbed() {
         // Found the way the shim finds them (or built, for the agent) unless named: `cargo
         // xtask test` sets only MICROVM_KERNEL.
-        if let Err(e) = find_artifacts() {
+        if let Err(e) = common::find_artifacts("containerd tests") {
             eprintln!("containerd tests: {e}");
             return ExitCode::from(101);
         }
@@ -88,30 +87,6 @@ fn main() -> ExitCode {
         c.stop();
     }
     conclusion.exit_code()
-}
-
-/// Sets MICROVM_KERNEL and MICROVM_AGENT where unset: `sandbox::locate`'s places, and for the
-/// agent a build of it (`cargo xtask agent`'s command) when none is there.
-fn find_artifacts() -> Result<(), String> {
-    if std::env::var_os("MICROVM_KERNEL").is_none() {
-        let k = sandbox::locate::kernel().map_err(|e| e.to_string())?;
-        // SAFETY: set before any other thread of this process exists.
-        unsafe { std::env::set_var("MICROVM_KERNEL", k) };
-    }
-    if std::env::var_os("MICROVM_AGENT").is_none() {
-        let agent = match sandbox::locate::agent() {
-            Ok(a) => a,
-            Err(_) => {
-                let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-                let target = Path::new(SHIM).ancestors().nth(2).unwrap();
-                eprintln!("containerd tests: building the static agent");
-                testbed::static_agent(root, target)?
-            }
-        };
-        // SAFETY: as above.
-        unsafe { std::env::set_var("MICROVM_AGENT", agent) };
-    }
-    Ok(())
 }
 
 /// A scenario: a function of the shared private containerd.

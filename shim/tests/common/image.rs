@@ -16,6 +16,11 @@ pub fn sha256_hex(b: &[u8]) -> String {
 }
 
 pub fn build_image(out: &Path) -> Result<(), String> {
+    build_image_named(out, IMAGE, &["sh"])
+}
+
+/// The busybox image as an OCI archive whose index names it `name`, with `cmd` as its Cmd.
+pub fn build_image_named(out: &Path, name: &str, cmd: &[&str]) -> Result<(), String> {
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
         .into_iter()
         .find(|p| Path::new(p).exists())
@@ -72,7 +77,7 @@ pub fn build_image(out: &Path) -> Result<(), String> {
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]},
+        "config": {"Env": ["PATH=/bin"], "Cmd": cmd},
         "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
     })
     .to_string()
@@ -93,7 +98,7 @@ pub fn build_image(out: &Path) -> Result<(), String> {
                        "digest": format!("sha256:{}", sha256_hex(&manifest)),
                        "size": manifest.len(),
                        "platform": {"architecture": "amd64", "os": "linux"},
-                       "annotations": {"io.containerd.image.name": IMAGE,
+                       "annotations": {"io.containerd.image.name": name,
                                        "org.opencontainers.image.ref.name": "test"}}],
     })
     .to_string()

@@ -1,5 +1,8 @@
 //! The private containerd the scenarios drive, and the helpers they share.
+// Each test binary (`containerd`, `cri`) uses part of this.
+#![allow(dead_code)]
 
+pub mod cri;
 pub mod grpc;
 pub mod host;
 pub mod image;
@@ -43,63 +46,177 @@ pub fn sh(cmd: &str) -> Output {
         .expect("run sh")
 }
 
-impl Containerd {
-    pub fn start() -> Result<Containerd, String> {
-        let kernel = std::env::var("MICROVM_KERNEL").map_err(|_| {
-            "MICROVM_KERNEL is not set (export MICROVM_KERNEL=~/.cache/microvm/kernel/current/vmlinux)"
-        })?;
-        let agent = std::env::var("MICROVM_AGENT").map_err(|_| {
-            "MICROVM_AGENT is not set (its path is what `cargo xtask agent` prints)"
-        })?;
-        let shim_dir = Path::new(SHIM).parent().unwrap().to_path_buf();
-        let vmm = match std::env::var_os("MICROVM_VMM") {
-            Some(p) => PathBuf::from(p),
-            None => shim_dir.join("microvm-vmm"),
-        };
-        for p in [Path::new(&kernel), Path::new(&agent), &vmm] {
-            if !p.is_file() {
-                return Err(format!(
-                    "{} is missing (cargo build -p microvm-vmm; cargo xtask agent)",
-                    p.display()
-                ));
+/// Sets MICROVM_KERNEL and MICROVM_AGENT where unset: `sandbox::locate`'s places, and for the
+/// agent a build of it (`cargo xtask agent`'s command) when none is there.
+pub fn find_artifacts(who: &str) -> Result<(), String> {
+    if std::env::var_os("MICROVM_KERNEL").is_none() {
+        let k = sandbox::locate::kernel().map_err(|e| e.to_string())?;
+        // SAFETY: set before any other thread of this process exists.
+        unsafe { std::env::set_var("MICROVM_KERNEL", k) };
+    }
+    if std::env::var_os("MICROVM_AGENT").is_none() {
+        let agent = match sandbox::locate::agent() {
+            Ok(a) => a,
+            Err(_) => {
+                let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+                let target = Path::new(SHIM).ancestors().nth(2).unwrap();
+                eprintln!("{who}: building the static agent");
+                testbed::static_agent(root, target)?
             }
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("ctd")
-            .tempdir_in("/tmp")
-            .map_err(|e| e.to_string())?
-            .keep();
-        // tmpfs: overlayfs cannot use the testbed's overlay root as its upper layer.
-        let out = sh(&format!("mount -t tmpfs tmpfs {}", dir.display()));
-        if !out.status.success() {
+        };
+        // SAFETY: as above.
+        unsafe { std::env::set_var("MICROVM_AGENT", agent) };
+    }
+    Ok(())
+}
+
+/// The shim's artifacts: MICROVM_KERNEL, MICROVM_AGENT (set by `main`) and the VMM.
+fn artifacts() -> Result<(String, String, PathBuf), String> {
+    let kernel = std::env::var("MICROVM_KERNEL").map_err(|_| {
+        "MICROVM_KERNEL is not set (export MICROVM_KERNEL=~/.cache/microvm/kernel/current/vmlinux)"
+    })?;
+    let agent = std::env::var("MICROVM_AGENT")
+        .map_err(|_| "MICROVM_AGENT is not set (its path is what `cargo xtask agent` prints)")?;
+    let vmm = match std::env::var_os("MICROVM_VMM") {
+        Some(p) => PathBuf::from(p),
+        None => shim_dir().join("microvm-vmm"),
+    };
+    for p in [Path::new(&kernel), Path::new(&agent), &vmm] {
+        if !p.is_file() {
             return Err(format!(
-                "mount a tmpfs: {}",
-                String::from_utf8_lossy(&out.stderr)
+                "{} is missing (cargo build -p microvm-vmm; cargo xtask agent)",
+                p.display()
             ));
         }
-        let sock = dir.join("c.sock");
-        let shim_toml = dir.join("shim.toml");
-        let level = std::env::var("SHIM_TEST_LOG").unwrap_or_else(|_| "info".into());
-        // The pods' volumes (the volume scenario needs it; the others run without).
-        let virtiofsd = match sandbox::locate::virtiofsd() {
-            Ok(v) => format!("virtiofsd = {:?}\n", v.display().to_string()),
-            Err(e) => {
-                eprintln!("containerd tests: {e}");
-                String::new()
-            }
-        };
-        std::fs::write(
-            &shim_toml,
+    }
+    Ok((kernel, agent, vmm))
+}
+
+/// The folder of the shim binary (first on containerd's PATH).
+pub fn shim_dir() -> PathBuf {
+    Path::new(SHIM).parent().unwrap().to_path_buf()
+}
+
+/// A fresh directory under /tmp with a tmpfs on it (overlayfs cannot use the testbed's overlay
+/// root as its upper layer), short enough for socket paths.
+pub fn private_dir(prefix: &str) -> Result<PathBuf, String> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .map_err(|e| e.to_string())?
+        .keep();
+    let out = sh(&format!("mount -t tmpfs tmpfs {}", dir.display()));
+    if !out.status.success() {
+        return Err(format!(
+            "mount a tmpfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(dir)
+}
+
+/// Writes `<dir>/shim.toml`, the shim config every run passes, and returns its path.
+pub fn write_shim_config(dir: &Path) -> Result<PathBuf, String> {
+    let (kernel, agent, vmm) = artifacts()?;
+    let shim_toml = dir.join("shim.toml");
+    let level = std::env::var("SHIM_TEST_LOG").unwrap_or_else(|_| "info".into());
+    // The pods' volumes (CRI's /etc/hosts and friends, the volume scenario); the ctr scenarios
+    // without volumes run without it.
+    let virtiofsd = match sandbox::locate::virtiofsd() {
+        Ok(v) => format!("virtiofsd = {:?}\n", v.display().to_string()),
+        Err(e) => {
+            eprintln!("shim tests: {e}");
+            String::new()
+        }
+    };
+    std::fs::write(
+        &shim_toml,
+        format!(
+            "kernel = {kernel:?}\nagent = {agent:?}\nvmm = {:?}\nmemory_mib = 256\n\
+             log_level = {level:?}\nslots = 4\n{virtiofsd}",
+            vmm.display().to_string()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(shim_toml)
+}
+
+/// Starts `binary --config <dir>/config.toml` (logging to `<dir>/containerd.log`) with the
+/// shim's folder, then `path_first` (if any), first on its PATH.
+pub fn spawn_containerd(
+    binary: &Path,
+    dir: &Path,
+    path_first: Option<&Path>,
+) -> Result<Child, String> {
+    let log = std::fs::File::create(dir.join("containerd.log")).map_err(|e| e.to_string())?;
+    let mut path = shim_dir().into_os_string();
+    if let Some(p) = path_first {
+        path.push(":");
+        path.push(p);
+    }
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    Command::new(binary)
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .env("PATH", path)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| {
             format!(
-                "kernel = {kernel:?}\nagent = {agent:?}\nvmm = {:?}\nmemory_mib = 256\n\
-                 log_level = {level:?}\nslots = 4\n{virtiofsd}",
-                vmm.display().to_string()
-            ),
-        )
-        .map_err(|e| e.to_string())?;
-        let config = dir.join("config.toml");
+                "start {} (apt-get install containerd): {e}",
+                binary.display()
+            )
+        })
+}
+
+/// The last `lines` lines of `<dir>/containerd.log` and the end of every pod VM's console.
+pub fn dump_logs(dir: &Path, lines: usize) {
+    let log = std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default();
+    let all: Vec<&str> = log.lines().collect();
+    let start = all.len().saturating_sub(lines);
+    eprintln!(
+        "--- containerd.log (end) ---\n{}\n---",
+        all[start..].join("\n")
+    );
+    for entry in std::fs::read_dir("/run/microvm-shim")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let console = std::fs::read_to_string(entry.path().join("console.log"));
+        if let Ok(c) = console {
+            let start = c.len().saturating_sub(3000);
+            eprintln!(
+                "--- {}/console.log (end) ---\n{}\n---",
+                entry.path().display(),
+                &c[start..]
+            );
+        }
+    }
+}
+
+/// SIGTERM to a containerd we started, then unmounts and removes its directory.
+pub fn stop_containerd(child: &Mutex<Option<Child>>, dir: &Path) {
+    if let Some(mut child) = child.lock().unwrap().take() {
+        // SAFETY: SIGTERM to the containerd we started.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+    }
+    let _ = sh(&format!(
+        "umount -R {d} 2>/dev/null; rmdir {d}",
+        d = dir.display()
+    ));
+}
+
+impl Containerd {
+    pub fn start() -> Result<Containerd, String> {
+        let dir = private_dir("ctd")?;
+        let sock = dir.join("c.sock");
+        let shim_toml = write_shim_config(&dir)?;
         std::fs::write(
-            &config,
+            dir.join("config.toml"),
             format!(
                 "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
                  disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
@@ -109,20 +226,7 @@ impl Containerd {
             ),
         )
         .map_err(|e| e.to_string())?;
-        let log = std::fs::File::create(dir.join("containerd.log")).map_err(|e| e.to_string())?;
-        let path = format!(
-            "{}:{}",
-            shim_dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .env("PATH", path)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("start containerd (apt-get install containerd): {e}"))?;
+        let child = spawn_containerd(Path::new("containerd"), &dir, None)?;
         let c = Containerd {
             dir,
             sock,
@@ -185,40 +289,11 @@ impl Containerd {
     }
 
     pub fn dump_logs(&self) {
-        let log = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        let start = lines.len().saturating_sub(200);
-        eprintln!(
-            "--- containerd.log (end) ---\n{}\n---",
-            lines[start..].join("\n")
-        );
-        for entry in std::fs::read_dir("/run/microvm-shim")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let console = std::fs::read_to_string(entry.path().join("console.log"));
-            if let Ok(c) = console {
-                let start = c.len().saturating_sub(3000);
-                eprintln!(
-                    "--- {}/console.log (end) ---\n{}\n---",
-                    entry.path().display(),
-                    &c[start..]
-                );
-            }
-        }
+        dump_logs(&self.dir, 200);
     }
 
     pub fn stop(&self) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
-            // SAFETY: SIGTERM to the containerd we started.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
-        }
-        let _ = sh(&format!(
-            "umount -R {d} 2>/dev/null; rmdir {d}",
-            d = self.dir.display()
-        ));
+        stop_containerd(&self.child, &self.dir);
     }
 
     /// Polls `ctr task ls` until the task has `status` (or the timeout).

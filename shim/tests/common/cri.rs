@@ -1,0 +1,354 @@
+//! containerd's CRI plugin, as kubelet uses it: a private containerd (Debian's 1.6.20, or the
+//! 2.x that `cargo xtask peers` builds) with runtime handlers `microvm` (this shim) and `runc`
+//! (the control), CNI's bridge, host-local and loopback plugins (Debian's
+//! `containernetworking-plugins`), and images pulled from Debian's `docker-registry` on
+//! loopback; driven with `crictl` and `critest` (cri-tools, also built by `cargo xtask peers`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::image::build_image_named;
+use super::{
+    dump_logs, private_dir, sh, spawn_containerd, stop_containerd, text, write_shim_config,
+};
+
+/// The images in the registry, as `<repository>:<tag>`.
+pub const BUSYBOX: &str = "busybox:test";
+pub const PAUSE: &str = "pause:test";
+
+/// The programs `cargo xtask peers` builds.
+pub struct Peers {
+    pub crictl: PathBuf,
+    pub critest: PathBuf,
+    /// The folder holding containerd 2.x's `containerd`, `ctr` and `containerd-shim-runc-v2`.
+    pub containerd2: PathBuf,
+}
+
+/// `$MICROVM_PEERS` (else `<cache>/peers`): the newest `cri-tools-*` and `containerd-*` there.
+pub fn peers() -> Result<Peers, String> {
+    let root = std::env::var_os("MICROVM_PEERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| testbed::cache_dir().join("peers"));
+    let newest = |prefix: &str, binary: &str| -> Result<PathBuf, String> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            .map(|e| e.path().join("bin"))
+            .filter(|bin| bin.join(binary).is_file())
+            .collect();
+        found.sort();
+        found.pop().ok_or_else(|| {
+            format!(
+                "no {prefix}*/bin/{binary} in {} (run `cargo xtask peers`, or set MICROVM_PEERS)",
+                root.display()
+            )
+        })
+    };
+    let cri_tools = newest("cri-tools-", "critest")?;
+    Ok(Peers {
+        crictl: cri_tools.join("crictl"),
+        critest: cri_tools.join("critest"),
+        containerd2: newest("containerd-", "containerd")?,
+    })
+}
+
+/// Which containerd serves CRI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// Debian 12's containerd 1.6.20 (`containerd` on PATH), config version 2.
+    Debian16 = 0,
+    /// containerd 2.x from `cargo xtask peers`, config version 3.
+    V2 = 1,
+}
+
+impl Flavor {
+    /// The CNI network's subnet, `10.99.<flavor>.0/24` (each containerd its own, so both can
+    /// run at once); pods' addresses begin with [`Flavor::pod_prefix`].
+    pub fn subnet(self) -> String {
+        format!("10.99.{}.0/24", self as u8)
+    }
+
+    pub fn pod_prefix(self) -> String {
+        format!("10.99.{}.", self as u8)
+    }
+
+    /// The CNI bridge on the host.
+    pub fn bridge(self) -> String {
+        format!("mvcri{}", self as u8)
+    }
+}
+
+/// Debian's `docker-registry` on a loopback port, holding [`BUSYBOX`] and [`PAUSE`].
+pub struct Registry {
+    pub dir: PathBuf,
+    pub port: u16,
+    child: Mutex<Option<Child>>,
+}
+
+impl Registry {
+    pub fn start() -> Result<Registry, String> {
+        let dir = private_dir("reg")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: 127.0.0.1:{port}\n",
+                dir.join("data").display()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let child = Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("docker-registry (apt-get install docker-registry): {e}"))?;
+        let registry = Registry {
+            dir,
+            port,
+            child: Mutex::new(Some(child)),
+        };
+        super::wait_until("the registry to listen", 60, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })?;
+        // The pause image: as the CRI sandbox's only process it must outlive everything.
+        for (name, cmd) in [
+            (BUSYBOX, &["sh"][..]),
+            (PAUSE, &["sleep", "2147483647"][..]),
+        ] {
+            let archive = registry.dir.join(format!("{}.tar", name.replace(':', "-")));
+            build_image_named(&archive, name, cmd)?;
+            let push = Command::new("skopeo")
+                .args(["copy", "-q", "--dest-tls-verify=false"])
+                .arg(format!("oci-archive:{}", archive.display()))
+                .arg(format!("docker://{}", registry.image(name)))
+                .output()
+                .map_err(|e| format!("skopeo (apt-get install skopeo): {e}"))?;
+            if !push.status.success() {
+                return Err(format!("skopeo copy {name}: {}", text(&push)));
+            }
+        }
+        Ok(registry)
+    }
+
+    /// `127.0.0.1:<port>/<name>`.
+    pub fn image(&self, name: &str) -> String {
+        format!("127.0.0.1:{}/{name}", self.port)
+    }
+
+    pub fn stop(&self) {
+        stop_containerd(&self.child, &self.dir);
+    }
+}
+
+/// A private containerd with its CRI plugin enabled.
+pub struct Cri {
+    pub flavor: Flavor,
+    pub dir: PathBuf,
+    pub sock: PathBuf,
+    pub crictl: PathBuf,
+    child: Mutex<Option<Child>>,
+}
+
+impl Cri {
+    pub fn start(flavor: Flavor, peers: &Peers, registry: &Registry) -> Result<Cri, String> {
+        // The testbed's kernel has these as modules and does not always load them on demand.
+        let _ = sh(
+            "for m in bridge veth tun br_netfilter sch_ingress cls_u32 act_mirred; \
+                    do modprobe $m; done",
+        );
+        let dir = private_dir("cri")?;
+        let shim_toml = write_shim_config(&dir)?;
+        write_cni_config(&dir, flavor)?;
+        write_hosts_toml(&dir, registry)?;
+        let sandbox_image = registry.image(PAUSE);
+        let config = match flavor {
+            Flavor::Debian16 => config_v2(&dir, &shim_toml, &sandbox_image),
+            Flavor::V2 => config_v3(&dir, &shim_toml, &sandbox_image),
+        };
+        std::fs::write(dir.join("config.toml"), config).map_err(|e| e.to_string())?;
+        let (binary, path_first) = match flavor {
+            Flavor::Debian16 => (PathBuf::from("containerd"), None),
+            Flavor::V2 => (
+                peers.containerd2.join("containerd"),
+                Some(peers.containerd2.as_path()),
+            ),
+        };
+        let child = spawn_containerd(&binary, &dir, path_first)?;
+        let cri = Cri {
+            flavor,
+            sock: dir.join("c.sock"),
+            dir,
+            crictl: peers.crictl.clone(),
+            child: Mutex::new(Some(child)),
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let out = cri.crictl(&["info"]);
+            if out.status.success() {
+                break;
+            }
+            if Instant::now() > deadline {
+                cri.dump_logs();
+                return Err(format!(
+                    "{flavor:?}'s CRI did not answer within 120 s: {}",
+                    text(&out)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        Ok(cri)
+    }
+
+    /// The endpoint critest and crictl take.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.sock.display())
+    }
+
+    /// `crictl` against this containerd (RPC timeout 5 minutes: a pod VM boots under TCG).
+    pub fn crictl(&self, args: &[&str]) -> Output {
+        Command::new("timeout")
+            .arg("600")
+            .arg(&self.crictl)
+            .args(["--timeout", "300s", "--config", "/dev/null"])
+            .args(["--runtime-endpoint", &self.endpoint()])
+            .args(["--image-endpoint", &self.endpoint()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run crictl")
+    }
+
+    /// `crictl ARGS`, its trimmed stdout, or an error with everything it printed.
+    pub fn crictl_ok(&self, args: &[&str]) -> Result<String, String> {
+        let out = self.crictl(args);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(format!(
+                "crictl {} ({:?}): {}",
+                args.join(" "),
+                self.flavor,
+                text(&out)
+            ))
+        }
+    }
+
+    pub fn dump_logs(&self) {
+        dump_logs(&self.dir, 300);
+    }
+
+    pub fn stop(&self) {
+        // CRI's leftovers, if a scenario failed half way: every pod, then the daemon.
+        if let Ok(pods) = self.crictl_ok(&["pods", "-q"]) {
+            for pod in pods.lines() {
+                let _ = self.crictl(&["stopp", pod]);
+                let _ = self.crictl(&["rmp", "-f", pod]);
+            }
+        }
+        stop_containerd(&self.child, &self.dir);
+        let _ = sh(&format!("ip link del {} 2>/dev/null", self.flavor.bridge()));
+    }
+}
+
+/// A bridge + host-local conflist (CRI runs the loopback plugin itself).
+fn write_cni_config(dir: &Path, flavor: Flavor) -> Result<(), String> {
+    let conf = dir.join("cni");
+    std::fs::create_dir_all(&conf).map_err(|e| e.to_string())?;
+    let list = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "microvm-cri-test",
+        "plugins": [{
+            "type": "bridge",
+            "bridge": flavor.bridge(),
+            "isGateway": true,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": flavor.subnet()}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": dir.join("ipam"),
+            },
+        }],
+    });
+    std::fs::write(conf.join("10-microvm-test.conflist"), list.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// containerd's registry host config: the loopback registry speaks plain HTTP.
+fn write_hosts_toml(dir: &Path, registry: &Registry) -> Result<(), String> {
+    let host = format!("127.0.0.1:{}", registry.port);
+    let d = dir.join("certs.d").join(&host);
+    std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+    std::fs::write(
+        d.join("hosts.toml"),
+        format!(
+            "server = \"http://{host}\"\n[host.\"http://{host}\"]\n  \
+             capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// The daemon's own places, the same in both config versions.
+fn daemon_section(version: u32, dir: &Path) -> String {
+    format!(
+        "version = {version}\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+         [grpc]\n  address = \"{d}/c.sock\"\n[ttrpc]\n  address = \"{d}/c.sock.ttrpc\"\n\
+         [debug]\n  level = \"debug\"\n",
+        d = dir.display()
+    )
+}
+
+/// The two handlers' tables under `runtimes` (`prefix` is that table's path).
+fn runtimes(prefix: &str, shim_toml: &Path) -> String {
+    format!(
+        "[{prefix}.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
+         [{prefix}.microvm]\n  runtime_type = \"io.containerd.microvm.v2\"\n  \
+         pod_annotations = [\"io.kubernetes.cri.*\"]\n\
+         [{prefix}.microvm.options]\n  ConfigPath = \"{}\"\n",
+        shim_toml.display()
+    )
+}
+
+/// containerd 1.6/1.7: `version = 2`, everything CRI under `io.containerd.grpc.v1.cri`.
+fn config_v2(dir: &Path, shim_toml: &Path, sandbox_image: &str) -> String {
+    let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
+    format!(
+        "{}[{cri}]\n  sandbox_image = \"{sandbox_image}\"\n  disable_apparmor = true\n  \
+         enable_selinux = false\n\
+         [{cri}.containerd]\n  snapshotter = \"overlayfs\"\n  default_runtime_name = \"runc\"\n\
+         {}[{cri}.cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{d}/cni\"\n\
+         [{cri}.registry]\n  config_path = \"{d}/certs.d\"\n",
+        daemon_section(2, dir),
+        runtimes(&format!("{cri}.containerd.runtimes"), shim_toml),
+        d = dir.display()
+    )
+}
+
+/// containerd 2.x: `version = 3`, CRI split into the `images` and `runtime` plugins.
+fn config_v3(dir: &Path, shim_toml: &Path, sandbox_image: &str) -> String {
+    let images = "plugins.\"io.containerd.cri.v1.images\"";
+    let runtime = "plugins.\"io.containerd.cri.v1.runtime\"";
+    format!(
+        "{}[{images}]\n  snapshotter = \"overlayfs\"\n\
+         [{images}.pinned_images]\n  sandbox = \"{sandbox_image}\"\n\
+         [{images}.registry]\n  config_path = \"{d}/certs.d\"\n\
+         [{runtime}]\n  enable_selinux = false\n\
+         [{runtime}.containerd]\n  default_runtime_name = \"runc\"\n\
+         {}[{runtime}.cni]\n  bin_dirs = [\"/usr/lib/cni\"]\n  conf_dir = \"{d}/cni\"\n",
+        daemon_section(3, dir),
+        runtimes(&format!("{runtime}.containerd.runtimes"), shim_toml),
+        d = dir.display()
+    )
+}

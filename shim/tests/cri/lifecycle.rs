@@ -1,0 +1,234 @@
+//! A pod's life through CRI with `crictl`, as kubelet lives it: RunPodSandbox, CreateContainer,
+//! StartContainer, ExecSync, the CRI log file, ContainerStats, StopContainer, StopPodSandbox,
+//! RemovePodSandbox; then nothing of the pod is left on the host.
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::common::cri::{Cri, BUSYBOX};
+use crate::common::host::{shim_pids, vmm_pids};
+use crate::common::{check, text, wait_until};
+use crate::World;
+
+/// The app: prints a line (to the CRI log), then serves `pod-ok` on port 8080.
+const APP: &str = "echo hello-from-cri; echo to-stderr >&2; exec nc -ll -p 8080 -e echo pod-ok";
+
+/// The control: the same steps under runc, so a failure of the microvm handler is the shim's,
+/// not the harness's or containerd's.
+pub fn runc_control(w: &World, c: &Cri) -> Result<(), String> {
+    pod_lifecycle(w, c, "runc")
+}
+
+/// The same steps under the microvm handler: one VMM for the pod while it runs, the container
+/// inside the guest (its kernel command line is the VMM's), and after RemovePodSandbox no VMM,
+/// shim, tap, network namespace, mount or shim state left.
+pub fn microvm_pod(w: &World, c: &Cri) -> Result<(), String> {
+    let vmms_before = vmm_pids().len();
+    pod_lifecycle(w, c, "microvm")?;
+    wait_until("the pod's VMM and shim to end", 60, || {
+        vmm_pids().len() == vmms_before && shim_pids().is_empty()
+    })
+    .map_err(|e| format!("{e}: VMMs {:?}, shims {:?}", vmm_pids(), shim_pids()))?;
+    let states: Vec<PathBuf> = entries(Path::new("/run/microvm-shim"));
+    check(states.is_empty(), || format!("shim state left: {states:?}"))
+}
+
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+fn netns_files() -> BTreeSet<PathBuf> {
+    entries(Path::new("/var/run/netns")).into_iter().collect()
+}
+
+/// Mount points naming `id` (rootfs mounts, the sandbox's shm, the netns bind).
+fn mounts_of(id: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(id))
+        .map(String::from)
+        .collect()
+}
+
+fn pod_lifecycle(w: &World, c: &Cri, handler: &str) -> Result<(), String> {
+    let name = format!("{handler}-{:?}", c.flavor).to_lowercase();
+    let dir = c.dir.join(format!("pods/{name}"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let logs = dir.join("logs");
+    let pod_json = dir.join("pod.json");
+    std::fs::write(
+        &pod_json,
+        serde_json::json!({
+            "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"),
+                         "attempt": 0},
+            "hostname": name,
+            "log_directory": logs,
+            "linux": {},
+        })
+        .to_string(),
+    )
+    .map_err(|e| e.to_string())?;
+    let ctr_json = dir.join("ctr.json");
+    let image = w.registry.image(BUSYBOX);
+    std::fs::write(
+        &ctr_json,
+        serde_json::json!({
+            "metadata": {"name": "app"},
+            "image": {"image": image},
+            "command": ["sh", "-c", APP],
+            "log_path": "app.log",
+            "linux": {},
+        })
+        .to_string(),
+    )
+    .map_err(|e| e.to_string())?;
+    let netns_before = netns_files();
+
+    c.crictl_ok(&["pull", &image])?;
+    let pod = c.crictl_ok(&["runp", "--runtime", handler, pod_json.to_str().unwrap()])?;
+    let r = (|| {
+        let ctr = c.crictl_ok(&[
+            "create",
+            &pod,
+            ctr_json.to_str().unwrap(),
+            pod_json.to_str().unwrap(),
+        ])?;
+        c.crictl_ok(&["start", &ctr])?;
+        running_pod_checks(c, handler, &pod, &ctr, &logs)?;
+        c.crictl_ok(&["stop", "--timeout", "2", &ctr])?;
+        let state = c.crictl_ok(&[
+            "inspect",
+            "-o",
+            "go-template",
+            "--template",
+            "{{.status.state}}",
+            &ctr,
+        ])?;
+        check(state == "CONTAINER_EXITED", || {
+            format!("after StopContainer the container is {state}")
+        })
+    })();
+    let stopped = c.crictl_ok(&["stopp", &pod]);
+    let removed = c.crictl_ok(&["rmp", &pod]);
+    r?;
+    stopped?;
+    removed?;
+    let left = c.crictl_ok(&["pods", "-q"])?;
+    check(!left.contains(&pod), || format!("pod {pod} still listed"))?;
+    wait_until("the pod's network namespace to go", 60, || {
+        netns_files() == netns_before
+    })
+    .map_err(|e| format!("{e}: before {netns_before:?}, now {:?}", netns_files()))?;
+    let mounts = mounts_of(&pod);
+    check(mounts.is_empty(), || {
+        format!("mounts of the pod left: {mounts:?}")
+    })
+}
+
+/// While the pod runs: ExecSync (microvm), the CRI log file and `crictl logs`, ContainerStats, the pod's
+/// CNI address answering from the container, and for microvm the container inside the VM.
+fn running_pod_checks(
+    c: &Cri,
+    handler: &str,
+    pod: &str,
+    ctr: &str,
+    logs: &Path,
+) -> Result<(), String> {
+    if handler == "microvm" {
+        exec_checks(c, ctr)?;
+    }
+    // containerd writes the CRI log file from the shim's stdout and stderr FIFOs.
+    let log_file = logs.join("app.log");
+    let mut last = String::new();
+    wait_until("the CRI log file to have both lines", 60, || {
+        last = std::fs::read_to_string(&log_file).unwrap_or_default();
+        last.contains(" stdout F hello-from-cri") && last.contains(" stderr F to-stderr")
+    })
+    .map_err(|e| format!("{e}: {} holds {last:?}", log_file.display()))?;
+    let printed = c.crictl_ok(&["logs", ctr])?;
+    check(printed.contains("hello-from-cri"), || {
+        format!("crictl logs printed {printed:?}")
+    })?;
+    let stats = c.crictl_ok(&["stats", "-o", "json", "--id", ctr])?;
+    let stats: serde_json::Value = serde_json::from_str(&stats).map_err(|e| e.to_string())?;
+    let working_set = stats["stats"][0]["memory"]["workingSetBytes"]["value"]
+        .as_str()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    check(working_set > 0, || format!("ContainerStats: {stats}"))?;
+    let ip = c.crictl_ok(&[
+        "inspectp",
+        "-o",
+        "go-template",
+        "--template",
+        "{{.status.network.ip}}",
+        pod,
+    ])?;
+    check(ip.starts_with(&c.flavor.pod_prefix()), || {
+        format!(
+            "the pod's address {ip:?} is not on the CNI network {}",
+            c.flavor.subnet()
+        )
+    })?;
+    let mut got = None;
+    wait_until(&format!("{ip}:8080 to answer pod-ok"), 60, || {
+        got = answer(&ip);
+        got.as_deref().is_some_and(|a| a.trim() == "pod-ok")
+    })
+    .map_err(|e| format!("{e} (last answer {got:?})"))
+}
+
+fn answer(ip: &str) -> Option<String> {
+    let addr: SocketAddr = format!("{ip}:8080").parse().ok()?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut got = String::new();
+    s.read_to_string(&mut got).ok()?;
+    Some(got)
+}
+
+/// ExecSync: output, a non-zero exit, and (microvm) the guest kernel's command line. Not run
+/// under the runc control in the testbed: there runc and crun cannot exec into a container at
+/// all (`/bin/sh` not found), because L1 enters its root filesystem with chroot, so a
+/// setns(CLONE_NEWNS) lands on the mount namespace's real root (L1's initramfs) rather than on
+/// the container's pivoted root. The microvm handler execs through the guest agent.
+fn exec_checks(c: &Cri, ctr: &str) -> Result<(), String> {
+    let exec = c.crictl_ok(&[
+        "exec",
+        "--sync",
+        "--timeout",
+        "120",
+        ctr,
+        "/bin/sh",
+        "-c",
+        "echo exec-ok; exit 0",
+    ])?;
+    check(exec == "exec-ok", || format!("ExecSync printed {exec:?}"))?;
+    // crictl folds the exit code into its own status 1 and names it in its message.
+    let out = c.crictl(&[
+        "exec",
+        "--sync",
+        "--timeout",
+        "120",
+        ctr,
+        "/bin/sh",
+        "-c",
+        "exit 3",
+    ]);
+    check(
+        !out.status.success() && text(&out).contains("exited with 3"),
+        || format!("ExecSync of `exit 3`: {:?} {}", out.status, text(&out)),
+    )?;
+    // The container runs on the guest kernel: its command line is the VMM's default.
+    let cmdline = c.crictl_ok(&["exec", "--sync", ctr, "/bin/cat", "/proc/cmdline"])?;
+    check(cmdline.contains(sandbox::vmm_api::DEFAULT_CMDLINE), || {
+        format!("the container's kernel command line is {cmdline:?}")
+    })?;
+    check(!vmm_pids().is_empty(), || "no VMM runs for the pod".into())
+}

@@ -1,0 +1,153 @@
+//! The shim through containerd's CRI plugin, as kubelet drives it: `crictl` (runp, create,
+//! start, exec, logs, stats, stop, rmp) against Debian's containerd 1.6.20 and containerd 2.x,
+//! each with the runtime handler `microvm` (this shim) and `runc` (the control), CNI's bridge
+//! plugin for the pod network and images pulled from a loopback registry; and `critest`'s
+//! PodSandbox and Container basics with both handlers.
+//!
+//! Needs what `shim/tests/containerd.rs` needs, plus `crictl`, `critest` and containerd 2.x
+//! from `cargo xtask peers` (found in `<cache>/peers` or `$MICROVM_PEERS`), Debian's
+//! `containernetworking-plugins`, `docker-registry` and `skopeo`. On a host whose KVM cannot
+//! boot an unmodified guest the test binary re-runs itself inside the testbed.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod critest;
+mod lifecycle;
+
+use std::process::ExitCode;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+
+use common::cri::{peers, Cri, Flavor, Peers, Registry};
+
+const RELAY_ENV: &[&str] = &[
+    "MICROVM_KERNEL",
+    "MICROVM_AGENT",
+    "MICROVM_VMM",
+    "MICROVM_VIRTIOFSD",
+    "MICROVM_PEERS",
+    "SHIM_TEST_LOG",
+    "CRITEST_FOCUS",
+    "RUST_BACKTRACE",
+];
+
+/// What every scenario shares: the peers, the registry, and one CRI containerd per flavor
+/// (started on first use, stopped at the end).
+struct World {
+    peers: Peers,
+    registry: Registry,
+    cris: [OnceLock<Result<Cri, String>>; 2],
+}
+
+static WORLD: OnceLock<Result<World, String>> = OnceLock::new();
+
+fn world() -> Result<&'static World, String> {
+    WORLD
+        .get_or_init(|| {
+            Ok(World {
+                peers: peers()?,
+                registry: Registry::start()?,
+                cris: [OnceLock::new(), OnceLock::new()],
+            })
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+fn cri(flavor: Flavor) -> Result<(&'static World, &'static Cri), String> {
+    let w = world()?;
+    let slot = &w.cris[flavor as usize];
+    let c = slot
+        .get_or_init(|| Cri::start(flavor, &w.peers, &w.registry))
+        .as_ref()
+        .map_err(Clone::clone)?;
+    Ok((w, c))
+}
+
+type Scenario = fn(&World, &Cri) -> Result<(), String>;
+
+fn main() -> ExitCode {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    if !args.list && !testbed::in_testbed() {
+        if let Err(e) = find_artifacts() {
+            eprintln!("cri tests: {e}");
+            return ExitCode::from(101);
+        }
+        if let Err(why) = vmm::host::check_can_boot_guests() {
+            return testbed::relay_current_exe("cri tests", &why.to_string(), RELAY_ENV);
+        }
+    }
+    // One containerd at a time: 1.6's scenarios, then 2.x's (each stopped after its last).
+    let scenarios: [(&'static str, Flavor, Scenario); 6] = [
+        (
+            "crictl_runc_pod_lifecycle_containerd_1_6",
+            Flavor::Debian16,
+            lifecycle::runc_control,
+        ),
+        (
+            "crictl_microvm_pod_lifecycle_containerd_1_6",
+            Flavor::Debian16,
+            lifecycle::microvm_pod,
+        ),
+        (
+            "critest_basics_microvm_and_runc_containerd_1_6",
+            Flavor::Debian16,
+            critest::basics,
+        ),
+        (
+            "crictl_runc_pod_lifecycle_containerd_2",
+            Flavor::V2,
+            lifecycle::runc_control,
+        ),
+        (
+            "crictl_microvm_pod_lifecycle_containerd_2",
+            Flavor::V2,
+            lifecycle::microvm_pod,
+        ),
+        (
+            "critest_basics_microvm_and_runc_containerd_2",
+            Flavor::V2,
+            critest::basics,
+        ),
+    ];
+    let trials = scenarios
+        .into_iter()
+        .map(|(name, flavor, f)| trial(name, flavor, f))
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    if let Some(Ok(w)) = WORLD.get() {
+        for slot in &w.cris {
+            if let Some(Ok(c)) = slot.get() {
+                c.stop();
+            }
+        }
+        w.registry.stop();
+    }
+    conclusion.exit_code()
+}
+
+/// MICROVM_KERNEL and MICROVM_AGENT as the containerd test finds them, and MICROVM_PEERS.
+fn find_artifacts() -> Result<(), String> {
+    common::find_artifacts("cri tests")?;
+    if std::env::var_os("MICROVM_PEERS").is_none() {
+        // SAFETY: set before any other thread of this process exists.
+        unsafe { std::env::set_var("MICROVM_PEERS", testbed::cache_dir().join("peers")) };
+    }
+    peers().map(drop)
+}
+
+fn trial(name: &'static str, flavor: Flavor, f: Scenario) -> Trial {
+    Trial::test(name, move || {
+        let started = Instant::now();
+        let (w, c) = cri(flavor).map_err(Failed::from)?;
+        let r = f(w, c);
+        eprintln!("{name}: {:.1} s", started.elapsed().as_secs_f64());
+        if r.is_err() {
+            c.dump_logs();
+        }
+        r.map_err(Failed::from)
+    })
+}
