@@ -326,7 +326,14 @@ pub(crate) mod tests {
         let mut phdr = |typ: u32, offset: u64, size: u64| {
             b.extend(typ.to_le_bytes());
             b.extend(4u32.to_le_bytes()); // PF_R
-            for word in [offset, 0x40_0000 + offset, 0x40_0000 + offset, size, size, 0x1000] {
+            for word in [
+                offset,
+                0x40_0000 + offset,
+                0x40_0000 + offset,
+                size,
+                size,
+                0x1000,
+            ] {
                 b.extend(word.to_le_bytes());
             }
         };

@@ -195,9 +195,9 @@ fn build_into(peer: &Peer, tmp: &Path) -> Result<()> {
 
 /// `go` from PATH, else Go's usual install folder.
 fn go_binary() -> Result<PathBuf> {
-    let on_path = std::env::var_os("PATH")
+    let on_path: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).map(|d| d.join("go")).collect())
-        .unwrap_or_else(Vec::new);
+        .unwrap_or_default();
     on_path
         .into_iter()
         .chain([PathBuf::from("/usr/local/go/bin/go")])
