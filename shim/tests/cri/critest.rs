@@ -58,6 +58,16 @@ pub fn basics(w: &World, c: &Cri) -> Result<(), String> {
         runc.summary(),
         microvm.summary()
     );
+    for (handler, run) in [("runc", &runc), ("microvm", &microvm)] {
+        for (spec, state) in run
+            .states
+            .iter()
+            .filter(|(_, s)| !matches!(s.as_str(), "passed" | "skipped"))
+        {
+            let why = run.failures.get(spec).map(String::as_str).unwrap_or("");
+            eprintln!("critest {:?} {handler}: {state}: {spec}: {why}", c.flavor);
+        }
+    }
     check(runc.count("passed") > 0, || {
         format!("no spec passed under runc: {}", runc.summary())
     })?;

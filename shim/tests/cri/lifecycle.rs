@@ -199,28 +199,26 @@ fn answer(ip: &str) -> Option<String> {
 /// setns(CLONE_NEWNS) lands on the mount namespace's real root (L1's initramfs) rather than on
 /// the container's pivoted root. The microvm handler execs through the guest agent.
 fn exec_checks(c: &Cri, ctr: &str) -> Result<(), String> {
-    let exec = c.crictl_ok(&[
-        "exec",
-        "--sync",
-        "--timeout",
-        "120",
-        ctr,
-        "/bin/sh",
-        "-c",
-        "echo exec-ok; exit 0",
-    ])?;
-    check(exec == "exec-ok", || format!("ExecSync printed {exec:?}"))?;
+    let sync_sh = |script: &str| {
+        let args = [
+            "exec",
+            "--sync",
+            "--timeout",
+            "120",
+            ctr,
+            "/bin/sh",
+            "-c",
+            script,
+        ];
+        c.crictl(&args)
+    };
+    let out = sync_sh("echo exec-ok; exit 0");
+    let exec = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    check(out.status.success() && exec == "exec-ok", || {
+        format!("ExecSync: {:?} {}", out.status, text(&out))
+    })?;
     // crictl folds the exit code into its own status 1 and names it in its message.
-    let out = c.crictl(&[
-        "exec",
-        "--sync",
-        "--timeout",
-        "120",
-        ctr,
-        "/bin/sh",
-        "-c",
-        "exit 3",
-    ]);
+    let out = sync_sh("exit 3");
     check(
         !out.status.success() && text(&out).contains("exited with 3"),
         || format!("ExecSync of `exit 3`: {:?} {}", out.status, text(&out)),
