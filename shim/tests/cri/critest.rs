@@ -144,8 +144,8 @@ fn critest(
         let name = name.join(" ");
         let state = spec["State"].as_str().unwrap_or("unknown").to_string();
         if let Some(m) = spec["Failure"]["Message"].as_str() {
-            let first = m.lines().next().unwrap_or("").to_string();
-            run.failures.insert(name.clone(), first);
+            let start: Vec<&str> = m.lines().take(6).collect();
+            run.failures.insert(name.clone(), start.join(" | "));
         }
         run.states.insert(name, state);
     }
