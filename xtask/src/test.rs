@@ -28,7 +28,7 @@ pub struct TestArgs {
 /// What the tests run for real: e2fsprogs (disks), busybox (test images), Debian's registry
 /// and skopeo (`microvm run` from a registry), containerd (the shim), `script` (ttys);
 /// libssl-dev and pkg-config build oci-client's TLS; libseccomp-dev and libcap-ng-dev build
-/// virtiofsd (volumes); the CNI plugins (the shim's CRI tests).
+/// virtiofsd (volumes); the CNI plugins (the shim's CRI tests too).
 pub const TEST_DEBS: &[&str] = &[
     "e2fsprogs",
     "busybox-static",
@@ -36,7 +36,6 @@ pub const TEST_DEBS: &[&str] = &[
     "docker-registry",
     "skopeo",
     "containerd",
-    "containernetworking-plugins",
     "bsdutils",
     "containernetworking-plugins",
     "iptables",
