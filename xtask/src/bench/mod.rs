@@ -1,14 +1,14 @@
-//! `cargo xtask bench boot|run|net|fs`: boot-time, run-time and overhead figures (a benchmark, not a
+//! `cargo xtask bench boot|run|net|fs|density`: boot-time, run-time and overhead figures (a benchmark, not a
 //! test: it prints numbers and asserts nothing about them).
 //!
 //! `bench boot` ([`boot`]): host-side setup to the first `KVM_RUN`, then boot to the guest's
 //! `/init` next to QEMU `-M microvm` and, when given, Firecracker and another microvm build.
 //! `bench run` ([`run`]): `microvm run --rm IMG true` end to end next to crun and runc.
-//! `bench net` ([`net`]): iperf3 TCP throughput host <-> container over microvm's bridge, next
-//! to crun on the same bridge.
-//! `bench fs` ([`fs`]): file I/O on a `-v` volume (virtio-fs) next to a runc bind mount.
+//! `bench density` ([`density`]): N idle VMs at once, time to all ready and host memory per VM,
+//! next to N runc containers.
 
 mod boot;
+mod density;
 mod fs;
 mod net;
 mod run;
@@ -30,9 +30,13 @@ pub struct BenchArgs {
     /// Internal: the part that runs where guests can boot.
     #[arg(long, hide = true)]
     inner: bool,
-    /// `bench run`, `bench net`: use the debug build of microvm (quicker to build; slower host side).
+    /// `bench run`, `bench net`, `bench density`: use the debug build of microvm (quicker to
+    /// build; slower host side).
     #[arg(long)]
     debug_build: bool,
+    /// `bench density`: how many VMs (and runc containers) at once, one row each.
+    #[arg(long, value_delimiter = ',', default_value = "1,5,10")]
+    counts: Vec<usize>,
     #[command(flatten)]
     boot: boot::BootArgs,
     #[command(flatten)]
@@ -45,6 +49,7 @@ enum What {
     Run,
     Net,
     Fs,
+    Density,
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
@@ -57,6 +62,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         What::Net => net::net_bench(args.runs, args.debug_build),
         What::Fs if args.inner => fs::fs_inner(args.runs, &args.fs),
         What::Fs => fs::fs_bench(args.runs, args.debug_build, &args.fs),
+        What::Density if args.inner => density::density_inner(&args.counts),
+        What::Density => density::density_bench(&args.counts, args.debug_build),
     }
 }
 

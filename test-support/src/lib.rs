@@ -1,0 +1,17 @@
+//! What the guest-booting test suites share, written once: busybox OCI images built in the test
+//! ([`image`]) and the host-side checks that a run left nothing behind ([`host`]).
+//!
+//! A dev-dependency only; nothing here is part of the product.
+
+pub mod host;
+pub mod image;
+
+use sha2::{Digest, Sha256};
+
+/// The lowercase hex SHA-256 of `data` (an OCI digest without its `sha256:` prefix).
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
