@@ -83,9 +83,16 @@ pub(super) fn density_inner(counts: &[usize]) -> Result<()> {
     let mut vms = Vec::new();
     let mut containers = Vec::new();
     for &n in counts {
-        vms.push(microvm_row(&microvm, &layout, &home, n)?);
+        // A count the host cannot hold is a result too: say so and go on.
+        match microvm_row(&microvm, &layout, &home, n) {
+            Ok(row) => vms.push(row),
+            Err(e) => println!("microvm, {n} at once: {e:#}"),
+        }
         if runc {
-            containers.push(runc_row(&bundle, n)?);
+            match runc_row(&bundle, n) {
+                Ok(row) => containers.push(row),
+                Err(e) => println!("runc, {n} at once: {e:#}"),
+            }
         }
     }
     println!(
@@ -105,8 +112,8 @@ pub(super) fn density_inner(counts: &[usize]) -> Result<()> {
         "PSS/ctr",
         "avail/ctr"
     );
-    for (i, vm) in vms.iter().enumerate() {
-        let (ready, pss, avail) = containers.get(i).map_or(
+    for vm in &vms {
+        let (ready, pss, avail) = containers.iter().find(|c| c.n == vm.n).map_or(
             ("-".to_string(), "-".to_string(), "-".to_string()),
             |c: &Row| {
                 (
@@ -276,8 +283,9 @@ fn runc_row(bundle: &Path, n: usize) -> Result<Row> {
             Ok(o) if o.status.success() => {
                 let state = Command::new("runc").args(["state", id]).output()?;
                 let state: serde_json::Value = serde_json::from_slice(&state.stdout)?;
-                if let Some(pid) = state["pid"].as_u64() {
-                    pss += pss_mib(pid as u32)?;
+                match state["pid"].as_u64() {
+                    Some(pid) if pid != 0 => pss += pss_mib(pid as u32)?,
+                    _ => failed.push(format!("{id} is not running: {state}")),
                 }
             }
             Ok(o) => failed.push(format!("{id}: {}", String::from_utf8_lossy(&o.stderr))),
