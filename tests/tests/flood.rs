@@ -215,6 +215,15 @@ fn serial_flood(art: &Artifacts, dir: &Path) {
     ping(&uds, 6001);
     let out = vm.wait();
     let console = drained.join().unwrap();
+    assert_bounded("serial flood", own_kib, &out.stderr);
+    let growth = own_kib.saturating_sub(base);
+    eprintln!("serial flood: {growth} KiB of growth from {base} KiB");
+    assert!(
+        growth <= SERIAL_GROWTH_MAX_KIB,
+        "serial flood: the VMM grew by {growth} KiB (from {base} KiB) outside guest RAM (bound \
+         {SERIAL_GROWTH_MAX_KIB} KiB)\n--- stderr ---\n{}",
+        out.stderr
+    );
     assert_eq!(out.code, Some(0), "stderr:\n{}", out.stderr);
     assert!(
         console.contains("VSOCK-ECHO-DONE") && console.contains("GUEST-END rc=0"),
@@ -227,15 +236,6 @@ fn serial_flood(art: &Artifacts, dir: &Path) {
         "the flood never met a full console:\n{}\n--- console ---\n{}",
         out.stderr,
         &console[..console.len().min(3000)]
-    );
-    assert_bounded("serial flood", own_kib, &out.stderr);
-    let growth = own_kib.saturating_sub(base);
-    eprintln!("serial flood: {growth} KiB of growth from {base} KiB");
-    assert!(
-        growth <= SERIAL_GROWTH_MAX_KIB,
-        "serial flood: the VMM grew by {growth} KiB (from {base} KiB) outside guest RAM (bound \
-         {SERIAL_GROWTH_MAX_KIB} KiB)\n--- stderr ---\n{}",
-        out.stderr
     );
 }
 
