@@ -334,3 +334,34 @@ pub fn connect_to_guest(uds: &Path, port: u32) -> (UnixStream, BufReader<UnixStr
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The environment variables the copy of a test binary inside the testbed needs.
+const RELAY_ENV: &[&str] = &[
+    "MICROVM_KERNEL",
+    "MICROVM_BIN_DIR",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+];
+
+/// A guest test binary's `main`: runs `trials`, or, on a host whose KVM cannot boot an
+/// unmodified guest, re-runs this binary inside the testbed with the same arguments (`what`
+/// names the binary's tests in the message that says so).
+pub fn run_trials(what: &str, trials: Vec<libtest_mimic::Trial>) -> std::process::ExitCode {
+    let args = libtest_mimic::Arguments::from_args();
+    if !args.list && !testbed::in_testbed() {
+        if let Err(why) = vmm::host::check_can_boot_guests() {
+            return testbed::relay_current_exe(what, &why.to_string(), RELAY_ENV);
+        }
+    }
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// A test that runs `f` with the artifacts and a fresh temporary directory.
+pub fn trial(name: &'static str, f: fn(&Artifacts, &Path)) -> libtest_mimic::Trial {
+    libtest_mimic::Trial::test(name, move || {
+        let art = Artifacts::from_env().map_err(libtest_mimic::Failed::from)?;
+        let dir = tempfile::tempdir().map_err(|e| libtest_mimic::Failed::from(e.to_string()))?;
+        f(&art, dir.path());
+        Ok(())
+    })
+}

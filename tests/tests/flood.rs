@@ -21,15 +21,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use libtest_mimic::{Arguments, Failed, Trial};
-use microvm_tests::guest::{connect_to_guest, initramfs, Artifacts, Boot};
-
-const RELAY_ENV: &[&str] = &[
-    "MICROVM_KERNEL",
-    "MICROVM_BIN_DIR",
-    "RUST_LOG",
-    "RUST_BACKTRACE",
-];
+use microvm_tests::guest::{connect_to_guest, initramfs, run_trials, trial, Artifacts, Boot};
 
 /// Guest RAM of every flood VM (the default), to tell its mapping apart in `smaps`.
 const MEMORY_MIB: u64 = 128;
@@ -39,27 +31,12 @@ const MEMORY_MIB: u64 = 128;
 const OWN_RSS_MAX_KIB: u64 = 24 * 1024;
 
 fn main() -> ExitCode {
-    let args = Arguments::from_args();
-    if !args.list && !testbed::in_testbed() {
-        if let Err(why) = vmm::host::check_can_boot_guests() {
-            return testbed::relay_current_exe("flood tests", &why.to_string(), RELAY_ENV);
-        }
-    }
     let trials = vec![
         trial("serial_flood_into_an_undrained_stdout", serial_flood),
         trial("vsock_flood_the_host_does_not_read", vsock_flood),
         trial("block_flood", block_flood),
     ];
-    libtest_mimic::run(&args, trials).exit_code()
-}
-
-fn trial(name: &'static str, f: fn(&Artifacts, &Path)) -> Trial {
-    Trial::test(name, move || {
-        let art = Artifacts::from_env().map_err(Failed::from)?;
-        let dir = tempfile::tempdir().map_err(|e| Failed::from(e.to_string()))?;
-        f(&art, dir.path());
-        Ok(())
-    })
+    run_trials("flood tests", trials)
 }
 
 /// Samples the VMM's resident memory outside guest RAM until stopped; gives the largest sample.

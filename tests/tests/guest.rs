@@ -13,27 +13,12 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use libtest_mimic::{Arguments, Failed, Trial};
 use microvm_tests::guest::{
-    connect_to_guest, fnv1a, initramfs, pattern_byte, Artifacts, Boot, FNV_INIT,
+    connect_to_guest, fnv1a, initramfs, pattern_byte, run_trials, trial, Artifacts, Boot, FNV_INIT,
 };
 use microvm_tests::proc_status;
 
-/// The environment variables the copy of this binary inside the testbed needs.
-const RELAY_ENV: &[&str] = &[
-    "MICROVM_KERNEL",
-    "MICROVM_BIN_DIR",
-    "RUST_LOG",
-    "RUST_BACKTRACE",
-];
-
 fn main() -> ExitCode {
-    let args = Arguments::from_args();
-    if !args.list && !testbed::in_testbed() {
-        if let Err(why) = vmm::host::check_can_boot_guests() {
-            return testbed::relay_current_exe("guest tests", &why.to_string(), RELAY_ENV);
-        }
-    }
     let trials = vec![
         trial("boot_vmlinux_pvh_prints_and_resets", boot_vmlinux_pvh),
         trial("boot_bzimage_linux64_prints_and_resets", boot_bzimage),
@@ -53,16 +38,7 @@ fn main() -> ExitCode {
         ),
         trial("vmm_is_jailed_while_the_guest_runs", vmm_is_jailed),
     ];
-    libtest_mimic::run(&args, trials).exit_code()
-}
-
-fn trial(name: &'static str, f: fn(&Artifacts, &Path)) -> Trial {
-    Trial::test(name, move || {
-        let art = Artifacts::from_env().map_err(Failed::from)?;
-        let dir = tempfile::tempdir().map_err(|e| Failed::from(e.to_string()))?;
-        f(&art, dir.path());
-        Ok(())
-    })
+    run_trials("guest tests", trials)
 }
 
 /// The value after `key=` on the line of `stdout` that has it.

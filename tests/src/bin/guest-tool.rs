@@ -66,6 +66,11 @@ fn vsock_socket() -> libc::c_int {
 /// Connects to CID:PORT, sends BYTES of the test pattern while reading back the peer's echo,
 /// and checks the echo is the same stream.
 fn vsock_send(cid: u32, port: u32, bytes: u64) {
+    send_and_verify_echo(vsock_connect(cid, port), bytes, "VSOCK");
+}
+
+/// A vsock stream connected to CID:PORT (exits on failure).
+fn vsock_connect(cid: u32, port: u32) -> File {
     let fd = vsock_socket();
     let addr = vsock_addr(cid, port);
     // SAFETY: addr is a valid sockaddr_vm of the given size.
@@ -78,8 +83,7 @@ fn vsock_send(cid: u32, port: u32, bytes: u64) {
     };
     check(r, "connect");
     // SAFETY: fd is a connected socket we own.
-    let sock = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    send_and_verify_echo(sock, bytes, "VSOCK");
+    File::from(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Writes BYTES to the COM1 data register through `/dev/port`, one byte per `pwrite` (the UART
@@ -111,19 +115,7 @@ fn serial_flood(bytes: u64) {
 fn vsock_flood(port: u32, connections: u64, bytes: u64) {
     let senders: Vec<_> = (0..connections)
         .map(|_| {
-            let fd = vsock_socket();
-            let addr = vsock_addr(libc::VMADDR_CID_HOST, port);
-            // SAFETY: addr is a valid sockaddr_vm of the given size.
-            let r = unsafe {
-                libc::connect(
-                    fd,
-                    (&addr as *const libc::sockaddr_vm).cast(),
-                    std::mem::size_of::<libc::sockaddr_vm>() as u32,
-                )
-            };
-            check(r, "connect");
-            // SAFETY: fd is a connected socket we own.
-            let mut sock = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            let mut sock = vsock_connect(libc::VMADDR_CID_HOST, port);
             std::thread::spawn(move || {
                 let buf = vec![b'v'; 64 * 1024];
                 let mut sent = 0u64;
