@@ -13,6 +13,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::ExitCode;
@@ -116,6 +117,16 @@ fn ping(uds: &Path, port: u32) {
     assert_eq!(echoed, b"ping through the flood");
 }
 
+/// A host listener for a guest-initiated vsock connection at `path` in `dir`: the jailed VMM
+/// connects as its own unprivileged uid, so the directory must let it through and the socket
+/// take it.
+fn listen_for_the_vmm(dir: &Path, path: &str) -> UnixListener {
+    let listener = UnixListener::bind(path).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    listener
+}
+
 /// A pipe whose write end, the VMM's stdout, is non-blocking: once the 64 KiB pipe is full every
 /// write fails with `EAGAIN` (what a console nobody drains looks like to the VMM).
 fn nonblocking_pipe() -> (std::fs::File, OwnedFd) {
@@ -163,7 +174,7 @@ const SERIAL_GROWTH_MAX_KIB: u64 = 256;
 /// during the flood, then drains the console, and the guest's last lines get through.
 fn serial_flood(art: &Artifacts, dir: &Path) {
     let uds = dir.join("v.sock");
-    let done = UnixListener::bind(format!("{}_5001", uds.display())).unwrap();
+    let done = listen_for_the_vmm(dir, &format!("{}_5001", uds.display()));
     let body = format!(
         "guest-tool vsock-echo 6000 & E=$!; guest-tool serial-flood {SERIAL_BYTES}; wait $E; \
          guest-tool vsock-send 2 5001 16; guest-tool vsock-echo 6001"
@@ -227,7 +238,7 @@ const VSOCK_BYTES: u64 = 4 << 20;
 /// guest's echo completes; then the host reads every stream to its end and the guest finishes.
 fn vsock_flood(art: &Artifacts, dir: &Path) {
     let uds = dir.join("v.sock");
-    let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    let listener = listen_for_the_vmm(dir, &format!("{}_5000", uds.display()));
     let body = format!(
         "guest-tool vsock-echo 6000 & E=$!; \
          guest-tool vsock-flood 5000 {VSOCK_CONNECTIONS} {VSOCK_BYTES}; wait $E"
