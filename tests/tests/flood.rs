@@ -14,13 +14,13 @@
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use microvm_tests::guest::{connect_to_guest, initramfs, run_trials, trial, Artifacts, Boot};
 
@@ -127,6 +127,25 @@ fn listen_for_the_vmm(dir: &Path, path: &str) -> UnixListener {
     listener
 }
 
+/// The next connection to `listener`, or a panic after two minutes (the guest never connected:
+/// a test that fails, not one that hangs).
+fn accept(listener: &UnixListener) -> UnixStream {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("no guest connection to the host listener: {e}"),
+        }
+    }
+}
+
 /// A pipe whose write end, the VMM's stdout, is non-blocking: once the 64 KiB pipe is full every
 /// write fails with `EAGAIN` (what a console nobody drains looks like to the VMM).
 fn nonblocking_pipe() -> (std::fs::File, OwnedFd) {
@@ -193,7 +212,7 @@ fn serial_flood(art: &Artifacts, dir: &Path) {
     let base = own_rss_kib(vmm).expect("the VMM's smaps");
     let rss = RssSampler::start(vmm);
     // The flood is over when the guest connects to host port 5001.
-    let mut s = done.accept().unwrap().0;
+    let mut s = accept(&done);
     let mut hello = Vec::new();
     (&s).take(16).read_to_end(&mut hello).unwrap();
     s.write_all(&hello).unwrap();
@@ -249,9 +268,7 @@ fn vsock_flood(art: &Artifacts, dir: &Path) {
         .arg(format!("3,{}", uds.display()))
         .timeout(Duration::from_secs(600))
         .spawn();
-    let streams: Vec<_> = (0..VSOCK_CONNECTIONS)
-        .map(|_| listener.accept().unwrap().0)
-        .collect();
+    let streams: Vec<_> = (0..VSOCK_CONNECTIONS).map(|_| accept(&listener)).collect();
     // The guest runs (so the jailed VMM is up, below `microvm boot`) and floods.
     let rss = RssSampler::start(vm.vmm_pid());
     ping(&uds, 6000);
