@@ -15,6 +15,7 @@
 //! The API is async (tokio): the ttRPC client runs on the caller's runtime.
 
 mod config;
+mod console_text;
 mod forward;
 mod io;
 pub mod jail;

@@ -191,14 +191,11 @@ pub(crate) async fn connect_agent(
     }
 }
 
-/// The last 4 KiB of the console file, if the console goes to one.
+/// The last 4 KiB of the console file, if the console goes to one, without the guest's escape
+/// sequences and control characters.
 pub(crate) fn console_tail(console: &Console) -> String {
     match console {
-        Console::File(p) => {
-            let text = fs::read(p).unwrap_or_default();
-            let start = text.len().saturating_sub(4096);
-            String::from_utf8_lossy(&text[start..]).into_owned()
-        }
+        Console::File(p) => crate::console_text::tail(p, 4096),
         _ => String::new(),
     }
 }

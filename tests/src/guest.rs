@@ -1,7 +1,8 @@
 //! Running `microvm boot` on a test guest and collecting what it printed.
 
 use std::ffi::OsString;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -90,6 +91,8 @@ impl GuestOutput {
 pub struct Boot {
     cmd: Command,
     timeout: Duration,
+    /// Where the VMM's stdout goes instead of a pipe this side reads to the end.
+    stdout: Option<Stdio>,
 }
 
 impl Boot {
@@ -103,6 +106,7 @@ impl Boot {
         Self {
             cmd,
             timeout: Duration::from_secs(120),
+            stdout: None,
         }
     }
 
@@ -118,6 +122,13 @@ impl Boot {
         self
     }
 
+    /// Gives the VMM `stdout` (e.g. a pipe the test drains at its own pace); the output's
+    /// `stdout` is then empty.
+    pub fn stdout(mut self, stdout: impl Into<Stdio>) -> Self {
+        self.stdout = Some(stdout.into());
+        self
+    }
+
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
         self
@@ -129,11 +140,14 @@ impl Boot {
         let mut child = self
             .cmd
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(self.stdout.take().unwrap_or_else(Stdio::piped))
             .stderr(Stdio::piped())
             .spawn()
             .expect("cannot start microvm");
-        let out = reader(child.stdout.take().unwrap());
+        let out = match child.stdout.take() {
+            Some(o) => reader(o),
+            None => std::thread::spawn(String::new),
+        };
         let err = reader(child.stderr.take().unwrap());
         Running {
             child,
@@ -166,7 +180,12 @@ impl Boot {
             );
             let mut cmd = Command::new(program);
             cmd.args(args);
-            return Boot { cmd, timeout }.run();
+            return Boot {
+                cmd,
+                timeout,
+                stdout: None,
+            }
+            .run();
         }
         first
     }
@@ -277,4 +296,72 @@ impl Boot {
         art.vmlinux = kernel.to_path_buf();
         Self::new(&art, initrd)
     }
+}
+
+/// An initramfs with busybox, the guest tool, and `/init` running `body`, written into `dir`.
+pub fn initramfs(art: &Artifacts, dir: &Path, body: &str) -> PathBuf {
+    let mut i = initramfs::Initramfs::new();
+    i.busybox().expect("busybox");
+    i.host_program("bin/guest-tool", &art.guest_tool)
+        .expect("guest-tool");
+    i.file("init", init_script(body), 0o755);
+    i.write_file(&dir.join("initramfs.cpio"))
+        .expect("write initramfs")
+}
+
+/// A host connection to guest vsock port `port` through the VMM's socket `uds`, once the guest
+/// listens there (the handshake's `OK` line read), with a reader on the same stream.
+pub fn connect_to_guest(uds: &Path, port: u32) -> (UnixStream, BufReader<UnixStream>) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "guest port {port} never accepted"
+        );
+        // Until the guest's driver is up and its listener bound, the VMM closes the connection
+        // (EPIPE on write, EOF on read): retry.
+        if let Ok(mut s) = UnixStream::connect(uds) {
+            if s.write_all(format!("CONNECT {port}\n").as_bytes()).is_err() {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            let mut line = String::new();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            if r.read_line(&mut line).is_ok() && line.starts_with("OK ") {
+                return (s, r);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The environment variables the copy of a test binary inside the testbed needs.
+const RELAY_ENV: &[&str] = &[
+    "MICROVM_KERNEL",
+    "MICROVM_BIN_DIR",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+];
+
+/// A guest test binary's `main`: runs `trials`, or, on a host whose KVM cannot boot an
+/// unmodified guest, re-runs this binary inside the testbed with the same arguments (`what`
+/// names the binary's tests in the message that says so).
+pub fn run_trials(what: &str, trials: Vec<libtest_mimic::Trial>) -> std::process::ExitCode {
+    let args = libtest_mimic::Arguments::from_args();
+    if !args.list && !testbed::in_testbed() {
+        if let Err(why) = vmm::host::check_can_boot_guests() {
+            return testbed::relay_current_exe(what, &why.to_string(), RELAY_ENV);
+        }
+    }
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// A test that runs `f` with the artifacts and a fresh temporary directory.
+pub fn trial(name: &'static str, f: fn(&Artifacts, &Path)) -> libtest_mimic::Trial {
+    libtest_mimic::Trial::test(name, move || {
+        let art = Artifacts::from_env().map_err(libtest_mimic::Failed::from)?;
+        let dir = tempfile::tempdir().map_err(|e| libtest_mimic::Failed::from(e.to_string()))?;
+        f(&art, dir.path());
+        Ok(())
+    })
 }

@@ -5,34 +5,20 @@
 //! (see `testbed/`), with the same arguments; on a host with hardware KVM it runs directly.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitCode};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use initramfs::Initramfs;
-use libtest_mimic::{Arguments, Failed, Trial};
-use microvm_tests::guest::{fnv1a, init_script, pattern_byte, Artifacts, Boot, FNV_INIT};
+use microvm_tests::guest::{
+    connect_to_guest, fnv1a, initramfs, pattern_byte, run_trials, trial, Artifacts, Boot, FNV_INIT,
+};
 use microvm_tests::proc_status;
 
-/// The environment variables the copy of this binary inside the testbed needs.
-const RELAY_ENV: &[&str] = &[
-    "MICROVM_KERNEL",
-    "MICROVM_BIN_DIR",
-    "RUST_LOG",
-    "RUST_BACKTRACE",
-];
-
 fn main() -> ExitCode {
-    let args = Arguments::from_args();
-    if !args.list && !testbed::in_testbed() {
-        if let Err(why) = vmm::host::check_can_boot_guests() {
-            return testbed::relay_current_exe("guest tests", &why.to_string(), RELAY_ENV);
-        }
-    }
     let trials = vec![
         trial("boot_vmlinux_pvh_prints_and_resets", boot_vmlinux_pvh),
         trial("boot_bzimage_linux64_prints_and_resets", boot_bzimage),
@@ -52,27 +38,7 @@ fn main() -> ExitCode {
         ),
         trial("vmm_is_jailed_while_the_guest_runs", vmm_is_jailed),
     ];
-    libtest_mimic::run(&args, trials).exit_code()
-}
-
-fn trial(name: &'static str, f: fn(&Artifacts, &Path)) -> Trial {
-    Trial::test(name, move || {
-        let art = Artifacts::from_env().map_err(Failed::from)?;
-        let dir = tempfile::tempdir().map_err(|e| Failed::from(e.to_string()))?;
-        f(&art, dir.path());
-        Ok(())
-    })
-}
-
-/// An initramfs with busybox, the guest tool, and `/init` running `body`.
-fn initramfs(art: &Artifacts, dir: &Path, body: &str) -> PathBuf {
-    let mut i = Initramfs::new();
-    i.busybox().expect("busybox");
-    i.host_program("bin/guest-tool", &art.guest_tool)
-        .expect("guest-tool");
-    i.file("init", init_script(body), 0o755);
-    i.write_file(&dir.join("initramfs.cpio"))
-        .expect("write initramfs")
+    run_trials("guest tests", trials)
 }
 
 /// The value after `key=` on the line of `stdout` that has it.
@@ -252,32 +218,6 @@ fn vsock_both_ways(art: &Artifacts, dir: &Path) {
         "guest->host stream corrupted"
     );
     assert_eq!(value_of(&out.stdout, "fnv"), format!("{want:016x}"));
-}
-
-/// A host connection to guest vsock port `port` through the VMM's socket `uds`, once the guest
-/// listens there (the handshake's `OK` line read), with a reader on the same stream.
-fn connect_to_guest(uds: &Path, port: u32) -> (UnixStream, BufReader<UnixStream>) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "guest port {port} never accepted"
-        );
-        // Until the guest's driver is up and its listener bound, the VMM closes the connection
-        // (EPIPE on write, EOF on read): retry.
-        if let Ok(mut s) = UnixStream::connect(uds) {
-            if s.write_all(format!("CONNECT {port}\n").as_bytes()).is_err() {
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-            let mut line = String::new();
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            if r.read_line(&mut line).is_ok() && line.starts_with("OK ") {
-                return (s, r);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// While a two-vCPU guest runs, every VMM thread (the event thread and both vCPUs) shows a

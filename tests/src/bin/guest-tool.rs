@@ -24,6 +24,8 @@ fn main() {
             arg(4),
         ),
         Some("scribble") => scribble(arg(2)),
+        Some("serial-flood") => serial_flood(arg(2)),
+        Some("vsock-flood") => vsock_flood(arg(2) as u32, arg(3), arg(4)),
         _ => usage(),
     }
 }
@@ -31,7 +33,7 @@ fn main() {
 fn usage() -> ! {
     eprintln!(
         "usage: guest-tool vsock-send CID PORT BYTES | vsock-echo PORT | tcp-send ADDR PORT BYTES \
-         | scribble ROUNDS"
+         | scribble ROUNDS | serial-flood BYTES | vsock-flood PORT CONNECTIONS BYTES"
     );
     std::process::exit(2)
 }
@@ -64,6 +66,11 @@ fn vsock_socket() -> libc::c_int {
 /// Connects to CID:PORT, sends BYTES of the test pattern while reading back the peer's echo,
 /// and checks the echo is the same stream.
 fn vsock_send(cid: u32, port: u32, bytes: u64) {
+    send_and_verify_echo(vsock_connect(cid, port), bytes, "VSOCK");
+}
+
+/// A vsock stream connected to CID:PORT (exits on failure).
+fn vsock_connect(cid: u32, port: u32) -> File {
     let fd = vsock_socket();
     let addr = vsock_addr(cid, port);
     // SAFETY: addr is a valid sockaddr_vm of the given size.
@@ -76,8 +83,54 @@ fn vsock_send(cid: u32, port: u32, bytes: u64) {
     };
     check(r, "connect");
     // SAFETY: fd is a connected socket we own.
-    let sock = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    send_and_verify_echo(sock, bytes, "VSOCK");
+    File::from(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Writes BYTES to the COM1 data register through `/dev/port`, one byte per `pwrite` (the UART
+/// takes one byte per port write), as lines of 63 letters and a newline; prints
+/// `SERIAL-FLOOD-DONE` at the end.
+fn serial_flood(bytes: u64) {
+    use std::os::unix::fs::FileExt;
+    const COM1: u64 = 0x3f8;
+    let port = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/port")
+        .unwrap_or_else(|e| {
+            eprintln!("/dev/port: {e}");
+            std::process::exit(1)
+        });
+    for i in 0..bytes {
+        let b = if i % 64 == 63 {
+            b'\n'
+        } else {
+            b'a' + (i % 26) as u8
+        };
+        port.write_all_at(&[b], COM1).expect("port write");
+    }
+    println!("SERIAL-FLOOD-DONE bytes={bytes}");
+}
+
+/// Opens CONNECTIONS connections to host port PORT at once and sends BYTES on each (blocking
+/// when the host does not read), then closes them; prints `VSOCK-FLOOD-DONE`.
+fn vsock_flood(port: u32, connections: u64, bytes: u64) {
+    let senders: Vec<_> = (0..connections)
+        .map(|_| {
+            let mut sock = vsock_connect(libc::VMADDR_CID_HOST, port);
+            std::thread::spawn(move || {
+                let buf = vec![b'v'; 64 * 1024];
+                let mut sent = 0u64;
+                while sent < bytes {
+                    let n = (bytes - sent).min(buf.len() as u64) as usize;
+                    sock.write_all(&buf[..n]).expect("send");
+                    sent += n as u64;
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().expect("sender");
+    }
+    println!("VSOCK-FLOOD-DONE connections={connections} bytes={bytes}");
 }
 
 /// Connects to ADDR:PORT over TCP and does what `vsock_send` does.
