@@ -11,7 +11,6 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
@@ -150,24 +149,14 @@ fn pod_network(dir: &Path) -> Result<(), String> {
     let pod = plumbing.interface.clone();
     let mac = pod.mac.map(|b| format!("{b:02x}")).join(":");
 
-    // The VMM runs inside the pod's namespace, where it finds the tap by name (its config comes
-    // on descriptor 3, which `ip netns exec` passes on); the guest device gets the veth's MAC
-    // and MTU.
+    // The VMM runs inside the pod's namespace (the sandbox enters it with setns, as for the
+    // shim and `microvm run`; `ip netns exec` would also remount /sys, hiding the jail's cgroup
+    // leaf), where it finds the tap by name; the guest device gets the veth's MAC and MTU.
     let vmm = vmm_bin()?;
-    let wrapper = dir.join("microvm-vmm-in-pod");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec ip netns exec {POD_NS} {} \"$@\"\n",
-            vmm.display()
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| e.to_string())?;
     let kernel = PathBuf::from(std::env::var_os("MICROVM_KERNEL").ok_or("MICROVM_KERNEL unset")?);
     let agent = PathBuf::from(std::env::var_os("MICROVM_AGENT").ok_or("MICROVM_AGENT unset")?);
-    let mut cfg = SandboxConfig::new(&wrapper, &kernel, &agent);
+    let mut cfg = SandboxConfig::new(&vmm, &kernel, &agent);
+    cfg.netns = Some(PodNetns::path());
     cfg.nets.push(NetConfig {
         tap_name: plumbing.tap.clone(),
         mac: pod.mac,
