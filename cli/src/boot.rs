@@ -154,6 +154,13 @@ pub fn boot(args: BootArgs) -> Result<i32> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("jailing the VMM needs root: run as root, or pass --no-jail");
     }
+    // A host that cannot boot guests is refused before the jail takes ids and a cgroup leaf
+    // (one line; with `--force` the VMM skips the check too).
+    if !config.force {
+        if let Err(e) = vmm::host::check_can_boot_guests() {
+            return Err(crate::ExitError::new(1, e.to_string()).into());
+        }
+    }
     let jail = sandbox::jail::VmJail::prepare(&mut config)?;
     let mut cmd = sandbox::vmm_command(&vmm, &config)?;
     // This process is one thread, so the signal fires exactly when it dies: killing `microvm
