@@ -9,7 +9,6 @@
 //! `microvm run` boots one VM; the scenarios are grouped to keep that number small.
 
 use std::io::Read;
-use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -601,7 +600,9 @@ fn image_sources(env: &Env) {
     );
     assert_eq!((o.code, o.stdout.as_str()), (0, "from-archive\n"), "{o:?}");
 
-    let registry = Registry::start(&env.dir);
+    let registry =
+        test_support::registry::LoopbackRegistry::start(&env.dir, Duration::from_secs(30))
+            .expect("loopback registry");
     let reference = format!("127.0.0.1:{}/busybox:t", registry.port);
     let push = Command::new("skopeo")
         .args(["copy", "-q", "--dest-tls-verify=false"])
@@ -653,49 +654,4 @@ fn pull_images_rmi(env: &Env) {
     assert!(!o.stdout.contains(short), "{o:?}");
     let o = env.microvm(&["rmi", &name], None);
     assert_eq!(o.code, 1, "removing a missing image: {o:?}");
-}
-
-struct Registry {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Registry {
-    fn start(dir: &Path) -> Registry {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let config = dir.join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: 127.0.0.1:{port}\n",
-                dir.join("registry").display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("/usr/bin/docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("docker-registry (apt-get install docker-registry)");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the registry did not listen");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Registry { child, port }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

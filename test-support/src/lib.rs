@@ -1,10 +1,12 @@
 //! What the guest-booting test suites share, written once: busybox OCI images built in the test
-//! ([`image`]) and the host-side checks that a run left nothing behind ([`host`]).
+//! ([`image`]), a loopback registry to pull them from ([`registry`]) and the host-side checks
+//! that a run left nothing behind ([`host`]).
 //!
 //! A dev-dependency only; nothing here is part of the product.
 
 pub mod host;
 pub mod image;
+pub mod registry;
 
 use sha2::{Digest, Sha256};
 

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use super::image::build_image_named;
 use super::{
-    dump_logs, private_dir, sh, spawn_containerd, stop_containerd, text, write_shim_config,
+    dump_logs, private_dir, remove_private_dir, sh, spawn_containerd, stop_containerd, text,
+    write_shim_config,
 };
+use test_support::registry::LoopbackRegistry;
 
 /// The images in the registry, as `<repository>:<tag>`.
 pub const BUSYBOX: &str = "busybox:test";
@@ -86,41 +88,18 @@ impl Flavor {
 pub struct Registry {
     pub dir: PathBuf,
     pub port: u16,
-    child: Mutex<Option<Child>>,
+    server: Mutex<Option<LoopbackRegistry>>,
 }
 
 impl Registry {
     pub fn start() -> Result<Registry, String> {
         let dir = private_dir("reg")?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| e.to_string())?
-            .port();
-        let config = dir.join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: 127.0.0.1:{port}\n",
-                dir.join("data").display()
-            ),
-        )
-        .map_err(|e| e.to_string())?;
-        let child = Command::new("/usr/bin/docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("docker-registry (apt-get install docker-registry): {e}"))?;
+        let server = LoopbackRegistry::start(&dir, Duration::from_secs(60))?;
         let registry = Registry {
             dir,
-            port,
-            child: Mutex::new(Some(child)),
+            port: server.port,
+            server: Mutex::new(Some(server)),
         };
-        super::wait_until("the registry to listen", 60, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        })?;
         // The pause image: as the CRI sandbox's only process it must outlive everything.
         for (name, cmd) in [
             (BUSYBOX, &["sh"][..]),
@@ -147,7 +126,8 @@ impl Registry {
     }
 
     pub fn stop(&self) {
-        stop_containerd(&self.child, &self.dir);
+        drop(self.server.lock().unwrap().take());
+        remove_private_dir(&self.dir);
     }
 }
 

@@ -204,6 +204,11 @@ pub fn stop_containerd(child: &Mutex<Option<Child>>, dir: &Path) {
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let _ = child.wait();
     }
+    remove_private_dir(dir);
+}
+
+/// Unmounts and removes a [`private_dir`].
+pub fn remove_private_dir(dir: &Path) {
     let _ = sh(&format!(
         "umount -R {d} 2>/dev/null; rmdir {d}",
         d = dir.display()
