@@ -12,7 +12,8 @@
 
 use std::io::{Read, Write};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -188,6 +189,7 @@ pub fn parse_result(out: &[u8]) -> Result<(CniResult, Value)> {
 /// `ADD`: runs the list's plugins in order. Returns the last result. On a failure, the plugins
 /// that ran are not undone here: the caller runs [`del`] (as CNI asks of a runtime).
 pub fn add(list: &ConfList, rt: &Runtime) -> Result<(CniResult, Value)> {
+    let _lock = host_lock()?;
     let mut prev: Option<(CniResult, Value)> = None;
     for plugin in &list.plugins {
         let config = plugin_config(list, plugin, prev.as_ref().map(|p| &p.1), rt);
@@ -204,6 +206,7 @@ pub fn add(list: &ConfList, rt: &Runtime) -> Result<(CniResult, Value)> {
 /// got one). Every plugin runs even when one fails (so that what the others made goes); the
 /// first failure is returned.
 pub fn del(list: &ConfList, rt: &Runtime, prev: Option<&Value>) -> Result<()> {
+    let _lock = host_lock()?;
     let mut first_error = None;
     for plugin in list.plugins.iter().rev() {
         let config = plugin_config(list, plugin, prev, rt);
@@ -213,6 +216,29 @@ pub fn del(list: &ConfList, rt: &Runtime, prev: Option<&Value>) -> Result<()> {
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Where concurrent `microvm` processes take turns at the CNI plugins.
+const HOST_LOCK: &str = "/run/microvm/cni.lock";
+
+/// One `ADD` or `DEL` at a time on this host: the firewall and portmap plugins create shared
+/// iptables chains (`CNI-FORWARD`, ...) and fail when another run creates the same chain at the
+/// same moment ("chain already exists"), as two first runs started together do. containerd
+/// serialises its CNI calls the same way, within its one process. Released when dropped.
+fn host_lock() -> Result<std::fs::File> {
+    let path = Path::new(HOST_LOCK);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("open {HOST_LOCK}"))?;
+    file.lock().with_context(|| format!("lock {HOST_LOCK}"))?;
+    Ok(file)
 }
 
 /// A plugin's stdin: its configuration with the list's `name` and `cniVersion`, the previous
