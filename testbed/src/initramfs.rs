@@ -49,6 +49,8 @@ pub(crate) struct InitSpec<'a> {
     pub env: &'a [(&'a str, &'a OsStr)],
     /// The per-run nonce of the console markers.
     pub nonce: &'a str,
+    /// L1 trace events to record, space-separated `system:event` names (already validated).
+    pub trace_events: Option<&'a str>,
 }
 
 /// L1's `/init`, a busybox shell script; `@NAME@` are filled in by [`init_script`]. The comments
@@ -106,16 +108,40 @@ $B mkdir -p $N/run/testbed && $B cp /testbed/cmd.sh $N/run/testbed/cmd.sh || die
 wait
 [ -c /dev/kvm ] || echo 'testbed-init: warning: no /dev/kvm (does the CPU model have svm?)'
 echo
+@TRACE_START@
 echo 'TESTBED-BEGIN @NONCE@'
 # A clean environment, then the host's own /bin/sh runs cmd.sh. Not this busybox: it runs its own
 # applets in place of same-named commands (`ls`, `printf`). Stdout is the console, a tty.
-$B env -i @ENV@ $B chroot $N /bin/sh /run/testbed/cmd.sh </dev/null >/dev/console 2>&1
+# CMD gets a mount namespace whose root *is* the overlay (moved onto /, then `chroot .`, as
+# switch_root does), not a chroot into a directory: the kernel refuses a new user namespace to a
+# chrooted process, and virtiofsd's sandbox, like a rootless container tool, needs one. The
+# initramfs stays this script's root, for the lines after CMD.
+$B env -i @ENV@ $B unshare -m $B sh -c "cd $N && $B mount --move . / && exec $B chroot . /bin/sh /run/testbed/cmd.sh" </dev/null >/dev/console 2>&1
 rc=$?
+# A failed CMD shows L1's kernel log too: what L1 saw of a stuck nested guest (soft lockups, RCU
+# stalls, KVM complaints) is there, and L1 is gone once this script ends.
+[ $rc -eq 0 ] || { echo '--- L1 kernel log (tail) ---'; $B dmesg | $B tail -n 40 | $B sed 's/^/L1: /'; }
+@TRACE_DUMP@
 echo "TESTBED-EXIT=$rc @NONCE@"
 $B sync
 # With QEMU's -no-reboot, a reboot ends QEMU (whichever reset method the kernel picks).
 $B reboot -f
 "#;
+
+/// After a failed CMD with tracing on: of the events that concern nested guests (KVM's, and
+/// the hrtimers of their local APIC timers; not L1's own ticks), the 60 before the longest gap
+/// between two and the 20 after it, prefixed so that the console filter keeps them.
+const TRACE_DUMP: &str = r#"[ $rc -eq 0 ] || $B awk '
+  { t = 0; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+\.[0-9]+:$/) { t = substr($i, 1, length($i) - 1) + 0; break } }
+  t == 0 || !/kvm|apic_timer_fn/ { next }
+  { n++; line[n] = $0; ts[n] = t; if (n > 1 && t - ts[n-1] > gap) { gap = t - ts[n-1]; at = n } }
+  END {
+    print "--- L1 trace: " n " events, longest gap " gap " s before event " at " ---"
+    for (i = at - 60; i < at + 20; i++) if (i >= 1 && i <= n) {
+      if (i == at) print "L1 trace: ----- " gap " s -----"
+      print "L1 trace: " line[i]
+    }
+  }' /sys/kernel/tracing/trace"#;
 
 /// Fills in [`INIT_TEMPLATE`] for one run.
 pub(crate) fn init_script(spec: &InitSpec) -> Vec<u8> {
@@ -174,6 +200,20 @@ pub(crate) fn init_script(spec: &InitSpec) -> Vec<u8> {
         env.extend(sh_quote(&kv));
     }
 
+    // Tracing: a big buffer, the events, and on failure the lines around the longest gap between
+    // two events (a stuck nested guest is a quiet spell in an otherwise busy trace).
+    let (trace_start, trace_dump) = match spec.trace_events {
+        Some(events) => (
+            format!(
+                "$B mount -t tracefs nodev /sys/kernel/tracing && \\\n\
+                 echo 16384 > /sys/kernel/tracing/buffer_size_kb && \\\n\
+                 echo '{events}' > /sys/kernel/tracing/set_event || \\\n\
+                 echo 'testbed-init: warning: cannot trace {events}'"
+            ),
+            TRACE_DUMP.to_string(),
+        ),
+        None => (String::new(), String::new()),
+    };
     fill(
         INIT_TEMPLATE,
         &[
@@ -186,6 +226,8 @@ pub(crate) fn init_script(spec: &InitSpec) -> Vec<u8> {
             ("SHARES", shares.trim_ascii_end()),
             ("NONCE", spec.nonce.as_bytes()),
             ("ENV", &env),
+            ("TRACE_START", trace_start.as_bytes()),
+            ("TRACE_DUMP", trace_dump.as_bytes()),
         ],
     )
 }
@@ -372,15 +414,19 @@ mod tests {
             shares: &[("rw0".to_string(), share)],
             env: &[("RUST_LOG", env_val)],
             nonce: "0123456789abcdef",
+            trace_events: Some("kvm:kvm_exit timer:hrtimer_start"),
         });
         let text = String::from_utf8(script.clone()).unwrap();
+        assert!(text
+            .contains("echo 'kvm:kvm_exit timer:hrtimer_start' > /sys/kernel/tracing/set_event"));
+        assert!(text.contains("longest gap"));
         assert!(!text.contains('@'), "a placeholder is left:\n{text}");
         assert!(text.contains("(\n$B insmod '/modules/001-kvm.ko'"));
         assert!(text.contains("kvm-amd.ko failed'\n) &\n$B insmod '/modules/003-9p.ko'"));
         assert!(text.contains("[ -e $N/lib/modules/'6.1.0-56-amd64' ]"));
         assert!(text.contains("'RUST_LOG=x'\\''y $z'"));
         assert!(text.contains("$B env -i 'PATH=/usr/local/sbin:"));
-        assert!(text.contains("'RUST_LOG=x'\\''y $z' 'MICROVM_IN_TESTBED=1' $B chroot"));
+        assert!(text.contains("'RUST_LOG=x'\\''y $z' 'MICROVM_IN_TESTBED=1' $B unshare -m"));
         assert!(text.contains("echo \"TESTBED-EXIT=$rc 0123456789abcdef\""));
         assert!(text.contains("echo 'TESTBED-BEGIN 0123456789abcdef'"));
         assert!(text.contains("mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=mmap 'rw0' $N'/tmp/it'\\''s shared'"));
@@ -399,5 +445,37 @@ mod tests {
             &[("X", b"1"), ("Y", b"'2'")],
         );
         assert_eq!(out, b"a 1 b'2' me@example.com 1");
+    }
+
+    #[test]
+    fn the_trace_dump_shows_the_longest_quiet_spell() {
+        let dir = tempfile::tempdir().unwrap();
+        let trace = dir.path().join("trace");
+        let mut text = String::from("# tracer: nop\n#\n");
+        for (i, t) in [1.0, 1.5, 2.0, 9.25, 9.5].iter().enumerate() {
+            text.push_str(&format!(
+                "  microvm-vmm-42 [000] d..1. {t:>12.6}: kvm_exit: reason EXIT_HLT n={i}\n"
+            ));
+        }
+        text.push_str(
+            "  <idle>-0 [000] d.h1. 20.000000: hrtimer_expire_entry: function=tick_sched_timer\n",
+        );
+        std::fs::write(&trace, text).unwrap();
+        let script = TRACE_DUMP.replace("/sys/kernel/tracing/trace", &trace.display().to_string());
+        let out = Command::new("/bin/busybox")
+            .args(["sh", "-c"])
+            .arg(format!("B=/bin/busybox; rc=1; {script}"))
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.contains("5 events, longest gap 7.25 s before event 4"),
+            "{out}"
+        );
+        let gap = out.find("----- 7.25 s -----").expect("gap marker");
+        assert!(
+            out[..gap].contains("n=2") && out[gap..].contains("n=3"),
+            "{out}"
+        );
     }
 }

@@ -28,7 +28,7 @@
 //!   run (milliseconds, uncompressed: gunzip under TCG costs more than the bytes) in a temporary
 //!   folder.
 //! - **Files**: QEMU shares this host's `/` read-only over virtio-9p; `/init` mounts it, puts a
-//!   tmpfs overlay on top (writes inside L1 vanish with it) and `chroot`s into it, so host binaries
+//!   tmpfs overlay on top (writes inside L1 vanish with it) and enters it as its root (moved onto `/` in a mount namespace of its own, not a `chroot`), so host binaries
 //!   and build outputs run unchanged. `multidevs=remap` makes QEMU remap inode numbers from the
 //!   several host file systems under `/`: without it, colliding file IDs confused the guest and one
 //!   run hung in a soft lockup. [`Testbed::share_rw`] adds read-write shares to bring files back.
@@ -55,7 +55,9 @@
 //! `MICROVM_TESTBED_VERBOSE=1` copies L1's whole console, with times, to stderr;
 //! `MICROVM_TESTBED_MONITOR=PATH` opens QEMU's monitor on a unix socket, to see where a stuck L1
 //! is (`info registers -a`; symbols from L1's `/proc/kallsyms`, which does not move: PVH boot
-//! skips KASLR).
+//! skips KASLR). `MICROVM_TESTBED_TRACE=kvm:kvm_exit,...` records L1 kernel trace events; a failed
+//! CMD then shows them around the longest quiet spell. A failed CMD always shows the tail of L1's
+//! kernel log.
 //!
 //! Timings under TCG are not comparable to real hardware: compare ratios measured in one L1.
 
@@ -265,6 +267,8 @@ pub struct Testbed {
     /// A QEMU monitor on this unix socket (`MICROVM_TESTBED_MONITOR=PATH`), to look at a stuck
     /// L1 from outside (`info cpus`, `info registers -a`).
     monitor: Option<PathBuf>,
+    /// L1 kernel trace events to record (`MICROVM_TESTBED_TRACE=kvm:kvm_exit,timer:hrtimer_start`).
+    trace_events: Option<String>,
     /// A bad `MICROVM_TESTBED_*` value, reported by `run`.
     env_error: Option<String>,
 }
@@ -281,6 +285,9 @@ impl Testbed {
     /// With `MICROVM_TESTBED_VERBOSE=1`, L1's whole console is also copied to stderr, each line
     /// prefixed with the seconds since QEMU started (to debug L1 or see where its time goes).
     /// With `MICROVM_TESTBED_MONITOR=PATH`, QEMU's human monitor listens on that unix socket.
+    /// With `MICROVM_TESTBED_TRACE=SYSTEM:EVENT,...`, L1's kernel records those trace events, and
+    /// when CMD fails its stderr shows the trace around the longest quiet spell (where a nested
+    /// guest stopped).
     pub fn new() -> Self {
         let mut tb = Testbed {
             cpu: DEFAULT_CPU.to_string(),
@@ -291,8 +298,27 @@ impl Testbed {
             shares: Vec::new(),
             verbose: std::env::var_os("MICROVM_TESTBED_VERBOSE").is_some_and(|v| v == "1"),
             monitor: std::env::var_os("MICROVM_TESTBED_MONITOR").map(PathBuf::from),
+            trace_events: None,
             env_error: None,
         };
+        if let Some(events) = std::env::var_os("MICROVM_TESTBED_TRACE") {
+            let events = events.to_string_lossy();
+            let valid = |e: &str| {
+                e.split_once(':').is_some_and(|(sys, name)| {
+                    [sys, name].iter().all(|w| {
+                        !w.is_empty() && w.bytes().all(|b| b == b'_' || b.is_ascii_alphanumeric())
+                    })
+                })
+            };
+            match events.split(',').all(valid) {
+                true => tb.trace_events = Some(events.replace(',', " ")),
+                false => {
+                    tb.env_error = Some(format!(
+                        "MICROVM_TESTBED_TRACE={events:?} is not a list of SYSTEM:EVENT names"
+                    ))
+                }
+            }
+        }
         if let Some(cpu) = std::env::var_os("MICROVM_TESTBED_CPU") {
             tb.cpu = cpu.to_string_lossy().into_owned();
         }
@@ -486,6 +512,7 @@ impl Testbed {
             shares: &shares,
             env: &env,
             nonce,
+            trace_events: self.trace_events.as_deref(),
         });
         let cmd = initramfs::cmd_script(&plan.cwd, argv);
 
