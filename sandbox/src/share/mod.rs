@@ -170,8 +170,7 @@ impl Virtiofsd {
             UnixListener::bind(&socket).map_err(io(format!("listen on {}", socket.display())))?;
         // A chrooted process (the testbed's L1) may not create user namespaces (EPERM); then
         // the daemon runs as the unprivileged host id SHARE_ID_BASE without one (no pivot_root
-        // either: virtiofsd's own sandbox needs a user namespace when not root), reaching the
-        // share root through its working directory.
+        // either: virtiofsd's own sandbox needs a user namespace when not root).
         let holder = match UserNamespaceHolder::start() {
             Ok(h) => Some(h),
             Err(e) => {
@@ -191,13 +190,11 @@ impl Virtiofsd {
         };
 
         let mut cmd = Command::new(binary);
-        cmd.arg(format!("--fd={}", listener.as_raw_fd()));
+        cmd.arg(format!("--fd={}", listener.as_raw_fd()))
+            .arg("--shared-dir=.");
         match holder {
-            Some(_) => cmd
-                .arg("--shared-dir")
-                .arg(&root)
-                .arg("--sandbox=namespace"),
-            None => cmd.arg("--shared-dir=.").arg("--sandbox=none"),
+            Some(_) => cmd.arg("--sandbox=namespace"),
+            None => cmd.arg("--sandbox=none"),
         };
         cmd.args([
             "--seccomp=kill",
@@ -290,6 +287,10 @@ fn confine(
             // and a submount under it would stay writable.
             bind(host, point, *read_only, !*read_only)?;
         }
+        // The daemon reaches the share root through its working directory (`--shared-dir=.`),
+        // entered while this process is still host root: once in the user namespace (or as the
+        // unmapped id), it may not search the root's ancestors (a 0700 home or state directory).
+        check(libc::chdir(mounts.root.as_ptr()))?;
         match userns {
             Some(userns) => {
                 check(libc::setns(userns, libc::CLONE_NEWUSER))?;
@@ -297,7 +298,6 @@ fn confine(
                 check(libc::setresuid(0, 0, 0))?;
             }
             None => {
-                check(libc::chdir(mounts.root.as_ptr()))?;
                 check(libc::setresgid(SHARE_ID_BASE, SHARE_ID_BASE, SHARE_ID_BASE))?;
                 check(libc::setresuid(SHARE_ID_BASE, SHARE_ID_BASE, SHARE_ID_BASE))?;
             }
