@@ -165,6 +165,7 @@ fn pod_network(dir: &Path) -> Result<(), String> {
     cfg.disks.push(Disk {
         path: busybox_disk(dir)?,
         read_only: true,
+        rate_limit: None,
     });
     cfg.console = Console::File(dir.join("console.log"));
     cfg.state_dir = Some(dir.join("state"));

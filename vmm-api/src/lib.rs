@@ -13,6 +13,7 @@
 mod cmdline;
 mod jail;
 mod net;
+mod rate_limit;
 mod validate;
 
 use std::io::Read;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use cmdline::{KernelCmdline, KernelParam, DEFAULT_CMDLINE, MAX_CMDLINE_BYTES};
 pub use jail::{JailConfig, CGROUP_ROOT};
+pub use rate_limit::{RateLimitConfig, TokenBucketConfig, MAX_REFILL_TIME_MS};
 pub use validate::{
     ConfigError, MAX_CONFIG_BYTES, MAX_DISKS, MAX_FS_TAG_BYTES, MAX_MEMORY_MIB, MAX_PATH_BYTES,
     MAX_UDS_PATH_BYTES, MAX_VCPUS, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
@@ -113,6 +115,9 @@ pub struct DiskConfig {
     /// The guest cannot write (the device offers VIRTIO_BLK_F_RO; the file is opened read-only).
     #[serde(default)]
     pub read_only: bool,
+    /// Limits the guest's I/O on this disk ([`RateLimitConfig`]); `None`: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 /// A virtio-vsock device whose host side is the unix socket `uds_path`: the host connects to

@@ -14,10 +14,19 @@ fn full() -> VmConfig {
             DiskConfig {
                 path: "/d/root.ext4".into(),
                 read_only: true,
+                rate_limit: None,
             },
             DiskConfig {
                 path: "/d/data.ext4".into(),
                 read_only: false,
+                rate_limit: Some(RateLimitConfig {
+                    bandwidth: Some(TokenBucketConfig {
+                        size: 1 << 20,
+                        one_time_burst: Some(8 << 20),
+                        refill_time_ms: 100,
+                    }),
+                    ops: Some(TokenBucketConfig::new(100, 1000)),
+                }),
             },
         ],
         vsock: Some(VsockConfig {
@@ -223,6 +232,7 @@ fn disks_and_devices_are_limited() {
     let disk = DiskConfig {
         path: "/d".into(),
         read_only: true,
+        rate_limit: None,
     };
     assert_eq!(
         invalid(|c| c.disks = vec![disk.clone(); MAX_DISKS + 1]),
@@ -363,4 +373,65 @@ fn to_json_refuses_an_invalid_config() {
     let mut c = full();
     c.vcpus = 0;
     assert!(matches!(c.to_json(), Err(ConfigError::Vcpus(0))));
+}
+
+#[test]
+fn disk_rate_limits_are_checked_and_named() {
+    let limit = |c: &VmConfig| c.disks[1].rate_limit.unwrap();
+    let cases: [(fn(&mut RateLimitConfig), &str); 5] = [
+        (
+            |l| l.ops.as_mut().unwrap().refill_time_ms = 0,
+            "disks[1].rate_limit.ops: refill_time_ms must not be 0 (leave the bucket out for no limit)",
+        ),
+        (
+            |l| l.bandwidth.as_mut().unwrap().size = 0,
+            "disks[1].rate_limit.bandwidth: size must not be 0 (leave the bucket out for no limit)",
+        ),
+        (
+            |l| l.bandwidth.as_mut().unwrap().refill_time_ms = MAX_REFILL_TIME_MS + 1,
+            "disks[1].rate_limit.bandwidth: refill_time_ms must be at most 3600000 (one hour)",
+        ),
+        (
+            |l| l.bandwidth.as_mut().unwrap().one_time_burst = Some(0),
+            "disks[1].rate_limit.bandwidth: one_time_burst must not be 0 (leave it out for none)",
+        ),
+        (
+            |l| l.ops = Some(TokenBucketConfig::new(0, 0)),
+            "disks[1].rate_limit.ops: size must not be 0 (leave the bucket out for no limit)",
+        ),
+    ];
+    for (change, want) in cases {
+        let msg = invalid(|c| {
+            let mut l = limit(c);
+            change(&mut l);
+            c.disks[1].rate_limit = Some(l);
+        });
+        assert_eq!(msg, want);
+    }
+    // No bucket at all is allowed (and limits nothing).
+    let mut c = full();
+    c.disks[1].rate_limit = Some(RateLimitConfig::default());
+    c.validate().unwrap();
+    assert!(!RateLimitConfig::default().is_limited());
+}
+
+#[test]
+fn disk_rate_limit_json_shape() {
+    let json = r#"{"kernel":"/k","disks":[{"path":"/d","rate_limit":
+        {"bandwidth":{"size":4096,"refill_time_ms":10},"ops":{"size":2,"one_time_burst":5,"refill_time_ms":1000}}}]}"#;
+    let c = VmConfig::from_json(json.as_bytes()).unwrap();
+    let limit = c.disks[0].rate_limit.unwrap();
+    assert_eq!(limit.bandwidth, Some(TokenBucketConfig::new(4096, 10)));
+    assert_eq!(limit.ops.unwrap().one_time_burst, Some(5));
+    assert!(limit.is_limited());
+    let unknown = r#"{"kernel":"/k","disks":[{"path":"/d","rate_limit":{"iops":{"size":1,"refill_time_ms":1}}}]}"#;
+    assert!(VmConfig::from_json(unknown.as_bytes()).is_err());
+    // An unlimited disk serialises as before.
+    let plain = serde_json::to_string(&DiskConfig {
+        path: "/d".into(),
+        read_only: false,
+        rate_limit: None,
+    })
+    .unwrap();
+    assert!(!plain.contains("rate_limit"), "{plain}");
 }

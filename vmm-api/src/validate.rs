@@ -72,6 +72,8 @@ pub enum ConfigError {
     CmdlineTooLong(usize),
     #[error("{field} must be an unprivileged id (not 0 or {max}), not {id}", max = u32::MAX)]
     JailId { field: &'static str, id: u32 },
+    #[error("{field}: {problem}")]
+    RateLimit { field: String, problem: &'static str },
     #[error("jail.cgroup must be a directory beneath {root}, not {0:?}", root = crate::CGROUP_ROOT)]
     JailCgroup(PathBuf),
 }
@@ -95,6 +97,9 @@ impl VmConfig {
         }
         for (i, disk) in self.disks.iter().enumerate() {
             check_path(&format!("disks[{i}].path"), &disk.path, MAX_PATH_BYTES)?;
+            if let Some(limit) = &disk.rate_limit {
+                limit.validate(&format!("disks[{i}].rate_limit"))?;
+            }
         }
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;

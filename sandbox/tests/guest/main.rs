@@ -96,6 +96,7 @@ fn trial(name: &'static str, f: TestFn) -> Trial {
         cfg.disks.push(Disk {
             path: art.rootfs.clone(),
             read_only: true,
+            rate_limit: None,
         });
         cfg.console = Console::File(console.clone());
         cfg.state_dir = Some(dir.path().join("s"));

@@ -87,6 +87,7 @@ fn sandbox_config(
         disks.push(Disk {
             path,
             read_only: true,
+            rate_limit: None,
         });
     }
     let mut sc = SandboxConfig::new(vmm, kernel, agent);
