@@ -78,6 +78,7 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     Ok(DiskConfig {
         path: absolute(Path::new(path))?,
         read_only,
+        rate_limit: None,
     })
 }
 
@@ -272,7 +273,8 @@ mod tests {
             c.disks,
             vec![DiskConfig {
                 path: "/d".into(),
-                read_only: true
+                read_only: true,
+                rate_limit: None,
             }]
         );
         assert_eq!(c.vsock.unwrap().guest_cid, 5);

@@ -63,6 +63,7 @@ pub(super) async fn execute(
         .map(|(path, read_only)| Disk {
             path: path.clone(),
             read_only: *read_only,
+            rate_limit: None,
         })
         .collect();
     cfg.shares = plan
