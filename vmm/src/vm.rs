@@ -186,7 +186,10 @@ pub fn run_confined(
         next: 0,
     };
     for disk in &config.disks {
-        let block = Block::new(&disk.path, disk.read_only)?;
+        let mut block = Block::new(&disk.path, disk.read_only)?;
+        if let Some(limit) = &disk.rate_limit {
+            block = block.with_rate_limit(limit)?;
+        }
         virtio.attach(Arc::new(Mutex::new(block)))?;
     }
     if let Some(vsock) = &config.vsock {

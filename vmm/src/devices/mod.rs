@@ -5,6 +5,7 @@
 pub mod rate_limit;
 
 pub mod bus;
+pub mod io_limiter;
 pub mod legacy;
 pub mod virtio;
 

@@ -14,6 +14,8 @@ use super::ThreadRole;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeviceSet {
     pub block: bool,
+    /// Some disk has a rate limit (and so a timerfd).
+    pub block_rate_limit: bool,
     pub vsock: bool,
     pub rng: bool,
     pub net: bool,
@@ -24,6 +26,10 @@ impl DeviceSet {
     pub fn of(config: &VmConfig) -> Self {
         Self {
             block: !config.disks.is_empty(),
+            block_rate_limit: config
+                .disks
+                .iter()
+                .any(|d| d.rate_limit.is_some_and(|l| l.is_limited())),
             vsock: config.vsock.is_some(),
             rng: config.rng,
             net: !config.nets.is_empty(),
@@ -35,6 +41,7 @@ impl DeviceSet {
     pub fn all() -> Self {
         Self {
             block: true,
+            block_rate_limit: true,
             vsock: true,
             rng: true,
             net: true,
@@ -46,6 +53,9 @@ impl DeviceSet {
         let mut list = SyscallList::new();
         if self.block {
             list = list.merge(block());
+        }
+        if self.block_rate_limit {
+            list = list.merge(block_rate_limit());
         }
         if self.vsock {
             list = list.merge(vsock(role)?);
@@ -64,6 +74,12 @@ impl DeviceSet {
 /// One `preadv`/`pwritev` per request on the backing file, `fdatasync` for a flush.
 fn block() -> SyscallList {
     SyscallList::new().allow(&[libc::SYS_preadv, libc::SYS_pwritev, libc::SYS_fdatasync])
+}
+
+/// The rate limit's timer: armed (`timerfd_settime`) wherever the queue is served or reset.
+/// Reading its expiry is the event thread's `read`, which it has for every eventfd already.
+fn block_rate_limit() -> SyscallList {
+    SyscallList::new().allow(&[libc::SYS_timerfd_settime])
 }
 
 /// Host Unix stream sockets: reading and writing connections (`recv`/`send`, which `std` makes

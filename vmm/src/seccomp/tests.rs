@@ -79,6 +79,21 @@ fn lists_hold_only_what_the_role_and_devices_need() {
             assert!(!bare.contains(device_call), "{role}: syscall {device_call}");
         }
     }
+    // A disk's rate limit timer is armed from both roles, and only when some disk has a limit.
+    for role in roles() {
+        let disk = DeviceSet {
+            block: true,
+            ..DeviceSet::default()
+        };
+        let plain = allowed(role, disk, pid).unwrap();
+        assert!(!plain.contains(libc::SYS_timerfd_settime), "{role}");
+        let limited = DeviceSet {
+            block_rate_limit: true,
+            ..disk
+        };
+        let limited = allowed(role, limited, pid).unwrap();
+        assert!(limited.allows_unconditionally(libc::SYS_timerfd_settime), "{role}");
+    }
     let vcpu = allowed(ThreadRole::Vcpu, DeviceSet::all(), pid).unwrap();
     assert!(!vcpu.contains(libc::SYS_accept4) && !vcpu.contains(libc::SYS_unlink));
     assert!(!vcpu.contains(libc::SYS_epoll_wait));
@@ -254,6 +269,10 @@ fn allowed_calls(role: ThreadRole) {
         );
         assert_ne!(p, libc::MAP_FAILED);
         assert_eq!(libc::munmap(p, 1 << 20), 0);
+        // A rate-limited disk arms its timer from either role.
+        let disarm: libc::itimerspec = std::mem::zeroed();
+        let r = libc::timerfd_settime(-1, 0, &disarm, std::ptr::null_mut());
+        assert_eq!((r, last_errno()), (-1, libc::EBADF));
     }
     // The heap, a lock, the clock.
     let v: Vec<u64> = (0..100_000).collect();

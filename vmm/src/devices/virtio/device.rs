@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::error;
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -222,6 +222,32 @@ impl DeviceCore {
     where
         F: FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> ControlFlow<u32, u32>,
     {
+        self.process_or_defer(index, |mem, chain| match serve(mem, chain) {
+            ControlFlow::Continue(len) => Served::Used(len),
+            ControlFlow::Break(len) => Served::UsedLast(len),
+        })
+    }
+
+    /// [`DeviceCore::serve_queue`] for a device that may also decline a chain for now (a rate
+    /// limit): `None` leaves that chain on the available ring, untouched, and ends the round;
+    /// the device serves the queue again when it can.
+    pub fn serve_queue_or_defer<F>(&mut self, index: usize, mut serve: F)
+    where
+        F: FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+    {
+        let used = self.process_or_defer(index, |mem, chain| match serve(mem, chain) {
+            Some(len) => Served::Used(len),
+            None => Served::Deferred,
+        });
+        if used {
+            self.signal_used([index]);
+        }
+    }
+
+    fn process_or_defer<F>(&mut self, index: usize, mut serve: F) -> bool
+    where
+        F: FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> Served,
+    {
         let name = self.name;
         let Some(active) = self.active.as_mut() else {
             return false;
@@ -242,8 +268,13 @@ impl DeviceCore {
                 popped = true;
                 let head = chain.head_index();
                 let (len, stop) = match serve(mem, chain) {
-                    ControlFlow::Continue(len) => (len, false),
-                    ControlFlow::Break(len) => (len, true),
+                    Served::Used(len) => (len, false),
+                    Served::UsedLast(len) => (len, true),
+                    Served::Deferred => {
+                        queue.go_to_previous_position();
+                        let _ = queue.enable_notification(mem);
+                        return used_any;
+                    }
                 };
                 match queue.add_used(mem, head, len) {
                     Ok(()) => used_any = true,
@@ -325,6 +356,16 @@ impl DeviceCore {
         let _ = evt.read();
         Some(index)
     }
+}
+
+/// What a device did with one chain in [`DeviceCore::process_or_defer`].
+enum Served {
+    /// Returned with this used length; go on.
+    Used(u32),
+    /// Returned with this used length; the round ends.
+    UsedLast(u32),
+    /// Not served: back on the available ring, and the round ends.
+    Deferred,
 }
 
 /// What the transport needs from a device beyond its [`DeviceCore`]. The device keeps its own

@@ -4,7 +4,6 @@
 
 use std::fs::OpenOptions;
 use std::io::{self, Seek, SeekFrom};
-use std::ops::ControlFlow;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -13,7 +12,11 @@ use virtio_bindings::bindings::virtio_blk::{
 };
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
+use vmm_api::RateLimitConfig;
+
 use super::request::{Disk, ID_BYTES, SECTOR_SIZE, SEG_MAX};
+use super::throttle::Throttle;
+use crate::devices::io_limiter::{IoLimiter, MonotonicClock};
 use crate::devices::virtio::{
     device_type, read_config_space, ActivateError, DeviceCore, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -36,11 +39,23 @@ pub enum BlockError {
     PartialSector { path: PathBuf, size: u64 },
     #[error("cannot create the queue eventfd for disk image {}: {source}", path.display())]
     EventFd { path: PathBuf, source: io::Error },
+    #[error("cannot create the rate limit timer: {0}")]
+    Timer(#[source] io::Error),
+}
+
+/// What the device counts, for tests and for the VMM's report.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStats {
+    /// Times the rate limit stopped the queue until its timer.
+    pub throttled: u64,
 }
 
 pub struct Block {
     pub(super) disk: Disk,
     pub(super) core: DeviceCore,
+    /// `None`: unlimited.
+    pub(super) throttle: Option<Throttle>,
+    pub(super) stats: BlockStats,
 }
 
 impl Block {
@@ -98,14 +113,48 @@ impl Block {
                 id,
             },
             core,
+            throttle: None,
+            stats: BlockStats::default(),
         })
     }
 
-    /// Serves every available request and interrupts the guest if it asked for it.
+    /// Limits the guest's I/O as `limit` says (a limit without buckets changes nothing).
+    pub fn with_rate_limit(self, limit: &RateLimitConfig) -> Result<Self, BlockError> {
+        if !limit.is_limited() {
+            return Ok(self);
+        }
+        self.with_limiter(IoLimiter::new(limit, Box::new(MonotonicClock)))
+    }
+
+    pub(super) fn with_limiter(mut self, limiter: IoLimiter) -> Result<Self, BlockError> {
+        self.throttle = Some(Throttle::new(limiter).map_err(BlockError::Timer)?);
+        Ok(self)
+    }
+
+    pub fn stats(&self) -> BlockStats {
+        self.stats
+    }
+
+    /// Serves the available requests the rate limit allows and interrupts the guest if it asked
+    /// for it. The first request over the limit stays on the ring until the limiter's timer.
     pub(super) fn process_queue(&mut self) {
-        let disk = &self.disk;
-        self.core.serve_queue(0, |mem, chain| {
-            ControlFlow::Continue(disk.serve(mem, chain))
+        let (disk, throttle, stats) = (&self.disk, &mut self.throttle, &mut self.stats);
+        let Some(throttle) = throttle else {
+            self.core
+                .serve_queue_or_defer(0, |mem, chain| disk.serve(mem, chain, |_| true));
+            return;
+        };
+        if throttle.is_waiting() {
+            return;
+        }
+        self.core.serve_queue_or_defer(0, |mem, chain| {
+            disk.serve(mem, chain, |cost| {
+                let admitted = throttle.admit(cost);
+                if !admitted {
+                    stats.throttled += 1;
+                }
+                admitted
+            })
         });
     }
 }
@@ -134,5 +183,11 @@ impl VirtioDevice for Block {
         // Requests may have been queued before DRIVER_OK.
         self.process_queue();
         Ok(())
+    }
+
+    fn resetting(&mut self) {
+        if let Some(throttle) = &mut self.throttle {
+            throttle.reset();
+        }
     }
 }

@@ -19,6 +19,8 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::devices::io_limiter::IoCost;
+
 pub(super) const SECTOR_SIZE: u64 = 512;
 /// Data descriptors per request (advertised as `seg_max`), and so the size of the on-stack iovec
 /// array that lets a request be one syscall.
@@ -63,21 +65,30 @@ pub(super) struct Disk {
 }
 
 impl Disk {
-    /// Serves one request; returns the used length (bytes written into guest buffers).
+    /// Serves one request if `admit` accepts its cost; returns the used length (bytes written
+    /// into guest buffers), or `None` when `admit` refused it (nothing was done).
     pub(super) fn serve(
         &self,
         mem: &GuestMemoryMmap,
         chain: impl Iterator<Item = Descriptor>,
-    ) -> u32 {
+        admit: impl FnOnce(IoCost) -> bool,
+    ) -> Option<u32> {
         let Some(req) = Request::parse(chain) else {
             guest_warn!("virtio-blk: empty descriptor chain");
-            return 0;
+            return Some(0);
         };
+        if !admit(req.cost(mem)) {
+            return None;
+        }
+        Some(self.execute_request(mem, &req))
+    }
+
+    fn execute_request(&self, mem: &GuestMemoryMmap, req: &Request) -> u32 {
         let Some(status_addr) = req.status_addr(mem) else {
             guest_warn!("virtio-blk: request without a device-writable status byte; dropped");
             return 0;
         };
-        let (status, written) = match self.execute(mem, &req) {
+        let (status, written) = match self.execute(mem, req) {
             Ok(written) => (VIRTIO_BLK_S_OK, written),
             Err(e) => {
                 guest_warn!("virtio-blk: request failed: {e}");
@@ -290,6 +301,21 @@ impl Request {
         let desc = self.status.filter(|d| d.is_write_only() && d.len() > 0)?;
         let addr = desc.addr().0.checked_add(u64::from(desc.len()) - 1)?;
         Some(GuestAddress(addr)).filter(|&a| mem.address_in_range(a))
+    }
+
+    /// What the request costs a rate limiter: one operation, and the data bytes of a read or a
+    /// write. Malformed requests cost their operation too (they are work for the host).
+    fn cost(&self, mem: &GuestMemoryMmap) -> IoCost {
+        let bytes = match self.header(mem) {
+            Ok((VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT, _)) => self
+                .data
+                .iter()
+                .take(self.segments)
+                .map(|d| u64::from(d.len()))
+                .sum(),
+            _ => 0,
+        };
+        IoCost { bytes, ops: 1 }
     }
 
     /// The request type and sector.
