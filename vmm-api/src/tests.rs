@@ -378,7 +378,8 @@ fn to_json_refuses_an_invalid_config() {
 #[test]
 fn disk_rate_limits_are_checked_and_named() {
     let limit = |c: &VmConfig| c.disks[1].rate_limit.unwrap();
-    let cases: [(fn(&mut RateLimitConfig), &str); 5] = [
+    type Change = fn(&mut RateLimitConfig);
+    let cases: [(Change, &str); 5] = [
         (
             |l| l.ops.as_mut().unwrap().refill_time_ms = 0,
             "disks[1].rate_limit.ops: refill_time_ms must not be 0 (leave the bucket out for no limit)",

@@ -73,7 +73,10 @@ pub enum ConfigError {
     #[error("{field} must be an unprivileged id (not 0 or {max}), not {id}", max = u32::MAX)]
     JailId { field: &'static str, id: u32 },
     #[error("{field}: {problem}")]
-    RateLimit { field: String, problem: &'static str },
+    RateLimit {
+        field: String,
+        problem: &'static str,
+    },
     #[error("jail.cgroup must be a directory beneath {root}, not {0:?}", root = crate::CGROUP_ROOT)]
     JailCgroup(PathBuf),
 }

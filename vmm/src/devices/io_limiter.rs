@@ -153,11 +153,14 @@ impl IoLimiter {
 pub struct ManualClock(std::sync::Arc<std::sync::Mutex<Instant>>);
 
 #[cfg(test)]
-impl ManualClock {
-    pub fn new() -> Self {
+impl Default for ManualClock {
+    fn default() -> Self {
         Self(std::sync::Arc::new(std::sync::Mutex::new(Instant::now())))
     }
+}
 
+#[cfg(test)]
+impl ManualClock {
     pub fn advance(&self, by: Duration) {
         *self.0.lock().unwrap() += by;
     }
@@ -199,7 +202,10 @@ mod tests {
         assert_eq!(b.wait_for(500, t0), Some(50 * MS));
         // Half the refill time brings half the bucket, not more.
         assert_eq!(b.wait_for(500, t0 + 50 * MS), None);
-        assert_eq!(b.wait_for(501, t0 + 50 * MS), Some(Duration::from_micros(100)));
+        assert_eq!(
+            b.wait_for(501, t0 + 50 * MS),
+            Some(Duration::from_micros(100))
+        );
         // Waiting longer than the refill time fills it, never beyond.
         let late = t0 + 10_000 * MS;
         assert_eq!(b.wait_for(1000, late), None);
@@ -241,7 +247,7 @@ mod tests {
 
     #[test]
     fn the_limiter_admits_only_when_both_buckets_agree_and_takes_nothing_otherwise() {
-        let clock = ManualClock::new();
+        let clock = ManualClock::default();
         let config = RateLimitConfig {
             bandwidth: Some(bucket(4096, None, 1000)),
             ops: Some(bucket(2, None, 100)),

@@ -92,7 +92,10 @@ fn lists_hold_only_what_the_role_and_devices_need() {
             ..disk
         };
         let limited = allowed(role, limited, pid).unwrap();
-        assert!(limited.allows_unconditionally(libc::SYS_timerfd_settime), "{role}");
+        assert!(
+            limited.allows_unconditionally(libc::SYS_timerfd_settime),
+            "{role}"
+        );
     }
     let vcpu = allowed(ThreadRole::Vcpu, DeviceSet::all(), pid).unwrap();
     assert!(!vcpu.contains(libc::SYS_accept4) && !vcpu.contains(libc::SYS_unlink));

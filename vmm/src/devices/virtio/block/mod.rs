@@ -11,9 +11,9 @@
 mod device;
 mod event_handler;
 mod request;
-mod throttle;
 #[cfg(test)]
 mod tests;
+mod throttle;
 #[cfg(test)]
 mod throttle_tests;
 

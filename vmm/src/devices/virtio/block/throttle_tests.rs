@@ -108,7 +108,10 @@ impl<'a> Rig<'a> {
             assert_eq!(id, 3 * u32::from(i), "request {i} served out of order");
             let bytes = 512 * self.lens[usize::from(i)];
             assert_eq!(len, bytes as u32 + 1);
-            let status: u8 = self.mem.read_obj(GuestAddress(STATUSES + u64::from(i))).unwrap();
+            let status: u8 = self
+                .mem
+                .read_obj(GuestAddress(STATUSES + u64::from(i)))
+                .unwrap();
             assert_eq!(status, VIRTIO_BLK_S_OK as u8);
             let mut got = vec![0u8; bytes as usize];
             let at = GuestAddress(DATA + 0x1000 * u64::from(i));
@@ -140,7 +143,7 @@ fn mem() -> GuestMemoryMmap {
 #[test]
 fn over_the_ops_limit_requests_wait_on_the_ring_for_the_timer() {
     let mem = mem();
-    let clock = ManualClock::new();
+    let clock = ManualClock::default();
     // Two operations per second.
     let limit = ops(2, 1000);
     let mut rig = Rig::new(&mem, Some((&limit, &clock)), &[1; 5]);
@@ -170,7 +173,7 @@ fn over_the_ops_limit_requests_wait_on_the_ring_for_the_timer() {
 #[test]
 fn a_timer_that_fires_early_serves_nothing_and_rearms() {
     let mem = mem();
-    let clock = ManualClock::new();
+    let clock = ManualClock::default();
     let limit = ops(1, 1000);
     let mut rig = Rig::new(&mem, Some((&limit, &clock)), &[1; 2]);
     assert_eq!(rig.served(), 1);
@@ -187,7 +190,7 @@ fn a_timer_that_fires_early_serves_nothing_and_rearms() {
 #[test]
 fn the_bandwidth_limit_counts_bytes_and_admits_a_request_larger_than_the_bucket() {
     let mem = mem();
-    let clock = ManualClock::new();
+    let clock = ManualClock::default();
     // 1 KiB per 100 ms.
     let limit = bandwidth(1024, 100);
     let mut rig = Rig::new(&mem, Some((&limit, &clock)), &[1, 1, 1, 4, 1]);
@@ -231,7 +234,7 @@ fn an_unlimited_disk_serves_everything_at_once_without_a_timer() {
 #[test]
 fn a_reset_disarms_the_timer() {
     let mem = mem();
-    let clock = ManualClock::new();
+    let clock = ManualClock::default();
     let limit = ops(1, 1000);
     let mut rig = Rig::new(&mem, Some((&limit, &clock)), &[1; 3]);
     assert!(rig.timer_armed());
