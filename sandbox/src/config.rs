@@ -13,7 +13,9 @@ use vmm_api::{KernelParam, NetConfig};
 use crate::{Error, Result, SharedDir};
 
 /// A disk for the guest (`/dev/vda`, `/dev/vdb`, ... in order): the VMM contract's own type.
+/// Its `rate_limit` ([`DiskRateLimit`]) caps the guest's bandwidth and operations on it.
 pub use vmm_api::DiskConfig as Disk;
+pub use vmm_api::{RateLimitConfig as DiskRateLimit, TokenBucketConfig};
 
 /// Where the VMM's output (the guest's serial console and the VMM's own log) goes.
 #[derive(Debug, Clone)]

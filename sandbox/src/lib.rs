@@ -36,8 +36,8 @@ pub use vmm_api;
 pub use vmm_api::KernelParam;
 
 pub use config::{
-    Console, ContainerConfig, Disk, Exit, Mount, ProcessIo, Rootfs, RootfsSource, SandboxConfig,
-    SandboxSettings, WindowSize,
+    Console, ContainerConfig, Disk, DiskRateLimit, Exit, Mount, ProcessIo, Rootfs, RootfsSource,
+    SandboxConfig, SandboxSettings, TokenBucketConfig, WindowSize,
 };
 pub use forward::window_size;
 pub use process::Process;

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
+use sandbox::{DiskRateLimit, TokenBucketConfig};
+
 use crate::network;
 use crate::volumes::{self, MountSpec, TmpfsSpec, VolumeSpec};
 
@@ -109,6 +111,10 @@ pub struct RunArgs {
     /// A DNS server for the container's /etc/resolv.conf (replaces the host's)
     #[arg(long = "dns", value_name = "IP")]
     pub dns: Vec<std::net::IpAddr>,
+    /// Rate-limit the VM's image disk (whole device, reads and writes together): bytes=N per
+    /// second (512k, 10m, 1g) and/or ops=N requests per second, e.g. bytes=10m,ops=500
+    #[arg(long = "disk-rate", value_parser = parse_disk_rate, value_name = "bytes=N,ops=N")]
+    pub disk_rate: Option<DiskRateLimit>,
     #[command(flatten)]
     pub vm: VmArgs,
     #[command(flatten)]
@@ -133,6 +139,16 @@ fn parse_cpus(s: &str) -> Result<f64, String> {
 
 /// Bytes from "64" (MiB), "512k", "64m", "1g", "100b".
 pub fn parse_memory(s: &str) -> Result<u64, String> {
+    let bytes = byte_size(s, 1 << 20, "memory size")?;
+    if bytes < 6 << 20 {
+        return Err(format!("memory limit {s:?} is below the minimum of 6 MiB"));
+    }
+    Ok(bytes)
+}
+
+/// A size with an optional unit (b, k, m, g, with or without "ib"); a bare number counts in
+/// `bare_unit`. `what` names the value in errors.
+fn byte_size(s: &str, bare_unit: u64, what: &str) -> Result<u64, String> {
     let lower = s.trim().to_ascii_lowercase();
     let lower = lower.trim_end_matches("ib");
     let (num, mult) = match lower.char_indices().last() {
@@ -140,16 +156,40 @@ pub fn parse_memory(s: &str) -> Result<u64, String> {
         Some((i, 'k')) => (&lower[..i], 1 << 10),
         Some((i, 'm')) => (&lower[..i], 1 << 20),
         Some((i, 'g')) => (&lower[..i], 1 << 30),
-        _ => (lower, 1 << 20),
+        _ => (lower, bare_unit),
     };
-    let n: u64 = num.parse().map_err(|_| format!("bad memory size {s:?}"))?;
-    let bytes = n
-        .checked_mul(mult)
-        .ok_or_else(|| format!("memory size {s:?} is too large"))?;
-    if bytes < 6 << 20 {
-        return Err(format!("memory limit {s:?} is below the minimum of 6 MiB"));
+    let n: u64 = num.parse().map_err(|_| format!("bad {what} {s:?}"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{what} {s:?} is too large"))
+}
+
+/// `--disk-rate bytes=N,ops=N`: per-second buckets (size N, refilled over one second).
+fn parse_disk_rate(s: &str) -> Result<DiskRateLimit, String> {
+    let per_second = |n: u64| TokenBucketConfig::new(n, 1000);
+    let mut limit = DiskRateLimit::default();
+    for item in s.split(',') {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("--disk-rate wants bytes=N and/or ops=N, not {item:?}"))?;
+        let (slot, n) = match key.trim() {
+            "bytes" => (&mut limit.bandwidth, byte_size(value, 1, "byte rate")?),
+            "ops" => (
+                &mut limit.ops,
+                value
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("bad operation rate {value:?}"))?,
+            ),
+            other => return Err(format!("--disk-rate has bytes= and ops=, not {other:?}")),
+        };
+        if n == 0 {
+            return Err(format!(
+                "--disk-rate {key}=0 would stop the disk; leave it out"
+            ));
+        }
+        *slot = Some(per_second(n));
     }
-    Ok(bytes)
+    Ok(limit)
 }
 
 pub(super) fn env_from_cli(args: &RunArgs) -> Result<Vec<String>> {
@@ -195,6 +235,19 @@ mod tests {
         assert!(parse_memory("5").is_err(), "below the minimum");
         assert!(parse_memory("lots").is_err());
         assert!(parse_memory("99999999999999g").is_err());
+    }
+
+    #[test]
+    fn disk_rates() {
+        let both = parse_disk_rate("bytes=10m,ops=500").unwrap();
+        assert_eq!(both.bandwidth, Some(TokenBucketConfig::new(10 << 20, 1000)));
+        assert_eq!(both.ops, Some(TokenBucketConfig::new(500, 1000)));
+        let bytes = parse_disk_rate("bytes=4096").unwrap();
+        assert_eq!((bytes.bandwidth.unwrap().size, bytes.ops), (4096, None));
+        assert!(parse_disk_rate("ops=0").is_err());
+        assert!(parse_disk_rate("iops=5").is_err());
+        assert!(parse_disk_rate("bytes").is_err());
+        assert!(parse_disk_rate("bytes=lots").is_err());
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub(super) async fn execute(
         .map(|(path, read_only)| Disk {
             path: path.clone(),
             read_only: *read_only,
-            rate_limit: None,
+            rate_limit: plan.disk_rate,
         })
         .collect();
     cfg.shares = plan

@@ -38,6 +38,9 @@ pub struct Plan {
     pub memory_mib: u64,
     /// /dev/vda: the image (read-only).
     pub disks: Vec<(PathBuf, bool)>,
+    /// `--disk-rate`: the rate limit of every disk.
+    #[serde(default)]
+    pub disk_rate: Option<sandbox::DiskRateLimit>,
     /// Host directories shared into the VM (virtio-fs), with read-only flags.
     pub shares: Vec<(PathBuf, bool)>,
     pub rootfs_fstype: String,
@@ -244,6 +247,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
             cpus: args.cpus.map_or(1, |c| c.ceil() as u8),
             memory_mib,
             disks,
+            disk_rate: args.disk_rate,
             shares,
             rootfs_fstype: img.fstype.clone(),
             spec: {
