@@ -34,6 +34,10 @@ pub struct BootArgs {
     /// them as /dev/vda, /dev/vdb, ... in order.
     #[arg(long = "disk", value_name = "PATH[,ro]", value_parser = parse_disk)]
     disks: Vec<DiskConfig>,
+    /// Rate-limit every disk: bytes=N per second (512k, 10m, 1g) and/or ops=N requests per
+    /// second, e.g. bytes=10m,ops=500.
+    #[arg(long = "disk-rate", value_name = "bytes=N,ops=N", value_parser = crate::run::parse_disk_rate)]
+    disk_rate: Option<vmm_api::RateLimitConfig>,
     /// A virtio-vsock device: CID,UDS_PATH. The host connects to UDS_PATH and writes
     /// "CONNECT <port>\n"; guest connections to host port P reach a listener at UDS_PATH_P.
     #[arg(long, value_name = "CID,UDS_PATH", value_parser = parse_vsock)]
@@ -129,7 +133,14 @@ fn vm_config(args: &BootArgs) -> Result<VmConfig> {
         },
         vcpus: args.cpus,
         memory_mib: args.memory,
-        disks: args.disks.clone(),
+        disks: args
+            .disks
+            .iter()
+            .map(|d| DiskConfig {
+                rate_limit: args.disk_rate,
+                ..d.clone()
+            })
+            .collect(),
         vsock: args.vsock.clone(),
         rng: args.rng,
         nets: args.nets.clone(),

@@ -129,6 +129,12 @@ impl Boot {
         self
     }
 
+    /// Sets an environment variable of `microvm boot` (and so of the VMM).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.cmd.env(key, value);
+        self
+    }
+
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
         self

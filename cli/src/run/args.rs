@@ -164,7 +164,7 @@ fn byte_size(s: &str, bare_unit: u64, what: &str) -> Result<u64, String> {
 }
 
 /// `--disk-rate bytes=N,ops=N`: per-second buckets (size N, refilled over one second).
-fn parse_disk_rate(s: &str) -> Result<DiskRateLimit, String> {
+pub fn parse_disk_rate(s: &str) -> Result<DiskRateLimit, String> {
     let per_second = |n: u64| TokenBucketConfig::new(n, 1000);
     let mut limit = DiskRateLimit::default();
     for item in s.split(',') {

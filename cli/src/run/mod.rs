@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use args::{env_from_cli, DEFAULT_VM_MIB, GUEST_OVERHEAD_MIB, MIN_VM_MIB};
-pub use args::{PullArgs, RunArgs, VmArgs};
+pub use args::{parse_disk_rate, PullArgs, RunArgs, VmArgs};
 use execute::{execute, Ended, Stdio, Timings};
 
 use crate::images;

@@ -148,12 +148,20 @@ impl Block {
             return;
         }
         self.core.serve_queue_or_defer(0, |mem, chain| {
-            disk.serve(mem, chain, |cost| {
-                let admitted = throttle.admit(cost);
-                if !admitted {
+            disk.serve(mem, chain, |cost| match throttle.admit(cost) {
+                Ok(()) => true,
+                Err(wait) => {
                     stats.throttled += 1;
+                    // Its own target, so an operator can watch throttling without every
+                    // other info line (`RUST_LOG=warn,disk_rate=info`).
+                    guest_info!(
+                        target: "disk_rate",
+                        "virtio-blk: rate limit reached, queue paused for {wait:?} \
+                         ({} pauses so far)",
+                        stats.throttled
+                    );
+                    false
                 }
-                admitted
             })
         });
     }

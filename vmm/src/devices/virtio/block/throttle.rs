@@ -47,15 +47,12 @@ impl Throttle {
         self.waiting
     }
 
-    /// Takes `cost` if the budget has it; otherwise arms the timer for when it will.
-    pub(super) fn admit(&mut self, cost: IoCost) -> bool {
-        match self.limiter.try_consume(cost) {
-            Ok(()) => true,
-            Err(wait) => {
-                self.arm(wait);
-                false
-            }
-        }
+    /// Takes `cost` if the budget has it; otherwise arms the timer for when it will, and
+    /// returns how long that is.
+    pub(super) fn admit(&mut self, cost: IoCost) -> Result<(), Duration> {
+        self.limiter
+            .try_consume(cost)
+            .inspect_err(|&wait| self.arm(wait))
     }
 
     fn arm(&mut self, wait: Duration) {

@@ -55,19 +55,17 @@ fn bandwidth(size: u64, refill_time_ms: u64) -> RateLimitConfig {
 struct Rig<'a> {
     mem: &'a GuestMemoryMmap,
     block: Block,
+    clock: ManualClock,
     lens: Vec<u64>,
     _image: tempfile::NamedTempFile,
 }
 
 impl<'a> Rig<'a> {
-    fn new(
-        mem: &'a GuestMemoryMmap,
-        limit: Option<(&RateLimitConfig, &ManualClock)>,
-        lens: &[u64],
-    ) -> Self {
+    fn new(mem: &'a GuestMemoryMmap, limit: Option<&RateLimitConfig>, lens: &[u64]) -> Self {
         let img = image();
+        let clock = ManualClock::default();
         let mut block = Block::new(img.path(), true).unwrap();
-        if let Some((config, clock)) = limit {
+        if let Some(config) = limit {
             let limiter = IoLimiter::new(config, Box::new(clock.clone()));
             block = block.with_limiter(limiter).unwrap();
         }
@@ -95,6 +93,7 @@ impl<'a> Rig<'a> {
         Self {
             mem,
             block,
+            clock,
             lens: lens.to_vec(),
             _image: img,
         }
@@ -128,6 +127,13 @@ impl<'a> Rig<'a> {
         throttle.timer.is_armed().unwrap()
     }
 
+    /// `ms` later, the timer fires: returns the requests served by then.
+    fn after_ms(&mut self, ms: u64) -> u16 {
+        self.clock.advance(Duration::from_millis(ms));
+        self.timer_fires();
+        self.served()
+    }
+
     /// What the event loop does when the timer fd is readable.
     fn timer_fires(&mut self) {
         let timer = &self.block.throttle.as_ref().unwrap().timer;
@@ -143,10 +149,9 @@ fn mem() -> GuestMemoryMmap {
 #[test]
 fn over_the_ops_limit_requests_wait_on_the_ring_for_the_timer() {
     let mem = mem();
-    let clock = ManualClock::default();
     // Two operations per second.
     let limit = ops(2, 1000);
-    let mut rig = Rig::new(&mem, Some((&limit, &clock)), &[1; 5]);
+    let mut rig = Rig::new(&mem, Some(&limit), &[1; 5]);
     assert_eq!(rig.served(), 2);
     assert_eq!(rig.block.stats().throttled, 1);
     assert!(rig.timer_armed());
@@ -158,60 +163,40 @@ fn over_the_ops_limit_requests_wait_on_the_ring_for_the_timer() {
     assert_eq!(rig.block.stats().throttled, 1);
 
     // Half a second refills one operation.
-    clock.advance(Duration::from_millis(500));
-    rig.timer_fires();
-    assert_eq!(rig.served(), 3);
+    assert_eq!(rig.after_ms(500), 3);
     assert_eq!(rig.block.stats().throttled, 2);
     assert!(rig.timer_armed());
 
-    clock.advance(Duration::from_secs(1));
-    rig.timer_fires();
-    assert_eq!(rig.served(), 5);
+    assert_eq!(rig.after_ms(1000), 5);
     assert_eq!(rig.block.stats().throttled, 2);
 }
 
 #[test]
 fn a_timer_that_fires_early_serves_nothing_and_rearms() {
     let mem = mem();
-    let clock = ManualClock::default();
     let limit = ops(1, 1000);
-    let mut rig = Rig::new(&mem, Some((&limit, &clock)), &[1; 2]);
+    let mut rig = Rig::new(&mem, Some(&limit), &[1; 2]);
     assert_eq!(rig.served(), 1);
-    clock.advance(Duration::from_millis(999));
-    rig.timer_fires();
-    assert_eq!(rig.served(), 1);
+    assert_eq!(rig.after_ms(999), 1);
     assert_eq!(rig.block.stats().throttled, 2);
     assert!(rig.timer_armed());
-    clock.advance(Duration::from_millis(1));
-    rig.timer_fires();
-    assert_eq!(rig.served(), 2);
+    assert_eq!(rig.after_ms(1), 2);
 }
 
 #[test]
 fn the_bandwidth_limit_counts_bytes_and_admits_a_request_larger_than_the_bucket() {
     let mem = mem();
-    let clock = ManualClock::default();
     // 1 KiB per 100 ms.
     let limit = bandwidth(1024, 100);
-    let mut rig = Rig::new(&mem, Some((&limit, &clock)), &[1, 1, 1, 4, 1]);
+    let mut rig = Rig::new(&mem, Some(&limit), &[1, 1, 1, 4, 1]);
     assert_eq!(rig.served(), 2);
-    clock.advance(Duration::from_millis(50));
-    rig.timer_fires();
-    assert_eq!(rig.served(), 3);
+    assert_eq!(rig.after_ms(50), 3);
     // 2 KiB: needs a full bucket (100 ms from empty), then leaves 1 KiB of debt.
-    clock.advance(Duration::from_millis(99));
-    rig.timer_fires();
-    assert_eq!(rig.served(), 3);
-    clock.advance(Duration::from_millis(1));
-    rig.timer_fires();
-    assert_eq!(rig.served(), 4);
+    assert_eq!(rig.after_ms(99), 3);
+    assert_eq!(rig.after_ms(1), 4);
     // The debt and the next 512 bytes: 150 ms.
-    clock.advance(Duration::from_millis(149));
-    rig.timer_fires();
-    assert_eq!(rig.served(), 4);
-    clock.advance(Duration::from_millis(1));
-    rig.timer_fires();
-    assert_eq!(rig.served(), 5);
+    assert_eq!(rig.after_ms(149), 4);
+    assert_eq!(rig.after_ms(1), 5);
 }
 
 #[test]
@@ -234,9 +219,8 @@ fn an_unlimited_disk_serves_everything_at_once_without_a_timer() {
 #[test]
 fn a_reset_disarms_the_timer() {
     let mem = mem();
-    let clock = ManualClock::default();
     let limit = ops(1, 1000);
-    let mut rig = Rig::new(&mem, Some((&limit, &clock)), &[1; 3]);
+    let mut rig = Rig::new(&mem, Some(&limit), &[1; 3]);
     assert!(rig.timer_armed());
     rig.block.reset();
     assert!(!rig.timer_armed());
