@@ -130,13 +130,16 @@ $B reboot -f
 
 /// After a failed CMD with tracing on: of the events that concern nested guests (KVM's, and
 /// the hrtimers of their local APIC timers; not L1's own ticks), the 60 before the longest gap
-/// between two and the 20 after it, prefixed so that the console filter keeps them.
+/// between two and the 20 after it, and before them the guest timer and TSC events among the 5000
+/// before the gap; prefixed so that the console filter keeps them.
 const TRACE_DUMP: &str = r#"[ $rc -eq 0 ] || $B awk '
   { t = 0; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+\.[0-9]+:$/) { t = substr($i, 1, length($i) - 1) + 0; break } }
   t == 0 || !/kvm|apic_timer_fn/ { next }
   { n++; line[n] = $0; ts[n] = t; if (n > 1 && t - ts[n-1] > gap) { gap = t - ts[n-1]; at = n } }
+  /msr_write 6e0|function=apic_timer_fn|tsc_offset|pvclock|track_tsc/ { key[++k] = n }
   END {
     print "--- L1 trace: " n " events, longest gap " gap " s before event " at " ---"
+    for (j = 1; j <= k; j++) if (key[j] < at && key[j] >= at - 5000) print "L1 trace (timers): " line[key[j]]
     for (i = at - 60; i < at + 20; i++) if (i >= 1 && i <= n) {
       if (i == at) print "L1 trace: ----- " gap " s -----"
       print "L1 trace: " line[i]
