@@ -11,7 +11,7 @@
 //!   KVM takes the TSC frequency from kvmclock instead (`kvm_get_tsc_khz`, which also sets
 //!   `X86_FEATURE_TSC_KNOWN_FREQ`), but other guests (and newer kernels) read this leaf.
 
-use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
 
 const LEAF_FEATURES: u32 = 0x1;
@@ -39,10 +39,47 @@ pub struct HostTimers {
 
 impl HostTimers {
     pub fn probe(kvm: &Kvm, vcpu: &VcpuFd) -> Self {
+        if !guest_tsc_advances(vcpu) {
+            // Only the local APIC timer's own count (no TSC arithmetic) then wakes the guest.
+            tracing::warn!(
+                "the host's KVM reads this guest's TSC as a constant (\"user requested TSC rate \
+                 below hardware speed\" in the host's kernel log?); the guest gets no \
+                 TSC-deadline timer and no TSC frequency"
+            );
+            return HostTimers::default();
+        }
         HostTimers {
             tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
             tsc_khz: vcpu.get_tsc_khz().ok().filter(|&khz| khz != 0),
         }
+    }
+}
+
+/// `IA32_TIME_STAMP_COUNTER`.
+const MSR_IA32_TSC: u32 = 0x10;
+
+/// Whether KVM's view of the vCPU's TSC moves between two reads (each read is an ioctl: many
+/// cycles). A host KVM without TSC scaling that could not give the vCPU the TSC frequency it
+/// chose (seen on a nested host whose kvm.ko loaded before the host refined its TSC
+/// calibration) reads the guest's TSC as a constant, and arms every TSC-deadline timer as many
+/// seconds late as the TSC counts: the guest then sleeps until some device interrupt. A read
+/// that fails proves nothing, and counts as moving.
+fn guest_tsc_advances(vcpu: &VcpuFd) -> bool {
+    tsc_moves(|| {
+        let entry = kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            ..Default::default()
+        };
+        let mut msrs = Msrs::from_entries(&[entry]).ok()?;
+        (vcpu.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
+    })
+}
+
+/// [`guest_tsc_advances`]'s verdict on two reads of `read`.
+fn tsc_moves(mut read: impl FnMut() -> Option<u64>) -> bool {
+    match (read(), read()) {
+        (Some(first), Some(second)) => first != second,
+        _ => true,
     }
 }
 
@@ -146,6 +183,30 @@ pub fn filter(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8, timers: Ho
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_tsc_that_stands_still_is_caught() {
+        assert!(!tsc_moves(|| Some(7)), "a constant TSC");
+        let mut t = 0;
+        assert!(tsc_moves(|| {
+            t += 1000;
+            Some(t)
+        }));
+        assert!(tsc_moves(|| None), "a failed read proves nothing");
+    }
+
+    /// The real check on this host's KVM (where it can make a vCPU): its TSC moves.
+    #[test]
+    fn this_hosts_guest_tsc_advances() {
+        let Ok(kvm) = Kvm::new() else {
+            eprintln!("no /dev/kvm: skipped");
+            return;
+        };
+        let vm = kvm.create_vm().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        assert!(guest_tsc_advances(&vcpu));
+        assert_ne!(HostTimers::probe(&kvm, &vcpu), HostTimers::default());
+    }
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
