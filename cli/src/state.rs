@@ -157,6 +157,10 @@ impl RunDir {
     pub fn stderr_log(&self) -> PathBuf {
         self.path.join("stderr.log")
     }
+    /// The detached monitor's own stdout and stderr.
+    pub fn monitor_log(&self) -> PathBuf {
+        self.path.join("monitor.log")
+    }
 
     pub fn read(&self) -> Result<RunRecord> {
         let p = self.record_path();
@@ -181,6 +185,16 @@ impl RunDir {
 /// Replaces `path` with `data` atomically, as a 0600 file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     owner_only::write_atomic(path, data).with_context(|| format!("write {}", path.display()))
+}
+
+/// Opens a log under a run directory for appending, creating it 0600 whatever the umask (a
+/// container's output is the run owner's alone); a symlink at `path` is refused.
+pub fn open_log(path: &Path) -> Result<fs::File> {
+    owner_only::file_options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))
 }
 
 /// Every run with a readable record, oldest first.
@@ -301,7 +315,8 @@ mod tests {
     const MODES_CHILD: &str = "MICROVM_STATE_MODES_CHILD";
 
     /// Under umask 000 (set in a copy of this test binary running only this test: the umask
-    /// is the whole process's), every state directory is 0700 and every state file 0600.
+    /// is the whole process's), every state directory is 0700 and every state file and log
+    /// 0600.
     #[test]
     fn state_is_owner_only_under_umask_000() {
         if std::env::var_os(MODES_CHILD).is_none() {
@@ -328,6 +343,12 @@ mod tests {
         rd.create().unwrap();
         write_atomic(&rd.record_path(), b"{}").unwrap();
         write_atomic(&rd.plan_path(), b"{}").unwrap();
+        // The logs a run writes: the detached process's, the monitor's, the VM console's.
+        let logs = [rd.stdout_log(), rd.stderr_log(), rd.monitor_log()];
+        for log in &logs {
+            open_log(log).unwrap();
+        }
+        sandbox::Console::open_file(&rd.console()).unwrap();
         for dir in [
             tmp.path().join("state"),
             home.clone(),
@@ -336,7 +357,10 @@ mod tests {
         ] {
             assert_eq!(mode(&dir), 0o700, "{}", dir.display());
         }
-        for file in [rd.record_path(), rd.plan_path()] {
+        for file in [rd.record_path(), rd.plan_path(), rd.console()]
+            .into_iter()
+            .chain(logs)
+        {
             assert_eq!(mode(&file), 0o600, "{}", file.display());
         }
         assert!(rd.create().is_err(), "an existing run directory is reused");

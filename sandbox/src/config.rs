@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -27,6 +28,17 @@ pub enum Console {
 }
 
 impl Console {
+    /// Opens (creating it 0600, whatever the umask: the guest's console can hold secrets) the
+    /// file a [`Console::File`] appends to.
+    pub fn open_file(path: &Path) -> Result<fs::File> {
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| Error::io(format!("open {}", path.display()), e))
+    }
+
     /// Sends a child process's stdout and stderr where this console goes.
     pub(crate) fn redirect(&self, cmd: &mut Command) -> Result<()> {
         match self {
@@ -35,11 +47,7 @@ impl Console {
             }
             Console::Inherit => {}
             Console::File(path) => {
-                let f = fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+                let f = Self::open_file(path)?;
                 let f2 = f
                     .try_clone()
                     .map_err(|e| Error::io("dup the console file", e))?;

@@ -12,7 +12,7 @@
 
 use std::io::{Read, Write};
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -228,7 +228,12 @@ const HOST_LOCK: &str = "/run/microvm/cni.lock";
 fn host_lock() -> Result<std::fs::File> {
     let path = Path::new(HOST_LOCK);
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        // Root's alone (it also holds the jail's id slots), whatever the umask.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("create {}", dir.display()))?;
     }
     let file = std::fs::OpenOptions::new()
         .create(true)

@@ -292,14 +292,7 @@ async fn start_container(
             }
         }
         Stdio::Detached => {
-            let open = |p: PathBuf| -> Result<OwnedFd> {
-                Ok(std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&p)
-                    .with_context(|| format!("open {}", p.display()))?
-                    .into())
-            };
+            let open = |p: PathBuf| -> Result<OwnedFd> { Ok(crate::state::open_log(&p)?.into()) };
             ProcessIo {
                 stdin: None,
                 stdout: Some(open(rd.stdout_log())?),

@@ -361,7 +361,7 @@ fn vmm_setup_ms(rd: &RunDir) -> Option<f64> {
 /// `run -d`: starts the monitor in its own session and returns once the container runs.
 fn detach(rd: &RunDir, record: &RunRecord) -> Result<i32> {
     let exe = std::env::current_exe().context("find this executable")?;
-    let log = std::fs::File::create(rd.path.join("monitor.log"))?;
+    let log = crate::state::open_log(&rd.monitor_log())?;
     let mut cmd = Command::new(exe);
     cmd.arg("__monitor")
         .arg(&rd.path)
@@ -403,7 +403,7 @@ fn detach(rd: &RunDir, record: &RunRecord) -> Result<i32> {
                 return Ok(r.exit_code.unwrap_or(125));
             }
             Status::Created if !state::pid_alive(pid) => {
-                let log = std::fs::read_to_string(rd.path.join("monitor.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(rd.monitor_log()).unwrap_or_default();
                 bail!("the monitor of run {} died: {}", record.id, log.trim());
             }
             Status::Created if Instant::now() > deadline => {
