@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC};
 
-use crate::{JailError, Result};
+use crate::{JailError, JailIds, Result};
 
 /// Where cgroup v2 is looked for.
 pub const HIERARCHY: &str = "/sys/fs/cgroup";
@@ -56,32 +56,26 @@ impl VmCgroup {
     /// controllers on the way down. A leftover leaf of that name (a VM whose starter was
     /// killed) is removed first.
     pub fn create(hierarchy: &Path, group: &str, name: &str, limits: CgroupLimits) -> Result<Self> {
-        for part in [group, name] {
-            let plain = !part.is_empty()
-                && part != "."
-                && part != ".."
-                && part
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-            if !plain {
-                return Err(JailError::Invalid(format!("bad cgroup name {part:?}")));
-            }
-        }
-        if !is_cgroup2(hierarchy) {
-            return Err(JailError::Invalid(format!(
-                "{} is not a cgroup v2 mount",
-                hierarchy.display()
-            )));
-        }
-        let parent = hierarchy.join(group);
-        match fs::create_dir(&parent) {
-            Err(e) if e.kind() != ErrorKind::AlreadyExists => {
-                return Err(JailError::io(format!("create {}", parent.display()))(e))
-            }
-            _ => {}
-        }
-        enable_controllers(hierarchy)?;
-        enable_controllers(&parent)?;
+        check_name(name)?;
+        let parent = prepare_group(hierarchy, group)?;
+        Self::make_leaf(&parent, name, limits)
+    }
+
+    /// [`VmCgroup::create`] for the VM holding `ids`: its leaf is [`leaf_name`] of its uid,
+    /// and the group's stale leaves are removed first ([`remove_stale_leaves`]), so the leaves
+    /// of VMs whose starter was SIGKILLed do not pile up.
+    pub fn create_for(
+        hierarchy: &Path,
+        group: &str,
+        ids: &JailIds,
+        limits: CgroupLimits,
+    ) -> Result<Self> {
+        let parent = prepare_group(hierarchy, group)?;
+        remove_stale_leaves(&parent, ids);
+        Self::make_leaf(&parent, &leaf_name(ids.uid()), limits)
+    }
+
+    fn make_leaf(parent: &Path, name: &str, limits: CgroupLimits) -> Result<Self> {
         let leaf = Self {
             path: parent.join(name),
         };
@@ -127,6 +121,98 @@ impl Drop for VmCgroup {
     fn drop(&mut self) {
         self.remove();
     }
+}
+
+/// The leaf of the VM whose uid is `uid`.
+pub fn leaf_name(uid: u32) -> String {
+    format!("vm{uid}")
+}
+
+/// Removes, from the group `parent`, the leaves of VMs that are gone but whose starter never
+/// removed them (it was SIGKILLed): a leaf named [`leaf_name`] of an id in `ids`' range whose
+/// slot no one holds (so no starter is between making the leaf and its VMM joining it; the
+/// slot stays held while the leaf is removed, so the id cannot be taken meanwhile), with no
+/// process (`cgroup.procs` empty and `populated 0` in `cgroup.events`). Nothing is killed: a
+/// populated leaf is left alone, and so is anything else in the group. Returns what was removed.
+pub fn remove_stale_leaves(parent: &Path, ids: &JailIds) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let name = entry.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("vm"))
+            .and_then(|d| d.parse::<u32>().ok())
+            .filter(|id| *id != ids.uid() && name.to_str() == Some(leaf_name(*id).as_str()))
+        else {
+            continue;
+        };
+        let Some(_slot) = ids.hold_if_free(id) else {
+            continue;
+        };
+        let path = entry.path();
+        if !is_empty(&path) {
+            continue;
+        }
+        match fs::remove_dir(&path) {
+            Ok(()) => {
+                tracing::info!("removed the stale cgroup {} of a gone VM", path.display());
+                removed.push(path);
+            }
+            Err(e) => tracing::warn!("cannot remove the stale cgroup {}: {e}", path.display()),
+        }
+    }
+    removed
+}
+
+/// Whether the cgroup at `path` has no process, in it or below it.
+fn is_empty(path: &Path) -> bool {
+    let read = |file: &str| fs::read_to_string(path.join(file));
+    let no_procs = read("cgroup.procs").is_ok_and(|p| p.trim().is_empty());
+    let unpopulated = read("cgroup.events").is_ok_and(|e| e.lines().any(|l| l == "populated 0"));
+    no_procs && unpopulated
+}
+
+/// Checks the name of a group or leaf: one plain path component.
+fn check_name(part: &str) -> Result<()> {
+    let plain = !part.is_empty()
+        && part != "."
+        && part != ".."
+        && part
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if plain {
+        Ok(())
+    } else {
+        Err(JailError::Invalid(format!("bad cgroup name {part:?}")))
+    }
+}
+
+/// `<hierarchy>/<group>`, made when missing, with the memory and pids controllers enabled on
+/// the way down.
+fn prepare_group(hierarchy: &Path, group: &str) -> Result<PathBuf> {
+    check_name(group)?;
+    if !is_cgroup2(hierarchy) {
+        return Err(JailError::Invalid(format!(
+            "{} is not a cgroup v2 mount",
+            hierarchy.display()
+        )));
+    }
+    let parent = hierarchy.join(group);
+    match fs::create_dir(&parent) {
+        Err(e) if e.kind() != ErrorKind::AlreadyExists => {
+            return Err(JailError::io(format!("create {}", parent.display()))(e))
+        }
+        _ => {}
+    }
+    enable_controllers(hierarchy)?;
+    enable_controllers(&parent)?;
+    Ok(parent)
 }
 
 /// Delegates the memory and pids controllers to `dir`'s children.

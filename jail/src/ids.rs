@@ -24,6 +24,10 @@ pub const DEFAULT_LOCK_DIR: &str = "/run/microvm/jail-ids";
 pub struct JailIds {
     id: u32,
     _lock: Flock<File>,
+    /// The range it came from, for [`JailIds::hold_if_free`].
+    dir: PathBuf,
+    base: u32,
+    count: u32,
 }
 
 impl JailIds {
@@ -40,28 +44,28 @@ impl JailIds {
             .create(dir)
             .map_err(JailError::io(format!("create {}", dir.display())))?;
         for slot in 0..count {
-            let path: PathBuf = dir.join(slot.to_string());
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(JailError::io(format!("open {}", path.display())))?;
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => {
-                    return Ok(Self {
-                        id: base + slot,
-                        _lock: lock,
-                    })
-                }
-                Err((_, Errno::EWOULDBLOCK)) => continue,
-                Err((_, e)) => return Err(JailError::sys(format!("lock {}", path.display()))(e)),
+            if let Some(lock) = lock_slot(dir, slot)? {
+                return Ok(Self {
+                    id: base + slot,
+                    _lock: lock,
+                    dir: dir.to_path_buf(),
+                    base,
+                    count,
+                });
             }
         }
         Err(JailError::Invalid(format!(
             "all {count} jail ids from {base} are in use"
         )))
+    }
+
+    /// Holds `id`'s slot of this range while the returned lock lives, if no one (no live
+    /// starter, this process included) holds it: then no VM owns `id` and none can take it
+    /// meanwhile. `None` for an id outside the range, a held slot, or a slot that cannot be
+    /// opened.
+    pub fn hold_if_free(&self, id: u32) -> Option<Flock<File>> {
+        let slot = id.checked_sub(self.base).filter(|s| *s < self.count)?;
+        lock_slot(&self.dir, slot).ok().flatten()
     }
 
     pub fn uid(&self) -> u32 {
@@ -70,6 +74,23 @@ impl JailIds {
 
     pub fn gid(&self) -> u32 {
         self.id
+    }
+}
+
+/// Takes slot `slot`'s lock in `dir` without waiting: `None` when someone holds it.
+fn lock_slot(dir: &Path, slot: u32) -> Result<Option<Flock<File>>> {
+    let path: PathBuf = dir.join(slot.to_string());
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(JailError::io(format!("open {}", path.display())))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(JailError::sys(format!("lock {}", path.display()))(e)),
     }
 }
 
@@ -87,7 +108,14 @@ mod tests {
         assert_eq!(a.gid(), a.uid());
         let err = JailIds::allocate_in(dir.path(), 5000, 3).unwrap_err();
         assert!(err.to_string().contains("all 3 jail ids"), "{err}");
+        // Held slots (this process's own included) are not free; a dropped one is.
+        assert!(a.hold_if_free(5001).is_none());
+        assert!(a.hold_if_free(5000).is_none());
+        assert!(a.hold_if_free(5003).is_none(), "outside the range");
         drop(b);
+        let held = a.hold_if_free(5001).expect("a dropped slot is free");
+        assert!(JailIds::allocate_in(dir.path(), 5000, 3).is_err());
+        drop(held);
         assert_eq!(
             JailIds::allocate_in(dir.path(), 5000, 3).unwrap().uid(),
             5001

@@ -5,17 +5,22 @@
 mod probe;
 
 use std::fs;
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
 
-use jail::cgroup::{is_cgroup2, CgroupLimits, VmCgroup, HIERARCHY};
+use jail::cgroup::{is_cgroup2, leaf_name, CgroupLimits, VmCgroup, HIERARCHY};
+use jail::JailIds;
 use libtest_mimic::{Arguments, Failed, Trial};
 use probe::{field, Probe, ProbeSpec, EXIT_CODE};
 
 fn main() -> ExitCode {
     if let Ok(mode) = std::env::var(probe::PROBE) {
         probe::run(&mode);
+    }
+    if let Ok(group) = std::env::var(STARTER_GROUP) {
+        starter(&group);
     }
     let args = Arguments::from_args();
     if !args.list && !testbed::in_testbed() && !is_cgroup2(Path::new(HIERARCHY)) {
@@ -30,6 +35,13 @@ fn main() -> ExitCode {
             a_leaf_has_the_limits_and_goes_with_its_processes();
             Ok::<(), Failed>(())
         }),
+        Trial::test(
+            "stale_leaves_of_sigkilled_starters_go_at_the_next_start",
+            || {
+                stale_leaves_of_sigkilled_starters_go_at_the_next_start();
+                Ok::<(), Failed>(())
+            },
+        ),
         Trial::test("a_jailed_vmm_and_its_supervisor_are_in_the_leaf", || {
             a_jailed_vmm_and_its_supervisor_are_in_the_leaf();
             Ok::<(), Failed>(())
@@ -109,4 +121,111 @@ fn a_jailed_vmm_and_its_supervisor_are_in_the_leaf() {
     let path = leaf.path().to_path_buf();
     drop(leaf);
     assert!(!path.exists());
+}
+
+/// Set (to the cgroup group) in a copy of this binary that plays a VM's starter: see [`starter`].
+const STARTER_GROUP: &str = "JAIL_TEST_STARTER_GROUP";
+/// The starter's id slots' directory.
+const STARTER_IDS: &str = "JAIL_TEST_STARTER_IDS";
+/// The id range of the stale-leaf test.
+const IDS_BASE: u32 = 910_000_000;
+const IDS_COUNT: u32 = 8;
+
+/// A VM's starter as `sandbox` is one: takes ids, makes their leaf, prints its path, then
+/// waits for stdin's end (the test SIGKILLs it first, so its leaf is never removed).
+fn starter(group: &str) -> ! {
+    let dir = PathBuf::from(std::env::var_os(STARTER_IDS).unwrap());
+    let ids = JailIds::allocate_in(&dir, IDS_BASE, IDS_COUNT).unwrap();
+    let leaf = VmCgroup::create_for(
+        Path::new(HIERARCHY),
+        group,
+        &ids,
+        CgroupLimits::for_vm(64, 1),
+    )
+    .unwrap();
+    println!("{}", leaf.path().display());
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    std::process::exit(0);
+}
+
+/// Starts a [`starter`]; returns it and its leaf.
+fn start_starter(group: &str, ids_dir: &Path) -> (Child, PathBuf) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env(STARTER_GROUP, group)
+        .env(STARTER_IDS, ids_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(!line.is_empty(), "the starter ended early");
+    (child, PathBuf::from(line.trim_end()))
+}
+
+fn stale_leaves_of_sigkilled_starters_go_at_the_next_start() {
+    let group = TestGroup::new("stale");
+    let ids_dir = tempfile::tempdir().unwrap();
+    let parent = Path::new(HIERARCHY).join(&group.0);
+    let limits = CgroupLimits::for_vm(64, 1);
+    // A VM being started: ids held, leaf made, no process in it yet. Its leaf must stay.
+    let starting = JailIds::allocate_in(ids_dir.path(), IDS_BASE, IDS_COUNT).unwrap();
+    let starting_leaf =
+        VmCgroup::create_for(Path::new(HIERARCHY), &group.0, &starting, limits).unwrap();
+    // Two starters SIGKILLed after making their leaves: both leaves stay behind, empty.
+    let starters: Vec<_> = (0..2)
+        .map(|_| start_starter(&group.0, ids_dir.path()))
+        .collect();
+    let mut stale = Vec::new();
+    for (mut child, leaf) in starters {
+        child.kill().unwrap();
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
+        assert!(leaf.is_dir(), "a SIGKILLed starter leaves its leaf");
+        stale.push(leaf);
+    }
+    assert_eq!(
+        stale,
+        [1, 2].map(|slot| parent.join(leaf_name(IDS_BASE + slot)))
+    );
+    // A leaf of a free id that still has a process: never touched.
+    let busy_name = leaf_name(IDS_BASE + 5);
+    let busy = VmCgroup::create(Path::new(HIERARCHY), &group.0, &busy_name, limits).unwrap();
+    let probe = Probe::start(&ProbeSpec {
+        cgroup: Some(busy.path().to_path_buf()),
+        join_only: true,
+        ..Default::default()
+    });
+    // Something else in the group, empty: not a VM's leaf, never touched.
+    let other = parent.join("other");
+    fs::create_dir(&other).unwrap();
+
+    // The next start takes the first free id (the first dead starter's: its leaf is replaced)
+    // and removes the second's.
+    let next = JailIds::allocate_in(ids_dir.path(), IDS_BASE, IDS_COUNT).unwrap();
+    assert_eq!(next.uid(), IDS_BASE + 1);
+    let next_leaf = VmCgroup::create_for(Path::new(HIERARCHY), &group.0, &next, limits).unwrap();
+    assert_eq!(next_leaf.path(), stale[0]);
+    assert!(
+        !stale[1].exists(),
+        "the stale leaf {} is left",
+        stale[1].display()
+    );
+    assert!(
+        starting_leaf.path().is_dir(),
+        "a starting VM's leaf was removed"
+    );
+    assert!(busy.path().is_dir(), "a populated leaf was removed");
+    assert_eq!(
+        fs::read_to_string(busy.path().join("cgroup.procs"))
+            .unwrap()
+            .trim(),
+        probe.host_pid.to_string()
+    );
+    assert!(other.is_dir());
+
+    assert_eq!(probe.finish().code(), Some(EXIT_CODE));
+    fs::remove_dir(&other).unwrap();
+    drop((next_leaf, busy, starting_leaf));
 }

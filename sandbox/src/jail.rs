@@ -24,16 +24,16 @@ pub struct VmJail {
 impl VmJail {
     /// Allocates the VM's ids and cgroup leaf (`/sys/fs/cgroup/microvm/vm<uid>`, memory.max =
     /// guest memory + the VMM's overhead, pids.max = vCPUs + a few) and writes them into
-    /// `config.jail`. Without cgroup v2 at `/sys/fs/cgroup` the VM runs without a leaf of its
-    /// own, with one warning per process; a cgroup v2 that refuses the leaf is an error.
+    /// `config.jail`, removing the stale leaves of gone VMs on the way. Without cgroup v2 at
+    /// `/sys/fs/cgroup` the VM runs without a leaf of its own, with one warning per process; a
+    /// cgroup v2 that refuses the leaf is an error.
     pub fn prepare(config: &mut VmConfig) -> Result<VmJail> {
         let ids = JailIds::allocate().map_err(|e| Error::Invalid(e.to_string()))?;
         let hierarchy = Path::new(cgroup::HIERARCHY);
         let cgroup = if cgroup::is_cgroup2(hierarchy) {
             let limits = CgroupLimits::for_vm(config.memory_mib, config.vcpus);
-            let name = format!("vm{}", ids.uid());
             Some(
-                VmCgroup::create(hierarchy, cgroup::GROUP, &name, limits)
+                VmCgroup::create_for(hierarchy, cgroup::GROUP, &ids, limits)
                     .map_err(|e| Error::Invalid(e.to_string()))?,
             )
         } else {
