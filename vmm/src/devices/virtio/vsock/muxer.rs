@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -984,10 +984,19 @@ fn bind_listener(path: &Path) -> Result<UnixListener, VsockError> {
             })
         }
     }
-    UnixListener::bind(path).map_err(|source| VsockError::Bind {
+    let listener = UnixListener::bind(path).map_err(|source| VsockError::Bind {
         path: path.to_owned(),
         source,
-    })
+    })?;
+    // Whoever may connect drives the guest's agent: the owner (and root) only, whatever the
+    // umask gave the socket file.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        VsockError::Bind {
+            path: path.to_owned(),
+            source,
+        }
+    })?;
+    Ok(listener)
 }
 
 /// Connects to a Unix stream socket without blocking. `std`'s `UnixStream::connect` blocks

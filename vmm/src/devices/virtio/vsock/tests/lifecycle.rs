@@ -152,6 +152,10 @@ fn constructor_and_config_space() {
     assert!(env.uds.exists());
     let dev = Vsock::new(0x1234_5678, &env.uds).unwrap();
     assert_eq!(dev.guest_cid(), 0x1234_5678);
+    // Only its owner may connect, whatever the umask.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&env.uds).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
     assert_eq!(dev.core.device_type(), 19);
     assert_eq!(dev.core.queue_max_sizes(), &[256, 256, 256]);
     assert_eq!(dev.core.avail_features(), VIRTIO_F_VERSION_1);
