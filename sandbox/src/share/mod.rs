@@ -149,10 +149,12 @@ impl Virtiofsd {
         } else {
             let _ = fs::remove_dir_all(&root);
             fs::create_dir_all(&root).map_err(io(format!("create {}", root.display())))?;
+            searchable(&root)?;
         }
         for (i, s) in shares.iter().enumerate() {
             let point = root.join(i.to_string());
             fs::create_dir(&point).map_err(io(format!("create {}", point.display())))?;
+            searchable(&point)?;
             let md = fs::metadata(&s.host).map_err(io(format!("shared {}", s.host.display())))?;
             if !md.is_dir() {
                 return Err(Error::Invalid(format!(
@@ -223,6 +225,15 @@ impl Virtiofsd {
         tracing::debug!(pid = child.id(), "virtiofsd started");
         Ok(Virtiofsd { child, socket })
     }
+}
+
+/// Makes a directory of the share's layout 0755 whatever the umask: the daemon, an unmapped id
+/// in its user namespace, must search the root and list it (the directories hold nothing but
+/// mount points, and the root is bound read-only in the daemon's namespace).
+fn searchable(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+        .map_err(io(format!("chmod {}", dir.display())))
 }
 
 /// [`DAEMON_MAX_FILES`], or this process's hard limit if that is lower (raising it needs

@@ -168,3 +168,51 @@ fn guest_layout() {
     );
     assert!(guest_path(0).starts_with(&m.destination));
 }
+
+/// Set in the re-run of [`share_layout_is_searchable_under_umask_077`].
+const UMASK_CHILD: &str = "MICROVM_TEST_SHARE_UMASK_CHILD";
+
+/// Under a strict umask (077) the share's root and mount points still come out 0755, and the
+/// daemon, an unmapped id in its user namespace, still starts and answers. Runs itself again in
+/// a child process, since the umask is the whole process's.
+#[test]
+fn share_layout_is_searchable_under_umask_077() {
+    let Some(binary) = root_and_virtiofsd("the share layout's modes") else {
+        return;
+    };
+    if std::env::var_os(UMASK_CHILD).is_none() {
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "share::tests::share_layout_is_searchable_under_umask_077",
+                "--test-threads=1",
+            ])
+            .env(UMASK_CHILD, "1")
+            .status()
+            .unwrap();
+        assert!(status.success(), "the umask 077 run failed: {status}");
+        return;
+    }
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0o077) };
+    let t = tempfile::tempdir().unwrap();
+    let host = t.path().join("host");
+    fs::create_dir(&host).unwrap();
+    let state = t.path().join("state");
+    fs::create_dir(&state).unwrap();
+    let shares = [SharedDir {
+        host,
+        read_only: true,
+    }];
+    let d = Virtiofsd::spawn(&binary, &state, &shares, false, &Console::Inherit).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let root = share_root(&state);
+    for dir in [root.clone(), root.join("0")] {
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755, "{} is {mode:o}", dir.display());
+    }
+    // The daemon got past its checks of the share root and serves.
+    let dev = vmm::devices::virtio::fs::Fs::new(SHARE_TAG, &d.socket).unwrap();
+    use vmm::devices::virtio::VirtioDevice;
+    assert_eq!(dev.core().device_type(), 26);
+}
