@@ -67,7 +67,7 @@ fn all_at_once(env: &Env, args: impl Fn(usize) -> Vec<String> + Sync) -> Vec<Out
 /// number into its own `/tmp` (all share one cached root disk) and, where it has one, its
 /// volume. Then each is asked (exec) what it sees, then all are removed together.
 fn detached(env: &Env) {
-    let img = image().layout.to_str().unwrap().to_string();
+    let img = image().layout_str().to_string();
     let volume = |i: usize| env.dir.join(format!("vol{i}"));
     let started = all_at_once(env, |i| {
         let mut argv = vec!["run".into(), "-d".into(), "--name".into(), format!("c{i}")];
@@ -155,7 +155,7 @@ fn detached(env: &Env) {
 /// N `run --rm` of one image at once into an empty store: one import wins, the others wait for
 /// it or use it; each container prints its own number and only its own file.
 fn run_rm_cold(env: &Env) {
-    let img = image().layout.to_str().unwrap().to_string();
+    let img = image().layout_str().to_string();
     let outs = all_at_once(env, |i| {
         let script = format!("echo {i} >/tmp/mine-{i}; ls /tmp; cat /tmp/mine-*");
         vec![

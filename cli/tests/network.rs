@@ -158,7 +158,7 @@ fn wait_exited(env: &Env, name: &str) {
 /// A bad `-p` (port 0, 70000, garbage), `--network host`, and `-p` with `--network none`:
 /// status 125, the reason on stderr, no run, no VMM, no namespace.
 fn bad_publish(env: &Env) {
-    let img = env.img.layout();
+    let img = env.img.layout_str();
     for (args, why) in [
         (vec!["-p", "0:80"], "out of range"),
         (vec!["-p", "70000:80"], "out of range"),
@@ -186,7 +186,7 @@ fn bad_publish(env: &Env) {
 
 /// `--network none`: the container has only `lo` (up), and the VM no network device.
 fn network_none(env: &Env) {
-    let img = env.img.layout();
+    let img = env.img.layout_str();
     let o = env.microvm(
         &[
             "run",
@@ -211,7 +211,7 @@ fn network_none(env: &Env) {
 /// SIGKILLed and the run removed with `microvm rm`: no namespace, tap, veth, iptables rule or
 /// lease is left.
 fn bridge_publish_two_runs(env: &Env) {
-    let img = env.img.layout();
+    let img = env.img.layout_str();
     let serve = |word: &str| {
         format!("mkdir -p /www && echo {word} > /www/index.html && exec httpd -f -p 80 -h /www")
     };

@@ -1,6 +1,6 @@
 //! End-to-end tests of `microvm run` and the run commands: the real binary, the real guest
 //! kernel and agent, images built here from Debian's busybox-static (an OCI image layout
-//! written with `tar`/`sha2`/`serde_json`, an OCI archive of it, and the same image pushed to
+//! written by `test-support`, an OCI archive of it, and the same image pushed to
 //! Debian's `docker-registry` on loopback with `skopeo`).
 //!
 //! Needs the guest kernel (`MICROVM_KERNEL`, else `~/.cache/microvm/kernel/current/vmlinux`);
@@ -43,7 +43,7 @@ fn main() -> ExitCode {
 /// The image's Cmd and Env; stdout and stderr apart and complete; exit codes 3, 137 (killed),
 /// 127 (missing executable), 126 (not executable); SIGTERM forwarded; `--rm` leaves nothing.
 fn semantics(env: &Env) {
-    let img = env.img.layout();
+    let img = env.img.layout_str();
     let o = env.microvm(&["run", "--rm", img], None);
     assert_eq!(o.code, 3, "{o:?}");
     assert_eq!(o.stdout, "out-from-image\n", "{o:?}");
@@ -126,7 +126,7 @@ fn semantics(env: &Env) {
 /// ran, the VMM killed and reaped, nothing left with `--rm`. Once the container runs, SIGINT
 /// goes to the container.
 fn ctrl_c(env: &Env) {
-    let img = env.img.layout();
+    let img = env.img.layout_str();
     let mut during_boot =
         Watched::spawn(env.cmd(&["run", "--rm", img, "sh", "-c", "echo started; sleep 30"]));
     // As soon as the VMM runs (a guest boot takes seconds): microvm listens from before it
@@ -242,7 +242,7 @@ impl Watched {
 /// the container's loopback is up (its flags, and a line over 127.0.0.1); `-i` streams stdin;
 /// `-t` gives a pty.
 fn env_user_stdin_tty(env: &Env) {
-    let img = env.img.layout();
+    let img = env.img.layout_str();
     let env_file = env.dir.join("env");
     std::fs::write(&env_file, "# a comment\nFROM_FILE=file-value\n").unwrap();
     let mut c = env.cmd(&[
@@ -302,7 +302,7 @@ fn env_user_stdin_tty(env: &Env) {
 /// sends SIGWINCH to the container's shell). The slave is raw while the run lasts and its
 /// settings are back as they were when microvm has exited.
 fn tty_resize_and_restore(env: &Env) {
-    let img = env.img.layout();
+    let img = env.img.layout_str();
     let pty = Pty::open(30, 100);
     let before = pty.termios();
     assert!(
@@ -491,7 +491,7 @@ fn wait_with_timeout(child: &mut std::process::Child) -> i32 {
 /// `--memory 64`: a workload that allocates more is OOM-killed (137) and microvm says so.
 /// (Volumes: tests/volumes.rs.)
 fn memory_limit(env: &Env) {
-    let img = env.img.layout();
+    let img = env.img.layout_str();
     let script = "cat /sys/fs/cgroup/memory.max; exec dd if=/dev/zero of=/dev/null bs=100M count=1";
     let o = env.microvm(&["run", "--memory", "64", img, "sh", "-c", script], None);
     assert_eq!(o.code, 137, "{o:?}");
@@ -501,7 +501,7 @@ fn memory_limit(env: &Env) {
 
 /// `-d` returns once the container runs; `ps`, `exec`, `kill -s`, `stop`, `logs`, `rm`.
 fn detached(env: &Env) {
-    let img = env.img.layout();
+    let img = env.img.layout_str();
     let o = env.microvm(
         &[
             "run",
@@ -568,7 +568,7 @@ fn detached(env: &Env) {
 /// A second run of the same image fetches and builds nothing; an OCI archive and a registry
 /// (Debian's docker-registry on loopback, the image pushed with skopeo) work too.
 fn image_sources(env: &Env) {
-    let img = env.img.layout();
+    let img = env.img.layout_str();
     let debug = |args: &[&str]| {
         let mut c = env.cmd(args);
         c.env("RUST_LOG", "warn,microvm=debug");
@@ -624,7 +624,7 @@ fn image_sources(env: &Env) {
 
 /// `pull`, `images`, `rmi` on the store (no VM).
 fn pull_images_rmi(env: &Env) {
-    let img = env.img.layout();
+    let img = env.img.layout_str();
     let o = env.microvm(&["pull", img], None);
     assert_eq!(o.code, 0, "{o:?}");
     let id = o.stdout.trim().to_string();

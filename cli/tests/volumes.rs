@@ -59,7 +59,7 @@ fn find_named(dir: &Path, prefix: &str, out: &mut Vec<String>) {
 /// sparse. (The old copy-back fails the live checks: it wrote back only when the run ended, and
 /// allocated sparse files in full.)
 fn live_and_hostile(env: &Env) {
-    let img = env.img.layout();
+    let img = env.img.layout_str();
     let (made, rw, ro) = (env.dir.join("made"), env.dir.join("rw"), env.dir.join("ro"));
     std::fs::create_dir_all(&ro).unwrap();
     std::fs::write(ro.join("f"), "read-only-content\n").unwrap();
@@ -206,7 +206,7 @@ fn live_and_hostile(env: &Env) {
 /// `--mount type=bind,...,readonly`, `--tmpfs PATH:OPTS`, `--mount type=tmpfs`, and docker's
 /// refusal of a missing `--mount` source (nothing created).
 fn mount_and_tmpfs(env: &Env) {
-    let img = env.img.layout();
+    let img = env.img.layout_str();
     let src = env.dir.join("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("f"), "bound\n").unwrap();

@@ -28,10 +28,12 @@ pub struct TestArgs {
 /// What the tests run for real: e2fsprogs (disks), busybox (test images), Debian's registry
 /// and skopeo (`microvm run` from a registry), containerd (the shim), `script` (ttys);
 /// libssl-dev and pkg-config build oci-client's TLS; libseccomp-dev and libcap-ng-dev build
-/// virtiofsd (volumes); the CNI plugins (the shim's CRI tests too).
+/// virtiofsd (volumes); the CNI plugins (the shim's CRI tests too); procps' `pgrep` (critest's
+/// image: busybox-static has none).
 pub const TEST_DEBS: &[&str] = &[
     "e2fsprogs",
     "busybox-static",
+    "procps",
     "cpio",
     "docker-registry",
     "skopeo",

@@ -10,8 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
-use serde_json::json;
-use sha2::{Digest, Sha256};
+use test_support::image::{BuiltImage, BusyboxImage};
 
 pub const RELAY_ENV: &[&str] = &[
     "MICROVM_KERNEL",
@@ -63,7 +62,7 @@ pub fn prepare() -> Result<Arguments, ExitCode> {
 
 pub fn trial(name: &'static str, f: fn(&Env)) -> Trial {
     Trial::test(name, move || {
-        let img = TestImage::get().map_err(Failed::from)?;
+        let img = test_image().map_err(Failed::from)?;
         let dir = tempfile::Builder::new()
             .prefix("mvr-")
             .tempdir()
@@ -110,7 +109,7 @@ pub struct Env {
     /// MICROVM_HOME of this test: its own image store and runs.
     pub home: PathBuf,
     pub dir: PathBuf,
-    pub img: &'static TestImage,
+    pub img: &'static BuiltImage,
 }
 
 pub struct Out {
@@ -202,158 +201,55 @@ pub fn run_cmd(mut c: Command, stdin: Option<&[u8]>) -> Out {
 // ---------------------------------------------------------------------------------------------
 // The test image: busybox-static in one layer, written as an OCI image layout and an archive.
 
-pub struct TestImage {
-    pub layout: PathBuf,
-    pub archive: PathBuf,
-}
-
 /// The image's config: Env, a default Cmd that prints to both streams and exits 3.
 pub const IMAGE_CMD: &str = "echo out-$IMG_VAR; echo err-line >&2; exit 3";
 
-impl TestImage {
-    pub fn get() -> Result<&'static TestImage, String> {
-        static IMG: OnceLock<Result<TestImage, String>> = OnceLock::new();
-        IMG.get_or_init(|| build_image().map_err(|e| format!("building the test image: {e}")))
-            .as_ref()
-            .map_err(Clone::clone)
-    }
-
-    pub fn layout(&self) -> &str {
-        self.layout.to_str().unwrap()
-    }
+/// The image of these tests, built once: besides busybox, a user `tester` (1000) with a home of
+/// its own, a `/data` directory and a file that is not a program (`/etc/notexec`).
+pub fn test_image() -> Result<&'static BuiltImage, String> {
+    static IMG: OnceLock<Result<BuiltImage, String>> = OnceLock::new();
+    IMG.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("mvr-image-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        test_image_spec()
+            .write(&dir)
+            .map_err(|e| format!("building the test image: {e}"))
+    })
+    .as_ref()
+    .map_err(Clone::clone)
 }
 
-pub fn sha256(data: &[u8]) -> String {
-    let d = Sha256::digest(data);
-    format!(
-        "sha256:{}",
-        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
-}
-
-pub fn add_blob(layout: &Path, data: &[u8]) -> std::io::Result<String> {
-    let digest = sha256(data);
-    let path = layout
-        .join("blobs/sha256")
-        .join(digest.trim_start_matches("sha256:"));
-    std::fs::write(path, data)?;
-    Ok(digest)
-}
-
-pub fn build_image() -> Result<TestImage, Box<dyn std::error::Error>> {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+fn test_image_spec() -> BusyboxImage {
+    let mut dirs: Vec<(String, u32, u64)> = ["etc", "root", "dev", "proc", "sys", "run", "data"]
         .into_iter()
-        .find(|p| Path::new(p).exists())
-        .ok_or("busybox not found (apt-get install busybox-static)")?;
-    let list = Command::new(busybox).arg("--list").output()?;
-    let dir = std::env::temp_dir().join(format!("mvr-image-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let layout = dir.join("layout");
-    std::fs::create_dir_all(layout.join("blobs/sha256"))?;
-
-    // The layer.
-    let mut b = tar::Builder::new(Vec::new());
-    let dir_entry = |b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, uid: u64| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(mode);
-        h.set_uid(uid);
-        h.set_gid(uid);
-        h.set_size(0);
-        h.set_mtime(1_700_000_000);
-        b.append_data(&mut h, path, std::io::empty())
-    };
-    let file = |b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32| {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(mode);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_size(data.len() as u64);
-        h.set_mtime(1_700_000_000);
-        b.append_data(&mut h, path, data)
-    };
-    for d in ["bin", "etc", "root", "dev", "proc", "sys", "run", "data"] {
-        dir_entry(&mut b, d, 0o755, 0)?;
+        .map(|d| (d.to_string(), 0o755, 0))
+        .collect();
+    dirs.extend([
+        ("tmp".into(), 0o1777, 0),
+        ("home".into(), 0o755, 0),
+        ("home/tester".into(), 0o755, 1000),
+    ]);
+    BusyboxImage {
+        env: vec!["PATH=/bin".into(), "IMG_VAR=from-image".into()],
+        cmd: vec!["sh".into(), "-c".into(), IMAGE_CMD.into()],
+        dirs,
+        files: vec![
+            (
+                "etc/passwd".into(),
+                b"root:x:0:0:root:/root:/bin/sh\ntester:x:1000:1000:tester:/home/tester:/bin/sh\n"
+                    .to_vec(),
+                0o644,
+            ),
+            (
+                "etc/group".into(),
+                b"root:x:0:\ntester:x:1000:\n".to_vec(),
+                0o644,
+            ),
+            ("etc/notexec".into(), b"not a program\n".to_vec(), 0o644),
+        ],
+        ref_name: "t".into(),
+        ..Default::default()
     }
-    dir_entry(&mut b, "tmp", 0o1777, 0)?;
-    dir_entry(&mut b, "home", 0o755, 0)?;
-    dir_entry(&mut b, "home/tester", 0o755, 1000)?;
-    file(&mut b, "bin/busybox", &std::fs::read(busybox)?, 0o755)?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet == "busybox" {
-            continue;
-        }
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_mode(0o777);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_size(0);
-        h.set_mtime(1_700_000_000);
-        b.append_link(&mut h, format!("bin/{applet}"), "busybox")?;
-    }
-    file(
-        &mut b,
-        "etc/passwd",
-        b"root:x:0:0:root:/root:/bin/sh\ntester:x:1000:1000:tester:/home/tester:/bin/sh\n",
-        0o644,
-    )?;
-    file(&mut b, "etc/group", b"root:x:0:\ntester:x:1000:\n", 0o644)?;
-    file(&mut b, "etc/notexec", b"not a program\n", 0o644)?;
-    let layer = b.into_inner()?;
-    let layer_digest = add_blob(&layout, &layer)?;
-
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {
-            "Env": ["PATH=/bin", "IMG_VAR=from-image"],
-            "Cmd": ["sh", "-c", IMAGE_CMD],
-            "WorkingDir": "/",
-        },
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-    }))?;
-    let config_digest = add_blob(&layout, &config)?;
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config_digest,
-            "size": config.len(),
-        },
-        "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar",
-            "digest": layer_digest,
-            "size": layer.len(),
-        }],
-    }))?;
-    let manifest_digest = add_blob(&layout, &manifest)?;
-    std::fs::write(
-        layout.join("index.json"),
-        serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": [{
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": manifest_digest,
-                "size": manifest.len(),
-                "annotations": {"org.opencontainers.image.ref.name": "t"},
-                "platform": {"architecture": "amd64", "os": "linux"},
-            }],
-        }))?,
-    )?;
-    std::fs::write(
-        layout.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
-
-    // The same image as an OCI archive (what `skopeo copy ... oci-archive:` writes).
-    let archive = dir.join("busybox.tar");
-    let mut a = tar::Builder::new(std::fs::File::create(&archive)?);
-    a.append_dir_all(".", &layout)?;
-    a.finish()?;
-    Ok(TestImage { layout, archive })
 }
 
 /// Builds the static agent (what `cargo xtask agent` does) unless `MICROVM_AGENT` names one.

@@ -9,16 +9,21 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::image::build_image_named;
 use super::{
     dump_logs, private_dir, remove_private_dir, sh, spawn_containerd, stop_containerd, text,
     write_shim_config,
 };
+use test_support::image::BusyboxImage;
 use test_support::registry::LoopbackRegistry;
 
 /// The images in the registry, as `<repository>:<tag>`.
 pub const BUSYBOX: &str = "busybox:test";
 pub const PAUSE: &str = "pause:test";
+
+/// What critest's specs exec in [`BUSYBOX`] besides busybox's applets, none of which Debian's
+/// busybox-static has: `pgrep` (execSync with timeout: "pgrep sleep || true" must print
+/// nothing, on stderr either) and `ipcs` (the IPC namespace specs), from procps and util-linux.
+pub const CRITEST_PROGRAMS: &[&str] = &["/usr/bin/pgrep", "/usr/bin/ipcs"];
 
 /// The programs `cargo xtask peers` builds.
 pub struct Peers {
@@ -101,15 +106,22 @@ impl Registry {
             server: Mutex::new(Some(server)),
         };
         // The pause image: as the CRI sandbox's only process it must outlive everything.
-        for (name, cmd) in [
-            (BUSYBOX, &["sh"][..]),
-            (PAUSE, &["sleep", "2147483647"][..]),
+        for (name, cmd, host_programs) in [
+            (BUSYBOX, &["sh"][..], CRITEST_PROGRAMS),
+            (PAUSE, &["sleep", "2147483647"][..], &[][..]),
         ] {
-            let archive = registry.dir.join(format!("{}.tar", name.replace(':', "-")));
-            build_image_named(&archive, name, cmd)?;
+            let image = BusyboxImage {
+                cmd: cmd.iter().map(|a| a.to_string()).collect(),
+                host_programs: host_programs.iter().map(PathBuf::from).collect(),
+                containerd_name: Some(name.into()),
+                ref_name: "test".into(),
+                ..Default::default()
+            }
+            .write(&registry.dir.join(name.replace(':', "-")))
+            .map_err(|e| format!("build the image {name}: {e}"))?;
             let push = Command::new("skopeo")
                 .args(["copy", "-q", "--dest-tls-verify=false"])
-                .arg(format!("oci-archive:{}", archive.display()))
+                .arg(format!("oci-archive:{}", image.archive.display()))
                 .arg(format!("docker://{}", registry.image(name)))
                 .output()
                 .map_err(|e| format!("skopeo (apt-get install skopeo): {e}"))?;

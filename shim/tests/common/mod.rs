@@ -5,7 +5,6 @@
 pub mod cri;
 pub mod grpc;
 pub mod host;
-pub mod image;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -13,7 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use self::image::build_image;
+use test_support::image::BusyboxImage;
 
 pub const RUNTIME: &str = "io.containerd.microvm.v2";
 pub const IMAGE: &str = "docker.io/library/microvm-busybox:test";
@@ -246,9 +245,14 @@ impl Containerd {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        let archive = c.dir.join("image.tar");
-        build_image(&archive)?;
-        let out = c.ctr(&["images", "import", archive.to_str().unwrap()]);
+        let image = BusyboxImage {
+            containerd_name: Some(IMAGE.into()),
+            ref_name: "test".into(),
+            ..Default::default()
+        }
+        .write(&c.dir.join("image"))
+        .map_err(|e| format!("build the busybox image: {e}"))?;
+        let out = c.ctr(&["images", "import", image.archive.to_str().unwrap()]);
         if !out.status.success() {
             return Err(format!("ctr images import: {}", text(&out)));
         }
