@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
+use test_support::host;
 use test_support::image::{BuiltImage, BusyboxImage};
 
 pub const RELAY_ENV: &[&str] = &[
@@ -291,20 +292,9 @@ pub fn without_boot_retry(stderr: &str) -> String {
 /// starts the VMM in the run's directory), as their command lines.
 pub fn vmm_processes(home: &Path) -> Vec<String> {
     let home = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let in_home =
-            std::fs::read_link(entry.path().join("cwd")).is_ok_and(|d| d.starts_with(&home));
-        if args.first().is_some_and(|a| a.ends_with("microvm-vmm")) && in_home {
-            found.push(args.join(" "));
-        }
-    }
-    found
+    host::processes_named("microvm-vmm")
+        .into_iter()
+        .filter(|p| p.cwd.as_deref().is_some_and(|d| d.starts_with(&home)))
+        .map(|p| p.args.join(" "))
+        .collect()
 }
