@@ -105,10 +105,12 @@ impl Registry {
             port: server.port,
             server: Mutex::new(Some(server)),
         };
-        // The pause image: as the CRI sandbox's only process it must outlive everything.
+        // The pause image: as the CRI sandbox's only process it must outlive everything. Its
+        // process is named `busybox`, not `sleep`: a container shares the sandbox's PID
+        // namespace (CRI's default), where critest's "pgrep sleep" must find nothing.
         for (name, cmd, host_programs) in [
             (BUSYBOX, &["sh"][..], CRITEST_PROGRAMS),
-            (PAUSE, &["sleep", "2147483647"][..], &[][..]),
+            (PAUSE, &["busybox", "sleep", "2147483647"][..], &[][..]),
         ] {
             let image = BusyboxImage {
                 cmd: cmd.iter().map(|a| a.to_string()).collect(),
