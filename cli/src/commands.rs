@@ -45,8 +45,8 @@ pub fn ps(args: PsArgs) -> Result<i32> {
     if !args.quiet {
         writeln!(
             out,
-            "{:<12}  {:<20}  {:<30}  {:<24}  STATUS",
-            "RUN ID", "NAME", "IMAGE", "COMMAND"
+            "{:<12}  {:<20}  {:<30}  {:<24}  {:<20}  PORTS",
+            "RUN ID", "NAME", "IMAGE", "COMMAND", "STATUS"
         )?;
     }
     for (_, r) in runs {
@@ -62,14 +62,20 @@ pub fn ps(args: PsArgs) -> Result<i32> {
             cmd.truncate(21);
             cmd.push_str("...");
         }
+        // docker shows a run's ports only while they are published.
+        let ports: Vec<String> = match r.is_live() {
+            true => r.ports.iter().map(ToString::to_string).collect(),
+            false => Vec::new(),
+        };
         writeln!(
             out,
-            "{:<12}  {:<20}  {:<30}  {:<24}  {}",
+            "{:<12}  {:<20}  {:<30}  {:<24}  {:<20}  {}",
             r.id,
             r.name,
             r.image,
             cmd,
-            r.status_text()
+            r.status_text(),
+            ports.join(", ")
         )?;
     }
     Ok(0)

@@ -95,6 +95,9 @@ pub struct RunRecord {
     pub note: Option<String>,
     /// Environment, user and working directory `exec` reuses.
     pub process: ProcessTemplate,
+    /// `-p`: the published ports (`ps` shows them).
+    #[serde(default)]
+    pub ports: Vec<crate::network::Publish>,
 }
 
 impl RunRecord {

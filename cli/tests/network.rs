@@ -169,6 +169,10 @@ fn bad_publish(env: &Env) {
         (vec!["--network", "host"], "cannot share the host's"),
         (vec!["--network", "none", "-p", "8080:80"], "--network none"),
         (vec!["-p", "8080:80", "-p", "8080:81"], "published twice"),
+        (vec!["--add-host", "nocolon"], "want NAME:IP"),
+        (vec!["--add-host", "db:10.0.0.300"], "not an IP address"),
+        (vec!["--add-host", "a b:10.0.0.1"], "not a host name"),
+        (vec!["--hostname", "bad\nname"], "not a host name"),
     ] {
         let mut a = vec!["run", "--rm"];
         a.extend(&args);
@@ -184,7 +188,14 @@ fn bad_publish(env: &Env) {
     assert_eq!(traces(&[], &[]), Vec::<String>::new());
 }
 
-/// `--network none`: the container has only `lo` (up), and the VM no network device.
+/// docker's /etc/hosts without an address of the container's own, with `--add-host`.
+const HOSTS_HEAD: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
+     fe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\n\
+     ff02::2\tip6-allrouters\n192.0.2.10\tdb.test\n";
+
+/// `--network none`: the container has only `lo` (up), and the VM no network device; its
+/// /etc/hosts (bound over the image's) has loopback and `--add-host`, /etc/hostname
+/// `--hostname`.
 fn network_none(env: &Env) {
     let img = env.img.layout_str();
     let o = env.microvm(
@@ -193,21 +204,31 @@ fn network_none(env: &Env) {
             "--rm",
             "--network",
             "none",
+            "--hostname",
+            "quiet",
+            "--add-host",
+            "db.test:192.0.2.10",
             img,
             "sh",
             "-c",
-            "ls /sys/class/net; ip -o link | wc -l",
+            "ls /sys/class/net; ip -o link | wc -l; cat /etc/hosts /etc/hostname",
         ],
         None,
     );
-    assert_eq!((o.code, o.stdout.as_str()), (0, "lo\n1\n"), "{o:?}");
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (0, format!("lo\n1\n{HOSTS_HEAD}quiet\n").as_str()),
+        "{o:?}"
+    );
     assert_eq!(traces(&[], &[]), Vec::<String>::new());
 }
 
 /// Two detached runs on the bridge: the host reaches one's httpd through `-p 18080:80` (on
 /// loopback and on the bridge address) and through its own address; each gets its own address
 /// and they reach each other; a run reaches a host listener on the bridge address; `--dns`
-/// lands in `/etc/resolv.conf`. Then one run is killed (`microvm kill`), the other's monitor is
+/// lands in `/etc/resolv.conf`, `/etc/hosts` maps the hostname to the run's address (with
+/// `--add-host`'s line) and `/etc/hostname` is the default hostname, the run id; `ps` shows
+/// the published port while web runs. Then one run is killed (`microvm kill`), the other's monitor is
 /// SIGKILLed and the run removed with `microvm rm`: no namespace, tap, veth, iptables rule or
 /// lease is left.
 fn bridge_publish_two_runs(env: &Env) {
@@ -225,6 +246,10 @@ fn bridge_publish_two_runs(env: &Env) {
             "18080:80",
             "--dns",
             "192.0.2.53",
+            "--hostname",
+            "web-host",
+            "--add-host",
+            "db.test:192.0.2.10",
             img,
             "sh",
             "-c",
@@ -310,12 +335,58 @@ fn bridge_publish_two_runs(env: &Env) {
         "{o:?}"
     );
     assert!(o.stdout.contains("nameserver 192.0.2.53"), "{o:?}");
+    // /etc/hosts and /etc/hostname, bound over the image's (one mount each).
+    let o = env.microvm(
+        &[
+            "exec",
+            "web",
+            "sh",
+            "-c",
+            "cat /etc/hosts /etc/hostname; grep -c -e ' /etc/hosts ' -e ' /etc/hostname ' /proc/mounts",
+        ],
+        None,
+    );
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (
+            0,
+            format!("{HOSTS_HEAD}{ip1}\tweb-host\nweb-host\n2\n").as_str()
+        ),
+        "{o:?}"
+    );
+    let o = env.microvm(&["exec", "other", "cat", "/etc/hostname"], None);
+    assert_eq!(o.stdout, format!("{}\n", ids[1]), "{o:?}");
+    // ps: web's published port; other has none.
+    let ps = env.microvm(&["ps"], None);
+    let line = |name: &str| {
+        ps.stdout
+            .lines()
+            .find(|l| l.contains(name))
+            .unwrap_or_else(|| panic!("no {name}: {ps:?}"))
+            .to_string()
+    };
+    assert!(
+        ps.stdout.lines().next().unwrap().ends_with("PORTS"),
+        "{ps:?}"
+    );
+    assert!(
+        line("web ").trim_end().ends_with("0.0.0.0:18080->80/tcp"),
+        "{ps:?}"
+    );
+    assert!(!line("other").contains("->"), "{ps:?}");
 
     // web ends by `microvm kill` (its monitor cleans up); other's monitor is SIGKILLed and
     // `microvm rm` cleans up after it.
     let k = env.microvm(&["kill", "web"], None);
     assert_eq!(k.code, 0, "{k:?}");
     wait_exited(env, "web");
+    let ps = env.microvm(&["ps", "-a"], None);
+    assert!(
+        ps.stdout
+            .lines()
+            .any(|l| l.contains("web ") && l.contains("exited") && !l.contains("->")),
+        "an ended run still shows its ports: {ps:?}"
+    );
     let other_dir = env.home.join("runs").join(&ids[1]);
     let rec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(other_dir.join("run.json")).unwrap()).unwrap();

@@ -2,6 +2,7 @@
 //! serves the host's ttRPC requests on vsock port 1024 and process stdio streams on port 1025,
 //! and resets the VM on `Shutdown` or on a panic. See README.md.
 
+mod etc_files;
 mod init;
 mod mounts;
 mod network;

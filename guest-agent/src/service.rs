@@ -16,6 +16,7 @@ use oci_spec::runtime::{LinuxNamespaceType, LinuxResources};
 use tokio::sync::watch;
 use tokio_vsock::VsockStream;
 
+use crate::etc_files;
 use crate::init::{self, CGROUP_PARENT, STATE_DIR};
 use crate::mounts;
 use crate::oom::OomWatcher;
@@ -738,21 +739,8 @@ impl agent_protocol::agent_ttrpc::Agent for Agent {
                 )
             })?;
         }
-        if !req.dns_servers.is_empty() || !req.dns_search.is_empty() || !req.dns_options.is_empty()
-        {
-            let mut conf = String::new();
-            if !req.dns_search.is_empty() {
-                conf += &format!("search {}\n", req.dns_search.join(" "));
-            }
-            for s in &req.dns_servers {
-                conf += &format!("nameserver {s}\n");
-            }
-            if !req.dns_options.is_empty() {
-                conf += &format!("options {}\n", req.dns_options.join(" "));
-            }
-            fs::write("/etc/resolv.conf", conf)
-                .map_err(|e| internal(format!("resolv.conf: {e}")))?;
-        }
+        etc_files::write(Path::new("/etc"), &req)
+            .map_err(|(file, e)| internal(format!("/etc/{file}: {e}")))?;
         let mut sysctls: Vec<(&String, &String)> = req.sysctls.iter().collect();
         sysctls.sort();
         for (key, value) in sysctls {

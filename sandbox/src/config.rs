@@ -153,6 +153,8 @@ pub struct SandboxSettings {
     /// Containers created afterwards share one IPC namespace (Kubernetes always does this
     /// within a pod): SysV IPC and POSIX message queues are common to them.
     pub share_ipc_namespace: bool,
+    /// The guest's `/etc/hosts`, as given (empty: not written).
+    pub hosts: String,
 }
 
 /// A filesystem the agent mounts (see agent.proto's `Mount`).

@@ -40,6 +40,7 @@ impl Sandbox {
             mounts: s.mounts.iter().map(Mount::to_pb).collect(),
             share_pid_namespace: s.share_pid_namespace,
             share_ipc_namespace: s.share_ipc_namespace,
+            hosts: s.hosts.clone(),
             ..Default::default()
         };
         self.client

@@ -74,6 +74,7 @@ fn real_plugins_attach_and_detach_leave_nothing() {
         mode: Mode::Bridge,
         publish: vec![options::parse_publish("18123:80").unwrap()],
         dns: vec!["192.0.2.53".parse().unwrap()],
+        add_hosts: Vec::new(),
     };
     let run_dir: PathBuf = tmp.path().join("run");
     std::fs::create_dir(&run_dir).unwrap();
@@ -95,6 +96,7 @@ fn real_plugins_attach_and_detach_leave_nothing() {
             .unwrap()
             .is_some());
         assert_eq!(a.dns.servers, ["192.0.2.53"]);
+        assert_eq!(a.address().map(|i| i.to_string()), Some(ip.clone()));
         assert!(run_dir.join(RECORD).is_file());
         let here = traces(&id, &ip, &leases);
         assert!(here.iter().any(|t| t == "netns"), "{here:?}");

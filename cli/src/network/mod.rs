@@ -12,6 +12,7 @@
 
 pub mod cni;
 pub mod config;
+pub mod hosts;
 pub mod options;
 
 use std::net::IpAddr;
@@ -19,8 +20,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
+pub use hosts::{parse_add_host, parse_hostname, AddHost};
 pub use options::{parse_mode, parse_publish, Mode, Publish};
 
 /// Where the runs' namespaces are (so `ip netns` lists them).
@@ -39,6 +41,9 @@ pub struct NetworkPlan {
     pub publish: Vec<Publish>,
     /// `--dns`: replaces the nameservers the guest would get otherwise.
     pub dns: Vec<IpAddr>,
+    /// `--add-host`: extra lines of the container's `/etc/hosts`.
+    #[serde(default)]
+    pub add_hosts: Vec<AddHost>,
 }
 
 /// What [`attach`] made and recorded: enough for [`detach`] in another process.
@@ -91,6 +96,13 @@ pub struct Attached {
     pub plumbing: hostnet::Plumbing,
     /// For the guest's `/etc/resolv.conf`.
     pub dns: Dns,
+}
+
+impl Attached {
+    /// The run's address on the network (the container's `/etc/hosts` maps its hostname to it).
+    pub fn address(&self) -> Option<IpAddr> {
+        self.plumbing.interface.addresses.first().map(|a| a.addr)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -309,17 +321,13 @@ pub fn share_guest_network(spec: &mut Value) {
     {
         ns.retain(|n| n["type"] != "network");
     }
-    if let Some(mounts) = spec.pointer_mut("/mounts").and_then(Value::as_array_mut) {
-        mounts.push(json!({
-            "destination": "/etc/resolv.conf", "type": "bind", "source": "/etc/resolv.conf",
-            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
-        }));
-    }
+    hosts::bind_from_guest(spec, "/etc/resolv.conf");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn dns_follows_docker() {

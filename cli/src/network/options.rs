@@ -61,6 +61,23 @@ impl Publish {
     }
 }
 
+/// docker ps's form: `0.0.0.0:18080->80/tcp`.
+impl std::fmt::Display for Publish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let proto = match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        write!(
+            f,
+            "{}:{}->{}/{proto}",
+            self.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            self.host_port,
+            self.container_port
+        )
+    }
+}
+
 fn port(s: &str, what: &str) -> Result<u16, String> {
     let n: u32 = s
         .parse()
@@ -135,6 +152,14 @@ mod tests {
         assert_eq!((p.host_port, p.container_port), (53, 5353));
         assert_eq!(p.protocol, Protocol::Udp);
         assert_eq!(parse_publish("0.0.0.0:1:2/tcp").unwrap().host_ip, None);
+        assert_eq!(
+            parse_publish("127.0.0.1:53:5353/udp").unwrap().to_string(),
+            "127.0.0.1:53->5353/udp"
+        );
+        assert_eq!(
+            parse_publish("18080:80").unwrap().to_string(),
+            "0.0.0.0:18080->80/tcp"
+        );
         assert_eq!(
             parse_publish("10.0.0.1:8080:80").unwrap().port_mapping(),
             json!({"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": "10.0.0.1"})

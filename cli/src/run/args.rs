@@ -82,7 +82,7 @@ pub struct RunArgs {
     #[arg(short = 'u', long, value_name = "USER")]
     pub user: Option<String>,
     /// The container's hostname [default: the run id]
-    #[arg(long)]
+    #[arg(long, value_parser = network::parse_hostname)]
     pub hostname: Option<String>,
     /// CPUs: the VM's vCPUs (rounded up) and the container's CPU quota
     #[arg(long, value_parser = parse_cpus)]
@@ -111,6 +111,9 @@ pub struct RunArgs {
     /// A DNS server for the container's /etc/resolv.conf (replaces the host's)
     #[arg(long = "dns", value_name = "IP")]
     pub dns: Vec<std::net::IpAddr>,
+    /// An extra line of the container's /etc/hosts: NAME:IP
+    #[arg(long = "add-host", value_parser = network::parse_add_host, value_name = "NAME:IP")]
+    pub add_hosts: Vec<network::AddHost>,
     /// Rate-limit the VM's image disk (whole device, reads and writes together): bytes=N per
     /// second (512k, 10m, 1g) and/or ops=N requests per second, e.g. bytes=10m,ops=500
     #[arg(long = "disk-rate", value_parser = parse_disk_rate, value_name = "bytes=N,ops=N")]

@@ -241,6 +241,11 @@ async fn start_container(
         dns_search: dns.search,
         dns_options: dns.options,
         hostname: plan.hostname.clone(),
+        hosts: network::hosts::hosts_file(
+            &plan.hostname,
+            net.and_then(network::Attached::address),
+            &plan.network.add_hosts,
+        ),
         mounts: match plan.shares.is_empty() {
             true => Vec::new(),
             false => vec![sandbox::share::guest_mount()],

@@ -57,12 +57,13 @@ pub struct Plan {
     pub network: NetworkPlan,
 }
 
-/// `--network`, `-p`, `--dns`, checked before anything is made.
+/// `--network`, `-p`, `--dns`, `--add-host`, checked before anything is made.
 fn plan_network(args: &RunArgs) -> Result<NetworkPlan> {
     let plan = NetworkPlan {
         mode: args.network,
         publish: args.publish.clone(),
         dns: args.dns.clone(),
+        add_hosts: args.add_hosts.clone(),
     };
     if plan.mode == network::Mode::None {
         if !plan.publish.is_empty() {
@@ -221,6 +222,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         remove: args.rm,
         note: None,
         process: process.clone(),
+        ports: network.publish.clone(),
     };
     rd.write(&record)?;
     // From here on a failure must not leave a half-made run behind.
@@ -252,6 +254,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
             rootfs_fstype: img.fstype.clone(),
             spec: {
                 let mut spec = spec::runtime_spec(&process, &hostname, limits);
+                network::hosts::bind_hosts_files(&mut spec);
                 if network.mode == network::Mode::Bridge {
                     network::share_guest_network(&mut spec);
                 }
