@@ -7,6 +7,8 @@
 //! - `testbed -- CMD...`: run CMD as root inside an emulated nested-KVM host.
 //! - `test`: everything CI runs.
 //! - `demo`: the README's main command.
+//! - `install [--prefix DIR] [--destdir DIR] ...`: build and install on a node (binaries,
+//!   guest kernel and agent, the shim's config, a containerd drop-in, a RuntimeClass).
 //! - `fuzz [--seconds N] [TARGET...]`: run the cargo-fuzz targets in `fuzz/`.
 //! - `bench boot`: boot-time and overhead figures; `bench run`: `microvm run` end to end.
 
@@ -14,6 +16,7 @@ mod agent;
 mod bench;
 mod demo;
 mod fuzz;
+mod install;
 mod kernel;
 mod peers;
 mod test;
@@ -51,6 +54,10 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Build everything and boot a microVM that greets (through the testbed where needed).
     Demo,
+    /// Build (release) and install microvm on a node: the binaries, the guest kernel and
+    /// agent, the shim's config naming them, a containerd drop-in for the `microvm` runtime
+    /// handler and a Kubernetes RuntimeClass (default prefix /usr/local, configs in /etc).
+    Install(install::InstallArgs),
     /// Run the fuzz targets in `fuzz/` (cargo-fuzz), each for a while; print execs and crashes.
     Fuzz(fuzz::FuzzArgs),
 }
@@ -78,6 +85,7 @@ fn main() -> Result<()> {
         Cmd::Test(args) => test::run_tests(&args),
         Cmd::Bench(args) => bench::bench(&args),
         Cmd::Demo => demo::demo(),
+        Cmd::Install(args) => install::install(&args),
         Cmd::Fuzz(args) => fuzz::fuzz(&args),
     }
 }
