@@ -102,7 +102,9 @@ pub fn runtime_class() -> String {
     format!(
         "{HEADER}\n# kubectl apply -f this file; then set `runtimeClassName: {HANDLER}` in a pod spec.\n\
          apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata:\n  name: {HANDLER}\n\
-         handler: {HANDLER}\n"
+         handler: {HANDLER}\n\
+         overhead:\n  podFixed:\n    memory: \"160Mi\"   # guest kernel, agent and VMM, beyond the containers' limits\n    \
+         cpu: \"100m\"\n"
     )
 }
 
@@ -190,5 +192,6 @@ mod tests {
         assert!(lines.contains(&"apiVersion: node.k8s.io/v1"));
         assert!(lines.contains(&"  name: microvm"));
         assert!(lines.contains(&"handler: microvm"));
+        assert!(lines.contains(&"  podFixed:"));
     }
 }

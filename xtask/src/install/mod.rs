@@ -211,16 +211,21 @@ fn install_built(args: &InstallArgs, built: &Built) -> Result<String> {
     let target_refs: Vec<&Path> = targets.iter().map(PathBuf::as_path).collect();
     check_privilege(place::euid()?, destdir, &target_refs)?;
     place::place(&items, destdir, &layout.manifest(), args.force)?;
-    Ok(summary(
+    let mut out = match destdir {
+        Some(d) => format!("installed below {}:\n", d.display()),
+        None => String::from("installed:\n"),
+    };
+    out.push_str(&summary(
         &layout,
         &items,
         dropin.as_deref(),
         built.virtiofsd.is_some(),
-    ))
+    ));
+    Ok(out)
 }
 
 fn summary(layout: &Layout, items: &[Item], dropin: Option<&Path>, virtiofsd: bool) -> String {
-    let mut out = String::from("installed:\n");
+    let mut out = String::new();
     for item in items {
         out.push_str(&format!("  {}\n", item.path.display()));
     }

@@ -37,6 +37,19 @@ fn args(prefix: &str, destdir: &Path) -> InstallArgs {
     }
 }
 
+fn read_toml(path: &Path) -> toml::Table {
+    toml::from_str(&fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The `ConfigPath` option of the `microvm` handler in a containerd config's CRI `plugin`.
+fn config_path(config: &toml::Table, plugin: &str) -> String {
+    let handler = &config["plugins"][plugin]["containerd"]["runtimes"]["microvm"];
+    handler["options"]["ConfigPath"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 fn mode(p: &Path) -> u32 {
     fs::metadata(p).unwrap().permissions().mode() & 0o7777
 }
@@ -80,8 +93,7 @@ fn an_install_puts_every_file_in_place_with_its_mode() {
 
     // The shim config names files that exist on the (staged) target system, the ones the
     // lookup in `sandbox::locate` also tries for this prefix.
-    let shim: toml::Table =
-        toml::from_str(&fs::read_to_string(d.join("etc/microvm/shim.toml")).unwrap()).unwrap();
+    let shim = read_toml(&d.join("etc/microvm/shim.toml"));
     for key in ["kernel", "agent", "vmm", "virtiofsd"] {
         let path = Path::new(shim[key].as_str().unwrap());
         assert!(path.starts_with("/usr/local"), "{key}: {}", path.display());
@@ -97,20 +109,20 @@ fn an_install_puts_every_file_in_place_with_its_mode() {
     );
 
     // The drop-in points containerd at that config, by its target path.
-    let dropin: toml::Table =
-        toml::from_str(&fs::read_to_string(d.join("etc/containerd/conf.d/microvm.toml")).unwrap())
-            .unwrap();
-    let options = &dropin["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]
-        ["microvm"]["options"];
+    let dropin = read_toml(&d.join("etc/containerd/conf.d/microvm.toml"));
     assert_eq!(
-        options["ConfigPath"].as_str(),
-        Some("/etc/microvm/shim.toml")
+        config_path(&dropin, "io.containerd.grpc.v1.cri"),
+        "/etc/microvm/shim.toml"
     );
     assert!(
         out.contains("imports = [\"/etc/containerd/conf.d/*.toml\"]"),
         "{out}"
     );
     assert!(out.contains("handler: microvm"), "{out}");
+    assert!(
+        out.starts_with(&format!("installed below {}", d.display())),
+        "{out}"
+    );
 
     // Nothing else was written: every staged file is one of these.
     let manifest =
@@ -145,21 +157,14 @@ fn a_custom_prefix_keeps_its_config_inside_and_honours_the_named_dropin() {
     a.containerd_config = Some("/etc/containerd/conf.d/50-microvm.toml".into());
     a.containerd_config_version = ContainerdSyntax::V3;
     let out = install_built(&a, &built).unwrap();
-    let shim: toml::Table =
-        toml::from_str(&fs::read_to_string(d.join("opt/microvm/etc/microvm/shim.toml")).unwrap())
-            .unwrap();
+    let shim = read_toml(&d.join("opt/microvm/etc/microvm/shim.toml"));
     assert!(!shim.contains_key("virtiofsd"));
     assert_eq!(shim["vmm"].as_str(), Some("/opt/microvm/bin/microvm-vmm"));
-    let dropin: toml::Table = toml::from_str(
-        &fs::read_to_string(d.join("etc/containerd/conf.d/50-microvm.toml")).unwrap(),
-    )
-    .unwrap();
+    let dropin = read_toml(&d.join("etc/containerd/conf.d/50-microvm.toml"));
     assert_eq!(dropin["version"].as_integer(), Some(3));
-    let options = &dropin["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]
-        ["microvm"]["options"];
     assert_eq!(
-        options["ConfigPath"].as_str(),
-        Some("/opt/microvm/etc/microvm/shim.toml")
+        config_path(&dropin, "io.containerd.cri.v1.runtime"),
+        "/opt/microvm/etc/microvm/shim.toml"
     );
     assert!(
         out.contains("MICROVM_KERNEL=/opt/microvm/share/microvm/vmlinux"),
