@@ -22,9 +22,11 @@
 //!
 //! * `device.rs` holds the virtio side: configuration space (the guest CID), the three
 //!   queues (rx, tx, event) and the processing entry points.
-//! * `muxer.rs` owns the host side: the listening socket, one slot per Unix stream (a
+//! * `muxer/` owns the host side: the listening socket, one slot per Unix stream (a
 //!   host client still sending its `CONNECT` line, or a connection), the queue of control packets
-//!   for the guest, and a private epoll set with a timerfd for handshake timeouts.
+//!   for the guest, and a private epoll set with a timerfd for handshake timeouts. `mod.rs` holds
+//!   its state and host events, `tx.rs` the guest's packets, `rx.rs` the guest's rx queue,
+//!   `slots.rs` the slots, their epoll interest and the handshake.
 //! * `connection.rs` is one connection's state machine and credit accounting.
 //! * `handshake.rs` parses the host's `CONNECT` line.
 //! * `packet.rs` holds protocol constants and header helpers.
