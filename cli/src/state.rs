@@ -315,24 +315,12 @@ mod tests {
         }
     }
 
-    const MODES_CHILD: &str = "MICROVM_STATE_MODES_CHILD";
-
     /// Under umask 000 (set in a copy of this test binary running only this test: the umask
     /// is the whole process's), every state directory is 0700 and every state file and log
     /// 0600.
     #[test]
     fn state_is_owner_only_under_umask_000() {
-        if std::env::var_os(MODES_CHILD).is_none() {
-            let status = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "state::tests::state_is_owner_only_under_umask_000",
-                    "--test-threads=1",
-                ])
-                .env(MODES_CHILD, "1")
-                .status()
-                .unwrap();
-            assert!(status.success(), "the umask 000 run failed: {status}");
+        if !test_support::alone_in_process("state::tests::state_is_owner_only_under_umask_000") {
             return;
         }
         // SAFETY: umask only changes this process's file creation mask.

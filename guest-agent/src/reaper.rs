@@ -130,29 +130,13 @@ mod tests {
         assert!(reg.route(100, 9), "a waiter that went away is not an error");
     }
 
-    /// Set in the re-run of [`reaps_real_children`].
-    const ALONE: &str = "MICROVM_TEST_REAPER_ALONE";
-
     /// Forks real children: the registered one's status is routed, the unknown one is reaped
     /// and ignored, and no zombie is left. Runs itself again in a process of its own: the
     /// reaper waits for any child, so beside other tests it would reap their children (whose
     /// own waits then fail) and count them as its unknown ones.
     #[test]
     fn reaps_real_children() {
-        if std::env::var_os(ALONE).is_none() {
-            let status = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "reaper::tests::reaps_real_children",
-                    "--test-threads=1",
-                ])
-                .env(ALONE, "1")
-                .status()
-                .unwrap();
-            assert!(
-                status.success(),
-                "the run in a process of its own failed: {status}"
-            );
+        if !test_support::alone_in_process("reaper::tests::reaps_real_children") {
             return;
         }
         let reaper = Reaper::default();

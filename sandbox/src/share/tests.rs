@@ -169,9 +169,6 @@ fn guest_layout() {
     assert!(guest_path(0).starts_with(&m.destination));
 }
 
-/// Set in the re-run of [`share_layout_is_searchable_under_umask_077`].
-const UMASK_CHILD: &str = "MICROVM_TEST_SHARE_UMASK_CHILD";
-
 /// Under a strict umask (077) the share's root and mount points still come out 0755, and the
 /// daemon, an unmapped id in its user namespace, still starts and answers. Runs itself again in
 /// a child process, since the umask is the whole process's.
@@ -180,17 +177,7 @@ fn share_layout_is_searchable_under_umask_077() {
     let Some(binary) = root_and_virtiofsd("the share layout's modes") else {
         return;
     };
-    if std::env::var_os(UMASK_CHILD).is_none() {
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "share::tests::share_layout_is_searchable_under_umask_077",
-                "--test-threads=1",
-            ])
-            .env(UMASK_CHILD, "1")
-            .status()
-            .unwrap();
-        assert!(status.success(), "the umask 077 run failed: {status}");
+    if !test_support::alone_in_process("share::tests::share_layout_is_searchable_under_umask_077") {
         return;
     }
     // SAFETY: umask only changes this process's file creation mask.
