@@ -19,6 +19,17 @@ fn root_and_virtiofsd(what: &str) -> Option<PathBuf> {
     }
 }
 
+/// A temporary directory holding `host` (a directory to share) and `state` (a VM's state
+/// directory), both made; the first item keeps them alive.
+fn one_share_dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let host = t.path().join("host");
+    fs::create_dir(&host).unwrap();
+    let state = t.path().join("state");
+    fs::create_dir(&state).unwrap();
+    (t, host, state)
+}
+
 /// The daemon starts confined and answers vhost-user: it runs in a user namespace with the
 /// share's id map and in a mount namespace of its own. Needs root and a built virtiofsd
 /// (`cargo xtask virtiofsd`); says so and passes vacuously otherwise.
@@ -27,11 +38,7 @@ fn daemon_starts_confined_and_answers() {
     let Some(binary) = root_and_virtiofsd("the daemon's confinement") else {
         return;
     };
-    let t = tempfile::tempdir().unwrap();
-    let host = t.path().join("host");
-    fs::create_dir(&host).unwrap();
-    let state = t.path().join("state");
-    fs::create_dir(&state).unwrap();
+    let (_t, host, state) = one_share_dirs();
     let shares = [SharedDir {
         host: host.clone(),
         read_only: false,
@@ -182,11 +189,7 @@ fn share_layout_is_searchable_under_umask_077() {
     }
     // SAFETY: umask only changes this process's file creation mask.
     unsafe { libc::umask(0o077) };
-    let t = tempfile::tempdir().unwrap();
-    let host = t.path().join("host");
-    fs::create_dir(&host).unwrap();
-    let state = t.path().join("state");
-    fs::create_dir(&state).unwrap();
+    let (_t, host, state) = one_share_dirs();
     let shares = [SharedDir {
         host,
         read_only: true,
