@@ -432,7 +432,7 @@ impl ImageStore {
 
 /// An advisory `flock` on a file in the store, released on drop (when the file closes).
 pub(crate) struct FileLock {
-    _file: std::fs::File,
+    file: std::fs::File,
 }
 
 impl FileLock {
@@ -448,13 +448,24 @@ impl FileLock {
             // SAFETY: flock on a file descriptor we own; no memory is involved.
             let rc = unsafe { libc::flock(file.as_raw_fd(), how) };
             if rc == 0 {
-                return Ok(Self { _file: file });
+                return Ok(Self { file });
             }
             let err = std::io::Error::last_os_error();
             if err.kind() != std::io::ErrorKind::Interrupted {
                 return Err(io_err(format!("locking {}", path.display()))(err));
             }
         }
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // Unlock before the close: a thread of this process that forked just now (to spawn a
+        // VMM, say) holds a copy of the descriptor until its child's exec, and a lock outlives
+        // a close while such a copy exists.
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
     }
 }
 

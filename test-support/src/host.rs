@@ -141,8 +141,13 @@ mod tests {
         // SAFETY: flock on a descriptor we own.
         assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
         assert_eq!(locked_files_under(&dir), vec![lock.clone()]);
-        drop(file);
+        // Unlock explicitly rather than by closing: a test beside this one that forks (to spawn
+        // a program) copies our descriptor into its child until that child's exec closes it, and
+        // a lock held by an open file description outlives our close while the copy exists.
+        // SAFETY: flock on a descriptor we own.
+        assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) }, 0);
         assert!(locked_files_under(&dir).is_empty());
+        drop(file);
 
         let sock = dir.join("s.sock");
         let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
