@@ -193,11 +193,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 /// Opens a log under a run directory for appending, creating it 0600 whatever the umask (a
 /// container's output is the run owner's alone); a symlink at `path` is refused.
 pub fn open_log(path: &Path) -> Result<fs::File> {
-    owner_only::file_options()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("open {}", path.display()))
+    Ok(sandbox::Console::open_file(path)?)
 }
 
 /// Every run with a readable record, oldest first.

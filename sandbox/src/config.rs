@@ -29,12 +29,15 @@ pub enum Console {
 
 impl Console {
     /// Opens (creating it 0600, whatever the umask: the guest's console can hold secrets) the
-    /// file a [`Console::File`] appends to.
+    /// file a [`Console::File`] appends to. A symlink at `path` is refused, not followed: whoever
+    /// can write the directory must not get a root process to append guest output to a file of
+    /// their choosing. `microvm`'s run logs are opened here too.
     pub fn open_file(path: &Path) -> Result<fs::File> {
         fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| Error::io(format!("open {}", path.display()), e))
     }
@@ -235,4 +238,32 @@ pub struct Exit {
     pub code: i32,
     /// When the agent saw it (Unix time in ms, guest clock).
     pub at_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_console_file_is_private_appended_to_and_never_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        std::io::Write::write_all(&mut Console::open_file(&log).unwrap(), b"one\n").unwrap();
+        std::io::Write::write_all(&mut Console::open_file(&log).unwrap(), b"two\n").unwrap();
+        assert_eq!(fs::read_to_string(&log).unwrap(), "one\ntwo\n");
+        assert_eq!(
+            fs::metadata(&log).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        // A symlink planted where the log goes is refused; its target stays as it was.
+        let target = dir.path().join("elsewhere");
+        fs::write(&target, "untouched").unwrap();
+        let planted = dir.path().join("planted.log");
+        std::os::unix::fs::symlink(&target, &planted).unwrap();
+        let err = Console::open_file(&planted).unwrap_err();
+        assert!(err.to_string().contains("planted.log"), "{err}");
+        assert_eq!(fs::read_to_string(&target).unwrap(), "untouched");
+    }
 }

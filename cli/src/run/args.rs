@@ -118,6 +118,9 @@ pub struct RunArgs {
     /// second (512k, 10m, 1g) and/or ops=N requests per second, e.g. bytes=10m,ops=500
     #[arg(long = "disk-rate", value_parser = parse_disk_rate, value_name = "bytes=N,ops=N")]
     pub disk_rate: Option<DiskRateLimit>,
+    /// Seconds the VM has to boot and its agent to answer before the run is given up
+    #[arg(long = "boot-timeout", default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..=3600), value_name = "SECONDS")]
+    pub boot_timeout: u64,
     #[command(flatten)]
     pub vm: VmArgs,
     #[command(flatten)]

@@ -76,7 +76,7 @@ pub(super) async fn execute(
         .collect();
     cfg.console = Console::File(rd.console());
     cfg.state_dir = Some(rd.path.clone());
-    cfg.start_timeout = Duration::from_secs(180);
+    cfg.start_timeout = Duration::from_secs(plan.boot_timeout_s);
     if let Ok(level) = std::env::var("MICROVM_AGENT_LOG") {
         cfg.kernel_params.push(KernelParam::new("RUST_LOG", level));
     }

@@ -52,9 +52,16 @@ pub struct Plan {
     pub tty: bool,
     pub memory_limit: Option<u64>,
     pub timings: bool,
+    /// `--boot-timeout`: seconds for the VM to boot and its agent to answer.
+    #[serde(default = "default_boot_timeout_s")]
+    pub boot_timeout_s: u64,
     /// The run's network (bridge by default; a plan without one has none).
     #[serde(default = "no_network")]
     pub network: NetworkPlan,
+}
+
+fn default_boot_timeout_s() -> u64 {
+    180
 }
 
 /// `--network`, `-p`, `--dns`, `--add-host`, checked before anything is made.
@@ -266,6 +273,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
             tty: args.tty,
             memory_limit: args.memory,
             timings: args.timings,
+            boot_timeout_s: args.boot_timeout,
             network,
         })
     })();

@@ -255,10 +255,14 @@ fn runc_row(bundle: &Path, n: usize) -> Result<Row> {
     let before = mem_available_mib()?;
     let ids: Vec<String> = (0..n).map(|i| format!("bench-density-{n}-{i}")).collect();
     let start = Instant::now();
-    let outcomes: Vec<std::io::Result<std::process::Output>> = std::thread::scope(|s| {
+    // runc's detached, terminal-less container inherits runc's stdio: a pipe here would hold
+    // `output()` until the container's `sleep 600` ended. Its stderr goes to a file instead.
+    let log = |id: &str| bundle.with_file_name(format!("{id}.stderr"));
+    let outcomes: Vec<std::io::Result<std::process::ExitStatus>> = std::thread::scope(|s| {
         let handles: Vec<_> = ids
             .iter()
             .map(|id| {
+                let log = log(id);
                 s.spawn(move || {
                     Command::new("runc")
                         .args(["run", "-d"])
@@ -267,8 +271,8 @@ fn runc_row(bundle: &Path, n: usize) -> Result<Row> {
                         .arg(id)
                         .stdin(Stdio::null())
                         .stdout(Stdio::null())
-                        .stderr(Stdio::piped())
-                        .output()
+                        .stderr(std::fs::File::create(log)?)
+                        .status()
                 })
             })
             .collect();
@@ -280,7 +284,7 @@ fn runc_row(bundle: &Path, n: usize) -> Result<Row> {
     let mut failed = Vec::new();
     for (id, o) in ids.iter().zip(&outcomes) {
         match o {
-            Ok(o) if o.status.success() => {
+            Ok(status) if status.success() => {
                 let state = Command::new("runc").args(["state", id]).output()?;
                 let state: serde_json::Value = serde_json::from_slice(&state.stdout)?;
                 match state["pid"].as_u64() {
@@ -288,7 +292,12 @@ fn runc_row(bundle: &Path, n: usize) -> Result<Row> {
                     _ => failed.push(format!("{id} is not running: {state}")),
                 }
             }
-            Ok(o) => failed.push(format!("{id}: {}", String::from_utf8_lossy(&o.stderr))),
+            Ok(status) => failed.push(format!(
+                "{id}: {status}: {}",
+                std::fs::read_to_string(log(id))
+                    .unwrap_or_default()
+                    .trim_end()
+            )),
             Err(e) => failed.push(format!("{id}: {e}")),
         }
     }
