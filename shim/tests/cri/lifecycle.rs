@@ -36,18 +36,18 @@ pub fn microvm_pod(w: &World, c: &Cri) -> Result<(), String> {
     check(states.is_empty(), || format!("shim state left: {states:?}"))
 }
 
-fn entries(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn entries(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default()
 }
 
-fn netns_files() -> BTreeSet<PathBuf> {
+pub(crate) fn netns_files() -> BTreeSet<PathBuf> {
     entries(Path::new("/var/run/netns")).into_iter().collect()
 }
 
 /// Mount points naming `id` (rootfs mounts, the sandbox's shm, the netns bind).
-fn mounts_of(id: &str) -> Vec<String> {
+pub(crate) fn mounts_of(id: &str) -> Vec<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
@@ -182,7 +182,7 @@ fn running_pod_checks(
     .map_err(|e| format!("{e} (last answer {got:?})"))
 }
 
-fn answer(ip: &str) -> Option<String> {
+pub(crate) fn answer(ip: &str) -> Option<String> {
     let addr: SocketAddr = format!("{ip}:8080").parse().ok()?;
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;

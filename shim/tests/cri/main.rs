@@ -1,8 +1,8 @@
 //! The shim through containerd's CRI plugin, as kubelet drives it: `crictl` (runp, create,
 //! start, exec, logs, stats, stop, rmp) against Debian's containerd 1.6.20 and containerd 2.x,
 //! each with the runtime handler `microvm` (this shim) and `runc` (the control), CNI's bridge
-//! plugin for the pod network and images pulled from a loopback registry; and `critest`'s
-//! PodSandbox and Container basics with both handlers.
+//! plugin for the pod network and images pulled from a loopback registry; `critest`'s
+//! PodSandbox and Container basics with both handlers; and several microvm pods at once.
 //!
 //! Needs what `shim/tests/containerd.rs` needs, plus `crictl`, `critest` and containerd 2.x
 //! from `cargo xtask peers` (found in `<cache>/peers` or `$MICROVM_PEERS`), Debian's
@@ -11,6 +11,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod at_once;
 mod critest;
 mod lifecycle;
 
@@ -81,7 +82,7 @@ fn main() -> ExitCode {
         }
     }
     // One containerd at a time: 1.6's scenarios, then 2.x's (each stopped after its last).
-    let scenarios: [(&'static str, Flavor, Scenario); 6] = [
+    let scenarios: [(&'static str, Flavor, Scenario); 7] = [
         (
             "crictl_runc_pod_lifecycle_containerd_1_6",
             Flavor::Debian16,
@@ -111,6 +112,11 @@ fn main() -> ExitCode {
             "critest_basics_microvm_and_runc_containerd_2",
             Flavor::V2,
             critest::basics,
+        ),
+        (
+            "crictl_microvm_pods_at_once_containerd_2",
+            Flavor::V2,
+            at_once::microvm_pods,
         ),
     ];
     let trials = scenarios
