@@ -49,6 +49,9 @@ struct Row {
     n: usize,
     /// Seconds until all N were running.
     ready_s: f64,
+    /// The longest a 100 ms sleep of this host overran while they started, in seconds: how
+    /// responsive the host stayed.
+    stall_s: f64,
     /// Per VM or container, MiB: PSS of the VMM beyond its guest RAM, guest RAM touched, PSS of
     /// the helper processes (monitor), drop of MemAvailable.
     vmm_mib: f64,
@@ -100,9 +103,10 @@ pub(super) fn density_inner(counts: &[usize]) -> Result<()> {
         counts_text(counts, "/")
     );
     println!(
-        "{:>3} | {:>12} {:>9} {:>9} {:>9} {:>9} {:>10} | {:>12} {:>9} {:>10}",
+        "{:>3} | {:>12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} | {:>12} {:>9} {:>10}",
         "N",
         "VMs ready s",
+        "stall s",
         "VMM MiB",
         "guest MiB",
         "mon. MiB",
@@ -124,9 +128,10 @@ pub(super) fn density_inner(counts: &[usize]) -> Result<()> {
             },
         );
         println!(
-            "{:>3} | {:>12.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} | {:>12} {:>9} {:>10}",
+            "{:>3} | {:>12.1} {:>8.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} | {:>12} {:>9} {:>10}",
             vm.n,
             vm.ready_s,
+            vm.stall_s,
             vm.vmm_mib,
             vm.guest_mib,
             vm.helper_mib,
@@ -138,7 +143,8 @@ pub(super) fn density_inner(counts: &[usize]) -> Result<()> {
         );
     }
     println!(
-        "(per VM, MiB: the VMM's PSS beyond guest RAM, guest RAM touched, the monitor's PSS, \
+        "(stall: the longest a 100 ms sleep here overran while the VMs started; per VM, MiB: \
+         the VMM's PSS beyond guest RAM, guest RAM touched, the monitor's PSS, \
          their sum, and the drop of MemAvailable; per runc container: its processes' PSS)"
     );
     Ok(())
@@ -156,12 +162,16 @@ fn counts_text(counts: &[usize], separator: &str) -> String {
 fn microvm_row(microvm: &Path, layout: &Path, home: &Path, n: usize) -> Result<Row> {
     let before = mem_available_mib()?;
     let start = Instant::now();
+    let watch = StallWatch::start();
     let outcomes: Vec<std::io::Result<std::process::Output>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..n)
             .map(|i| {
                 s.spawn(move || {
                     Command::new(microvm)
                         .args(["run", "-d", "--name", &format!("d{n}-{i}")])
+                        // Many boots at once on a slow host (the testbed's one TCG vCPU) take
+                        // longer than one: the row measures how long, rather than giving up.
+                        .args(["--boot-timeout", "1800"])
                         .arg(layout)
                         .args(["sleep", "600"])
                         .env("MICROVM_HOME", home)
@@ -173,6 +183,7 @@ fn microvm_row(microvm: &Path, layout: &Path, home: &Path, n: usize) -> Result<R
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let ready_s = start.elapsed().as_secs_f64();
+    let stall_s = watch.stop();
     let mut failed = Vec::new();
     for (i, o) in outcomes.iter().enumerate() {
         match o {
@@ -211,6 +222,7 @@ fn microvm_row(microvm: &Path, layout: &Path, home: &Path, n: usize) -> Result<R
         Some(Row {
             n,
             ready_s,
+            stall_s,
             vmm_mib: vmm / per,
             guest_mib: guest / per,
             helper_mib: helper / per,
@@ -255,6 +267,7 @@ fn runc_row(bundle: &Path, n: usize) -> Result<Row> {
     let before = mem_available_mib()?;
     let ids: Vec<String> = (0..n).map(|i| format!("bench-density-{n}-{i}")).collect();
     let start = Instant::now();
+    let watch = StallWatch::start();
     // runc's detached, terminal-less container inherits runc's stdio: a pipe here would hold
     // `output()` until the container's `sleep 600` ended. Its stderr goes to a file instead.
     let log = |id: &str| bundle.with_file_name(format!("{id}.stderr"));
@@ -279,6 +292,7 @@ fn runc_row(bundle: &Path, n: usize) -> Result<Row> {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let ready_s = start.elapsed().as_secs_f64();
+    let stall_s = watch.stop();
     let after = mem_available_mib()?;
     let mut pss = 0.0;
     let mut failed = Vec::new();
@@ -314,11 +328,44 @@ fn runc_row(bundle: &Path, n: usize) -> Result<Row> {
     Ok(Row {
         n,
         ready_s,
+        stall_s,
         vmm_mib: pss / per,
         guest_mib: 0.0,
         helper_mib: 0.0,
         avail_drop_mib: (before - after) / per,
     })
+}
+
+/// A thread that sleeps 100 ms at a time and keeps the longest overrun: a host that stops
+/// making progress (the L1 stalls of issue #15) shows as seconds here.
+struct StallWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<f64>,
+}
+
+impl StallWatch {
+    const TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
+    fn start() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut worst = 0.0f64;
+            while !seen.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                std::thread::sleep(Self::TICK);
+                worst = worst.max((t.elapsed() - Self::TICK).as_secs_f64());
+            }
+            worst
+        });
+        Self { stop, thread }
+    }
+
+    /// The longest overrun, in seconds.
+    fn stop(self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(f64::NAN)
+    }
 }
 
 /// `Pss:` of `/proc/PID/smaps_rollup`, in MiB.
@@ -364,6 +411,23 @@ mod tests {
         let text = "Rss:                2048 kB\nPss:                1536 kB\n";
         assert_eq!(kib_field(text, "Pss:"), Some(1.5));
         assert_eq!(kib_field(text, "Swap:"), None);
+    }
+
+    #[test]
+    fn a_stall_watch_sees_a_stopped_process() {
+        // The process stopped (SIGSTOP from a child) for 600 ms shows as about that.
+        let watch = StallWatch::start();
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        let me = std::process::id().to_string();
+        let status = Command::new("sh")
+            .args(["-c", "kill -STOP $0; sleep 0.6; kill -CONT $0"])
+            .arg(&me)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        let stall = watch.stop();
+        assert!((0.4..5.0).contains(&stall), "{stall}");
     }
 
     #[test]
