@@ -74,7 +74,9 @@ pub fn microvm_pods(w: &World, c: &Cri) -> Result<(), String> {
     .map_err(|e| format!("{e}: before {netns_before:?}, now {:?}", netns_files()))?;
     for pod in &pods {
         let mounts = mounts_of(pod);
-        check(mounts.is_empty(), || format!("mounts of {pod} left: {mounts:?}"))?;
+        check(mounts.is_empty(), || {
+            format!("mounts of {pod} left: {mounts:?}")
+        })?;
     }
     let states = entries(Path::new("/run/microvm-shim"));
     check(states.is_empty(), || format!("shim state left: {states:?}"))
@@ -129,7 +131,8 @@ fn pod_checks(c: &Cri, i: usize, pod: &str, ctr: &str) -> Result<(), String> {
     let mut got = None;
     wait_until(&format!("pod {i} at {ip}:8080 to answer"), 120, || {
         got = answer(&ip);
-        got.as_deref().is_some_and(|a| a.trim() == format!("pod-{i}"))
+        got.as_deref()
+            .is_some_and(|a| a.trim() == format!("pod-{i}"))
     })
     .map_err(|e| format!("{e} (last answer {got:?})"))?;
     let listing = c.crictl_ok(&["exec", "--sync", ctr, "/bin/sh", "-c", "ls /tmp"])?;

@@ -9,9 +9,9 @@
 //! `containernetworking-plugins`, `docker-registry` and `skopeo`. On a host whose KVM cannot
 //! boot an unmodified guest the test binary re-runs itself inside the testbed.
 
+mod at_once;
 #[path = "../common/mod.rs"]
 mod common;
-mod at_once;
 mod critest;
 mod lifecycle;
 
