@@ -22,9 +22,13 @@ pub const TEST_SECONDS: u64 = 20;
 
 #[derive(clap::Args)]
 pub struct FuzzArgs {
-    /// Seconds each target runs.
+    /// Seconds each target runs (at most, with --runs).
     #[arg(long, default_value_t = 600)]
     seconds: u64,
+    /// Stop each target after this many executions (libFuzzer's -runs), for a campaign of a
+    /// fixed size such as 10 M.
+    #[arg(long)]
+    runs: Option<u64>,
     /// Targets to run (default: all of `fuzz/Cargo.toml`'s).
     targets: Vec<String>,
 }
@@ -39,11 +43,12 @@ struct Outcome {
 }
 
 pub fn fuzz(args: &FuzzArgs) -> Result<()> {
-    run_targets(&args.targets, args.seconds)
+    run_targets(&args.targets, args.seconds, args.runs)
 }
 
-/// Builds and runs `targets` (all when empty) for `seconds` each; fails if any crashed.
-pub fn run_targets(targets: &[String], seconds: u64) -> Result<()> {
+/// Builds and runs `targets` (all when empty) for `seconds` each (or `runs` executions, if that
+/// comes first); fails if any crashed.
+pub fn run_targets(targets: &[String], seconds: u64, runs: Option<u64>) -> Result<()> {
     let root = workspace_root();
     let fuzz_dir = root.join("fuzz");
     let all = list_targets(&fuzz_dir)?;
@@ -66,7 +71,7 @@ pub fn run_targets(targets: &[String], seconds: u64) -> Result<()> {
     let bin_dir = fuzz_dir.join("target/x86_64-unknown-linux-gnu/release");
     let mut outcomes = Vec::new();
     for target in &targets {
-        let outcome = run_target(&fuzz_dir, &bin_dir.join(target), target, seconds)?;
+        let outcome = run_target(&fuzz_dir, &bin_dir.join(target), target, seconds, runs)?;
         println!(
             "fuzz: {}: {} execs, {} execs/s, {} crashes{}",
             outcome.target,
@@ -159,7 +164,13 @@ fn has_nightly() -> bool {
 
 /// Runs one target for `seconds` on its corpus; libFuzzer's final statistics are read from its
 /// log (`fuzz/artifacts/<target>.log`).
-fn run_target(fuzz_dir: &Path, bin: &Path, target: &str, seconds: u64) -> Result<Outcome> {
+fn run_target(
+    fuzz_dir: &Path,
+    bin: &Path,
+    target: &str,
+    seconds: u64,
+    runs: Option<u64>,
+) -> Result<Outcome> {
     let grown = fuzz_dir.join("corpus-grown").join(target);
     let seeds = fuzz_dir.join("corpus").join(target);
     let artifacts = fuzz_dir.join("artifacts").join(target);
@@ -172,7 +183,11 @@ fn run_target(fuzz_dir: &Path, bin: &Path, target: &str, seconds: u64) -> Result
         "xtask fuzz: {target} for {seconds} s (log: {})",
         log_path.display()
     );
-    let status = Command::new(bin)
+    let mut fuzzer = Command::new(bin);
+    if let Some(runs) = runs {
+        fuzzer.arg(format!("-runs={runs}"));
+    }
+    let status = fuzzer
         .arg(format!("-max_total_time={seconds}"))
         .arg("-print_final_stats=1")
         .arg("-timeout=30")

@@ -90,7 +90,7 @@ pub fn run_tests(args: &TestArgs) -> Result<()> {
         .env("MICROVM_VIRTIOFSD", &virtiofsd)
         .current_dir(&root))?;
     step("fuzz targets");
-    crate::fuzz::run_targets(&[], crate::fuzz::TEST_SECONDS)?;
+    crate::fuzz::run_targets(&[], crate::fuzz::TEST_SECONDS, None)?;
     Ok(())
 }
 
