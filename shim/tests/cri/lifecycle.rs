@@ -76,6 +76,10 @@ fn pod_lifecycle(w: &World, c: &Cri, handler: &str) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let ctr_json = dir.join("ctr.json");
     let image = w.registry.image(BUSYBOX);
+    // A hostPath volume as kubelet passes it: a CRI mount (containerd makes it a bind mount).
+    let volume = dir.join("volume");
+    std::fs::create_dir_all(&volume).map_err(|e| e.to_string())?;
+    std::fs::write(volume.join("from-host"), "host-wrote\n").map_err(|e| e.to_string())?;
     std::fs::write(
         &ctr_json,
         serde_json::json!({
@@ -83,6 +87,7 @@ fn pod_lifecycle(w: &World, c: &Cri, handler: &str) -> Result<(), String> {
             "image": {"image": image},
             "command": ["sh", "-c", APP],
             "log_path": "app.log",
+            "mounts": [{"container_path": "/data", "host_path": volume}],
             "linux": {},
         })
         .to_string(),
@@ -101,6 +106,7 @@ fn pod_lifecycle(w: &World, c: &Cri, handler: &str) -> Result<(), String> {
         ])?;
         c.crictl_ok(&["start", &ctr])?;
         running_pod_checks(c, handler, &pod, &ctr, &logs)?;
+        cri_mount_checks(c, &name, &ctr, &volume)?;
         c.crictl_ok(&["stop", "--timeout", "2", &ctr])?;
         let state = c.crictl_ok(&[
             "inspect",
@@ -180,6 +186,33 @@ fn running_pod_checks(
         got.as_deref().is_some_and(|a| a.trim() == "pod-ok")
     })
     .map_err(|e| format!("{e} (last answer {got:?})"))
+}
+
+/// What containerd's CRI plugin mounts reaches the container: the hostPath volume, live both
+/// ways, and the pod's `/etc/hostname` and `/etc/resolv.conf` (bind mounts of files containerd
+/// writes on the host).
+fn cri_mount_checks(c: &Cri, pod_name: &str, ctr: &str, volume: &Path) -> Result<(), String> {
+    let script = "cat /data/from-host; echo ctr-wrote >/data/from-ctr; cat /etc/hostname; \
+                  grep -c nameserver /etc/resolv.conf";
+    let seen = c.crictl_ok(&["exec", "--sync", ctr, "/bin/sh", "-c", script])?;
+    let lines: Vec<&str> = seen.lines().collect();
+    check(
+        lines.len() == 3
+            && lines[0] == "host-wrote"
+            && lines[1] == pod_name
+            && lines[2].parse::<u32>().is_ok_and(|n| n > 0),
+        || format!("the container saw {seen:?} (volume line, hostname, nameservers)"),
+    )?;
+    let written = std::fs::read_to_string(volume.join("from-ctr")).unwrap_or_default();
+    check(written == "ctr-wrote\n", || {
+        format!("the host sees {written:?} where the container wrote into the volume")
+    })?;
+    // A change on the host is seen at once (a live share, not a copy).
+    std::fs::write(volume.join("from-host"), "host-changed\n").map_err(|e| e.to_string())?;
+    let seen = c.crictl_ok(&["exec", "--sync", ctr, "/bin/cat", "/data/from-host"])?;
+    check(seen == "host-changed", || {
+        format!("after the host changed it, the container reads {seen:?}")
+    })
 }
 
 pub(crate) fn answer(ip: &str) -> Option<String> {
