@@ -3,6 +3,8 @@
 //! - [`agent`]: the messages of `proto/agent.proto`; [`agent_ttrpc`]: the async ttRPC client
 //!   ([`agent_ttrpc::AgentClient`]) and server trait ([`agent_ttrpc::Agent`]).
 //! - [`stdio`]: the one-line header that opens a process's stdio stream on [`STDIO_PORT`].
+//! - [`forward`]: the one-line request that forwards a TCP connection to the pod's loopback on
+//!   [`FORWARD_PORT`] (`kubectl port-forward`).
 //! - [`valid_id`]: the rule container and exec ids follow.
 //!
 //! See README.md for the whole protocol.
@@ -31,6 +33,7 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+pub mod forward;
 pub mod stdio;
 
 pub use ttrpc;
@@ -39,6 +42,8 @@ pub use ttrpc;
 pub const AGENT_PORT: u32 = 1024;
 /// The vsock port the agent accepts stdio streams on.
 pub const STDIO_PORT: u32 = 1025;
+/// The vsock port the agent accepts forwarded TCP connections on.
+pub const FORWARD_PORT: u32 = 1026;
 /// The protocol revision; bumped on incompatible changes ([`agent::VersionResponse`]).
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The guest boot-marker value the agent writes to port 0x3f0 once it serves requests.

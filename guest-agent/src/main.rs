@@ -3,6 +3,7 @@
 //! and resets the VM on `Shutdown` or on a panic. See README.md.
 
 mod etc_files;
+mod forward;
 mod init;
 mod mounts;
 mod network;
@@ -13,7 +14,7 @@ mod stdio;
 
 use std::sync::{Arc, Mutex};
 
-use agent_protocol::{AGENT_PORT, READY_BOOT_MARKER, STDIO_PORT};
+use agent_protocol::{AGENT_PORT, FORWARD_PORT, READY_BOOT_MARKER, STDIO_PORT};
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
 
 fn main() {
@@ -117,6 +118,10 @@ async fn serve() -> Result<(), String> {
         }
     });
 
+    let forwards = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, FORWARD_PORT))
+        .map_err(|e| format!("cannot listen on vsock port {FORWARD_PORT}: {e}"))?;
+    tokio::spawn(forward::serve(forwards));
+
     let service = agent_protocol::agent_ttrpc::create_agent(Arc::new(service::Agent(state)));
     let mut server = agent_protocol::ttrpc::r#async::Server::new()
         .bind(&format!("vsock://-1:{AGENT_PORT}"))
@@ -128,7 +133,7 @@ async fn serve() -> Result<(), String> {
         .map_err(|e| format!("cannot start the ttRPC server: {e}"))?;
     init::boot_marker(READY_BOOT_MARKER);
     tracing::info!(
-        "microvm-agent {} ready: ttRPC on vsock port {AGENT_PORT}, stdio on {STDIO_PORT} ({} ms since boot)",
+        "microvm-agent {} ready: ttRPC on vsock port {AGENT_PORT}, stdio on {STDIO_PORT}, port forwards on {FORWARD_PORT} ({} ms since boot)",
         env!("CARGO_PKG_VERSION"),
         init::uptime_ms()
     );

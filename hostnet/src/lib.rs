@@ -7,6 +7,7 @@
 //! Every netlink conversation and tap ioctl runs on a thread of its own that entered the
 //! namespace ([`netns`]); the caller's threads never change namespace. See README.md.
 
+pub mod loopback;
 pub mod netns;
 
 mod agent;
@@ -61,6 +62,8 @@ pub enum Error {
     },
     #[error("{0}")]
     Thread(String),
+    #[error("the loopback redirect for port forwarding: {0}")]
+    Redirect(String),
 }
 
 impl Error {

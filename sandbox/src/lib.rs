@@ -20,6 +20,7 @@ mod forward;
 mod io;
 pub mod jail;
 pub mod locate;
+mod port;
 mod process;
 mod rpc;
 mod sandbox;

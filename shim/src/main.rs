@@ -8,6 +8,7 @@ mod mounts;
 mod pod;
 mod pod_identity;
 mod podnet;
+mod port_forward;
 mod rootfs;
 mod service;
 mod stdio;

@@ -31,6 +31,8 @@ pub(crate) struct Pod {
     /// The pod's console log, capped by a task of its own.
     pub console: Option<ConsoleLog>,
     pub console_task: Option<tokio::task::JoinHandle<()>>,
+    /// Carries `kubectl port-forward` connections into the VM (on the pod's network only).
+    pub forward_task: Option<tokio::task::JoinHandle<()>>,
     /// What the pod is (from its first container): what later containers must match.
     pub identity: Option<PodIdentity>,
     /// The pod's network namespace on the host (the CRI sandbox's CNI namespace), where the
@@ -242,6 +244,12 @@ impl Inner {
         pod.slot_bytes = cfg.slot_size_gib << 30;
         pod.sandbox = Some(sandbox.clone());
         pod.oom_task = Some(self.spawn_oom_watch(sandbox.clone()));
+        if let (Some(_), Some(netns)) = (&pod.net, &pod.host_netns) {
+            match crate::port_forward::start(netns, &sandbox).await {
+                Ok(task) => pod.forward_task = Some(task),
+                Err(e) => tracing::warn!("kubectl port-forward will not reach this pod: {e:#}"),
+            }
+        }
         Ok(sandbox)
     }
 
@@ -251,9 +259,13 @@ impl Inner {
             return;
         }
         let mut pod = self.pod.lock().await;
-        for t in [pod.oom_task.take(), pod.console_task.take()]
-            .into_iter()
-            .flatten()
+        for t in [
+            pod.oom_task.take(),
+            pod.console_task.take(),
+            pod.forward_task.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             t.abort();
         }

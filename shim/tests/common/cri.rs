@@ -211,16 +211,24 @@ impl Cri {
 
     /// `crictl` against this containerd (RPC timeout 5 minutes: a pod VM boots under TCG).
     pub fn crictl(&self, args: &[&str]) -> Output {
-        Command::new("timeout")
-            .arg("600")
-            .arg(&self.crictl)
-            .args(["--timeout", "300s", "--config", "/dev/null"])
+        let mut c = Command::new("timeout");
+        c.arg("600").arg(&self.crictl);
+        self.crictl_args(&mut c, args).output().expect("run crictl")
+    }
+
+    /// `crictl ARGS` against this containerd, to spawn (a command that runs until killed).
+    pub fn crictl_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.crictl);
+        self.crictl_args(&mut c, args);
+        c
+    }
+
+    fn crictl_args<'c>(&self, c: &'c mut Command, args: &[&str]) -> &'c mut Command {
+        c.args(["--timeout", "300s", "--config", "/dev/null"])
             .args(["--runtime-endpoint", &self.endpoint()])
             .args(["--image-endpoint", &self.endpoint()])
             .args(args)
             .stdin(Stdio::null())
-            .output()
-            .expect("run crictl")
     }
 
     /// `crictl ARGS`, its trimmed stdout, or an error with everything it printed.
