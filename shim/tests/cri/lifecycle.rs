@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::common::cri::{Cri, BUSYBOX};
 use crate::common::host::{shim_pids, vmm_pids};
 use crate::common::{check, text, wait_until};
-use crate::World;
+use crate::{streaming, World};
 
 /// The app: prints a line (to the CRI log), then serves `pod-ok` on port 8080.
 const APP: &str = "echo hello-from-cri; echo to-stderr >&2; exec nc -ll -p 8080 -e echo pod-ok";
@@ -107,7 +107,8 @@ fn pod_lifecycle(w: &World, c: &Cri, handler: &str) -> Result<(), String> {
         c.crictl_ok(&["start", &ctr])?;
         running_pod_checks(c, handler, &pod, &ctr, &logs)?;
         cri_mount_checks(c, &name, &ctr, &volume)?;
-        port_forward_checks(c, &pod)?;
+        streaming::exec_checks(c, &ctr)?;
+        streaming::port_forward_checks(c, &pod)?;
         c.crictl_ok(&["stop", "--timeout", "2", &ctr])?;
         let state = c.crictl_ok(&[
             "inspect",
@@ -216,45 +217,12 @@ fn cri_mount_checks(c: &Cri, pod_name: &str, ctr: &str, volume: &Path) -> Result
     })
 }
 
-/// `crictl port-forward POD LOCAL:8080` (kubectl's port-forward, through containerd's streaming
-/// server): a connection to the local port gets the pod's `pod-ok`; a port nothing in the pod
-/// listens on gets a closed connection, and the forward keeps working after it.
-fn port_forward_checks(c: &Cri, pod: &str) -> Result<(), String> {
-    // A local port of its own per containerd flavor (a previous scenario's may linger).
-    let local = 18_480 + c.flavor as u16;
-    let mut forward = c
-        .crictl_cmd(&["port-forward", pod, &format!("{local}:8080"), "7:9"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("crictl port-forward: {e}"))?;
-    let result = (|| {
-        let mut got = None;
-        wait_until(&format!("127.0.0.1:{local} to forward pod-ok"), 60, || {
-            got = answer_at(&format!("127.0.0.1:{local}"));
-            got.as_deref().is_some_and(|a| a.trim() == "pod-ok")
-        })
-        .map_err(|e| format!("{e} (last answer {got:?})"))?;
-        let closed = answer_at("127.0.0.1:7");
-        check(closed.as_deref().is_none_or(str::is_empty), || {
-            format!("port 9 of the pod, where nothing listens, answered {closed:?}")
-        })?;
-        let again = answer_at(&format!("127.0.0.1:{local}"));
-        check(again.as_deref().map(str::trim) == Some("pod-ok"), || {
-            format!("after the refused port, the forward answered {again:?}")
-        })
-    })();
-    let _ = forward.kill();
-    let out = forward.wait_with_output().map_err(|e| e.to_string())?;
-    result.map_err(|e| format!("{e}\ncrictl port-forward said: {}", text(&out)))
-}
-
 pub(crate) fn answer(ip: &str) -> Option<String> {
     answer_at(&format!("{ip}:8080"))
 }
 
 /// What a server at `addr` (`IP:PORT`) sends before it closes, if it accepts.
-fn answer_at(addr: &str) -> Option<String> {
+pub(crate) fn answer_at(addr: &str) -> Option<String> {
     let addr: SocketAddr = addr.parse().ok()?;
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;

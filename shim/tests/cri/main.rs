@@ -14,6 +14,7 @@ mod at_once;
 mod common;
 mod critest;
 mod lifecycle;
+mod streaming;
 
 use std::process::ExitCode;
 use std::sync::OnceLock;
