@@ -20,6 +20,7 @@ use crate::{netns, Error};
 /// in that namespace reaches (`iptables -t nat -A OUTPUT ... -j REDIRECT`; the `iptables`
 /// program must be installed).
 pub fn redirect(netns: &Path) -> Result<TcpListener, Error> {
+    load_modules();
     netns::run_in(netns, || {
         let err = |what: &str, e: &dyn std::fmt::Display| Error::Redirect(format!("{what}: {e}"));
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
@@ -64,4 +65,27 @@ pub fn original_port(conn: &impl AsRawFd) -> std::io::Result<u16> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(u16::from_be(addr.sin_port))
+}
+
+/// The kernel modules of the rule (iptables' nf_tables backend, NAT, the REDIRECT target):
+/// loaded first, best effort, because not every kernel loads them on demand (the testbed's
+/// does not always).
+const MODULES: &[&str] = &[
+    "nf_tables",
+    "nft_compat",
+    "nft_chain_nat",
+    "nf_nat",
+    "xt_REDIRECT",
+    "xt_tcpudp",
+];
+
+fn load_modules() {
+    let done = Command::new("modprobe")
+        .args(["-a", "-q"])
+        .args(MODULES)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    tracing::debug!("modprobe of the redirect's modules: {done:?}");
 }

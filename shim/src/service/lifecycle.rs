@@ -233,6 +233,7 @@ impl Inner {
         .map_err(invalid)?;
         p.set_logger(opened.logger);
         p.keep_stdin_writer(opened.stdin_writer);
+        p.hold_stdin_reader(opened.io.stdin.as_ref().and_then(|fd| fd.try_clone().ok()));
         let started = if req.exec_id.is_empty() {
             sandbox.start_container(&c.id, opened.io).await
         } else {

@@ -77,6 +77,11 @@ pub(crate) struct Proc {
     /// Our write end of the stdin FIFO while the process runs; CloseIO drops it, so the guest's
     /// stdin ends after everything containerd wrote has been copied.
     stdin_writer: Mutex<Option<OwnedFd>>,
+    /// A read end of the stdin FIFO held until the process is deleted, as runc's shim holds
+    /// it: once the guest process has exited our copy's read end is gone, and containerd's next
+    /// write into the FIFO (a terminal's input) would fail; with a terminal, containerd then
+    /// closes the client's output stream, losing output not yet passed on.
+    stdin_hold: Mutex<Option<OwnedFd>>,
     /// The `binary://` logging program fed by the process's output, ended after the exit.
     logger: Mutex<Option<Logger>>,
 }
@@ -97,6 +102,7 @@ impl Proc {
             exited: watch::channel(false).0,
             stdin_closed: Default::default(),
             stdin_writer: Mutex::new(None),
+            stdin_hold: Mutex::new(None),
             logger: Mutex::new(None),
         })
     }
@@ -153,6 +159,11 @@ impl Proc {
     /// Keeps our write end of the stdin FIFO, unless CloseIO came already. Stored first, then
     /// the flag read; CloseIO sets the flag first, then takes the writer: whichever comes
     /// second drops it, even when CloseIO arrives while the process starts.
+    /// Holds a read end of the stdin FIFO until this process is dropped (see `stdin_hold`).
+    pub fn hold_stdin_reader(&self, reader: Option<OwnedFd>) {
+        *self.stdin_hold.lock().unwrap() = reader;
+    }
+
     pub fn keep_stdin_writer(&self, writer: Option<OwnedFd>) {
         *self.stdin_writer.lock().unwrap() = writer;
         if self.stdin_closed.load(Ordering::SeqCst) {

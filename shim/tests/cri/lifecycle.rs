@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -79,6 +80,10 @@ fn pod_lifecycle(w: &World, c: &Cri, handler: &str) -> Result<(), String> {
     // A hostPath volume as kubelet passes it: a CRI mount (containerd makes it a bind mount).
     let volume = dir.join("volume");
     std::fs::create_dir_all(&volume).map_err(|e| e.to_string())?;
+    // As kubelet makes an emptyDir: writable by the pod's users whatever uid they are on the
+    // host (the microvm pod's uid 0 is host uid 1000000000, shim/README.md).
+    std::fs::set_permissions(&volume, std::fs::Permissions::from_mode(0o777))
+        .map_err(|e| e.to_string())?;
     std::fs::write(volume.join("from-host"), "host-wrote\n").map_err(|e| e.to_string())?;
     std::fs::write(
         &ctr_json,
@@ -106,7 +111,7 @@ fn pod_lifecycle(w: &World, c: &Cri, handler: &str) -> Result<(), String> {
         ])?;
         c.crictl_ok(&["start", &ctr])?;
         running_pod_checks(c, handler, &pod, &ctr, &logs)?;
-        cri_mount_checks(c, &name, &ctr, &volume)?;
+        cri_mount_checks(c, handler, &name, &ctr, &volume)?;
         streaming::exec_checks(c, &ctr)?;
         streaming::port_forward_checks(c, &pod)?;
         c.crictl_ok(&["stop", "--timeout", "2", &ctr])?;
@@ -193,7 +198,13 @@ fn running_pod_checks(
 /// What containerd's CRI plugin mounts reaches the container: the hostPath volume, live both
 /// ways, and the pod's `/etc/hostname` and `/etc/resolv.conf` (bind mounts of files containerd
 /// writes on the host).
-fn cri_mount_checks(c: &Cri, pod_name: &str, ctr: &str, volume: &Path) -> Result<(), String> {
+fn cri_mount_checks(
+    c: &Cri,
+    handler: &str,
+    pod_name: &str,
+    ctr: &str,
+    volume: &Path,
+) -> Result<(), String> {
     let script = "cat /data/from-host; echo ctr-wrote >/data/from-ctr; cat /etc/hostname; \
                   grep -c nameserver /etc/resolv.conf";
     let seen = c.crictl_ok(&["exec", "--sync", ctr, "/bin/sh", "-c", script])?;
@@ -209,12 +220,29 @@ fn cri_mount_checks(c: &Cri, pod_name: &str, ctr: &str, volume: &Path) -> Result
     check(written == "ctr-wrote\n", || {
         format!("the host sees {written:?} where the container wrote into the volume")
     })?;
-    // A change on the host is seen at once (a live share, not a copy).
+    // Its owner on the host: root under runc; under microvm the pod's root is mapped.
+    let owner = std::fs::metadata(volume.join("from-ctr"))
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .map_err(|e| e.to_string())?;
+    let want = if handler == "microvm" {
+        1_000_000_000
+    } else {
+        0
+    };
+    check(owner == want, || {
+        format!("the container's file is owned by host uid {owner}, not {want}")
+    })?;
+    // A change on the host is seen while the container runs (a live share, not a copy), once
+    // the guest's cached attributes expire (virtiofsd's cache=auto: 1 s).
     std::fs::write(volume.join("from-host"), "host-changed\n").map_err(|e| e.to_string())?;
-    let seen = c.crictl_ok(&["exec", "--sync", ctr, "/bin/cat", "/data/from-host"])?;
-    check(seen == "host-changed", || {
-        format!("after the host changed it, the container reads {seen:?}")
+    let mut seen = String::new();
+    wait_until("the host's change to show in the container", 20, || {
+        seen = c
+            .crictl_ok(&["exec", "--sync", ctr, "/bin/cat", "/data/from-host"])
+            .unwrap_or_default();
+        seen == "host-changed"
     })
+    .map_err(|e| format!("{e}: the container reads {seen:?}"))
 }
 
 pub(crate) fn answer(ip: &str) -> Option<String> {

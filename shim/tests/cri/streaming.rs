@@ -14,7 +14,7 @@ use crate::lifecycle::answer_at;
 /// its output comes back through the terminal.
 pub fn exec_checks(c: &Cri, ctr: &str) -> Result<(), String> {
     let mut cmd = c.crictl_cmd(&["exec", "-i", ctr, "/bin/sh", "-c", "read l; echo got:$l"]);
-    let out = run_with_stdin(&mut cmd, b"streamed\n")?;
+    let out = run_with_stdin(&mut cmd, Some(b"streamed\n"))?;
     let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
     check(out.status.success() && got == "got:streamed", || {
         format!("crictl exec -i: {:?} {}", out.status, text(&out))
@@ -34,7 +34,9 @@ pub fn exec_checks(c: &Cri, ctr: &str) -> Result<(), String> {
         .join(" ");
     let mut cmd = Command::new("script");
     cmd.args(["-qec", &line, "/dev/null"]);
-    let out = run_with_stdin(&mut cmd, b"")?;
+    // Stdin stays open until crictl is done, as a person's terminal does: with a terminal,
+    // containerd ends the client's output stream once its input ends (docker's behaviour).
+    let out = run_with_stdin(&mut cmd, None)?;
     let got = String::from_utf8_lossy(&out.stdout).replace('\r', "");
     check(
         out.status.success() && got.contains("/dev/pts/") && got.contains("tty-done"),
@@ -42,17 +44,19 @@ pub fn exec_checks(c: &Cri, ctr: &str) -> Result<(), String> {
     )
 }
 
-/// Runs `cmd` with `input` on its stdin (then closed), killed after two minutes.
-fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Result<std::process::Output, String> {
+/// Runs `cmd` with `input` on its stdin, then closed; with `None`, stdin is held open (and
+/// empty) until `cmd` ends. Killed after two minutes.
+fn run_with_stdin(cmd: &mut Command, input: Option<&[u8]>) -> Result<std::process::Output, String> {
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("{cmd:?}: {e}"))?;
-    let mut stdin = child.stdin.take().unwrap();
-    let _ = stdin.write_all(input);
-    drop(stdin);
+    let mut stdin = child.stdin.take();
+    if let (Some(input), Some(mut w)) = (input, stdin.take()) {
+        let _ = w.write_all(input);
+    }
     let deadline = Instant::now() + Duration::from_secs(120);
     while child.try_wait().map_err(|e| e.to_string())?.is_none() {
         if Instant::now() > deadline {
@@ -61,12 +65,13 @@ fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Result<std::process::Outpu
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    drop(stdin);
     child.wait_with_output().map_err(|e| e.to_string())
 }
 
 /// `crictl port-forward POD LOCAL:8080` (kubectl's port-forward, through containerd's streaming
 /// server): a connection to the local port gets the pod's `pod-ok`; a port nothing in the pod
-/// listens on gets a closed connection, and the forward keeps working after it.
+/// listens on gets a closed connection.
 pub fn port_forward_checks(c: &Cri, pod: &str) -> Result<(), String> {
     // A local port of its own per containerd flavor (a previous scenario's may linger).
     let local = 18_480 + c.flavor as u16;
@@ -83,13 +88,10 @@ pub fn port_forward_checks(c: &Cri, pod: &str) -> Result<(), String> {
             got.as_deref().is_some_and(|a| a.trim() == "pod-ok")
         })
         .map_err(|e| format!("{e} (last answer {got:?})"))?;
+        // Last: crictl (like kubectl) gives up the whole forward after an error on one port.
         let closed = answer_at("127.0.0.1:7");
         check(closed.as_deref().is_none_or(str::is_empty), || {
             format!("port 9 of the pod, where nothing listens, answered {closed:?}")
-        })?;
-        let again = answer_at(&format!("127.0.0.1:{local}"));
-        check(again.as_deref().map(str::trim) == Some("pod-ok"), || {
-            format!("after the refused port, the forward answered {again:?}")
         })
     })();
     let _ = forward.kill();
