@@ -12,6 +12,7 @@
 mod at_once;
 #[path = "../common/mod.rs"]
 mod common;
+mod containers;
 mod critest;
 mod lifecycle;
 mod streaming;
@@ -83,7 +84,7 @@ fn main() -> ExitCode {
         }
     }
     // One containerd at a time: 1.6's scenarios, then 2.x's (each stopped after its last).
-    let scenarios: [(&'static str, Flavor, Scenario); 7] = [
+    let scenarios: [(&'static str, Flavor, Scenario); 9] = [
         (
             "crictl_runc_pod_lifecycle_containerd_1_6",
             Flavor::Debian16,
@@ -113,6 +114,16 @@ fn main() -> ExitCode {
             "critest_basics_microvm_and_runc_containerd_2",
             Flavor::V2,
             critest::basics,
+        ),
+        (
+            "crictl_runc_two_containers_oom_restart_containerd_2",
+            Flavor::V2,
+            containers::runc_control,
+        ),
+        (
+            "crictl_microvm_two_containers_oom_restart_containerd_2",
+            Flavor::V2,
+            containers::microvm_pod,
         ),
         (
             "crictl_microvm_pods_at_once_containerd_2",

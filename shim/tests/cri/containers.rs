@@ -1,0 +1,131 @@
+//! Two containers in one pod, as kubelet runs them: a server and a client that reaches it on
+//! the pod's `localhost` (they share the pod's network); a container that outgrows its memory
+//! limit is reported `OOMKilled` with 137, and is created again in the same sandbox (kubelet's
+//! restart, attempt 1), which then runs. Under runc (the control) and microvm.
+
+use crate::common::check;
+use crate::common::cri::{Cri, BUSYBOX};
+use crate::World;
+
+pub fn runc_control(w: &World, c: &Cri) -> Result<(), String> {
+    two_containers_oom_and_restart(w, c, "runc")
+}
+
+pub fn microvm_pod(w: &World, c: &Cri) -> Result<(), String> {
+    two_containers_oom_and_restart(w, c, "microvm")
+}
+
+fn two_containers_oom_and_restart(w: &World, c: &Cri, handler: &str) -> Result<(), String> {
+    let name = format!("two-{handler}-{:?}", c.flavor).to_lowercase();
+    let dir = c.dir.join(format!("pods/{name}"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let image = w.registry.image(BUSYBOX);
+    let pod_json = write(
+        &dir.join("pod.json"),
+        serde_json::json!({
+            "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"),
+                         "attempt": 0},
+            "hostname": name,
+            "log_directory": dir.join("logs"),
+            "linux": {},
+        }),
+    )?;
+    let ctr_json = |file: &str, ctr: &str, attempt: u32, command: &str, memory: u64| {
+        write(
+            &dir.join(file),
+            serde_json::json!({
+                "metadata": {"name": ctr, "attempt": attempt},
+                "image": {"image": image},
+                "command": ["sh", "-c", command],
+                "log_path": format!("{ctr}-{attempt}.log"),
+                "linux": {"resources": {"memory_limit_in_bytes": memory}},
+            }),
+        )
+    };
+    let server = ctr_json(
+        "server.json",
+        "server",
+        0,
+        "exec nc -ll -p 8081 -e echo from-the-server",
+        0,
+    )?;
+    let client = ctr_json(
+        "client.json",
+        "client",
+        0,
+        "sleep 1; nc 127.0.0.1 8081 </dev/null; exec sleep 600",
+        0,
+    )?;
+    // 100 MiB at once under a 64 MiB limit; `exec`, so the killed process is the container's
+    // own (a shell that outlived its killed child would exit 0, still reported OOMKilled).
+    let hog = "exec dd if=/dev/zero of=/dev/null bs=100M count=1";
+    let hog0 = ctr_json("hog0.json", "hog", 0, hog, 64 << 20)?;
+    let hog1 = ctr_json(
+        "hog1.json",
+        "hog",
+        1,
+        "echo restarted; exec sleep 600",
+        64 << 20,
+    )?;
+
+    c.crictl_ok(&["pull", &image])?;
+    let pod = c.crictl_ok(&["runp", "--runtime", handler, &pod_json])?;
+    let result = (|| {
+        let start = |config: &str| -> Result<String, String> {
+            let id = c.crictl_ok(&["create", &pod, config, &pod_json])?;
+            c.crictl_ok(&["start", &id])?;
+            Ok(id)
+        };
+        start(&server)?;
+        let client_id = start(&client)?;
+        let mut logs = String::new();
+        crate::common::wait_until("the client to print the server's line", 120, || {
+            logs = c.crictl_ok(&["logs", &client_id]).unwrap_or_default();
+            logs.contains("from-the-server")
+        })
+        .map_err(|e| format!("{e}: the client's log {logs:?}"))?;
+
+        let hog_id = start(&hog0)?;
+        let mut status = String::new();
+        crate::common::wait_until("the hog to be OOM-killed", 120, || {
+            status = inspect(
+                c,
+                &hog_id,
+                "{{.status.state}} {{.status.reason}} {{.status.exitCode}}",
+            );
+            status.starts_with("CONTAINER_EXITED")
+        })
+        .map_err(|e| format!("{e}: {status}"))?;
+        check(status == "CONTAINER_EXITED OOMKilled 137", || {
+            format!("the hog ended as {status:?}")
+        })?;
+        // kubelet's restart: the same container again, attempt 1, in the same sandbox.
+        let again = start(&hog1)?;
+        crate::common::wait_until("the restarted container to run", 60, || {
+            status = inspect(c, &again, "{{.status.state}}");
+            status == "CONTAINER_RUNNING"
+                && c.crictl_ok(&["logs", &again])
+                    .is_ok_and(|l| l.contains("restarted"))
+        })
+        .map_err(|e| format!("{e}: {status}"))?;
+        let attempt = inspect(c, &again, "{{.status.metadata.attempt}}");
+        check(attempt == "1", || {
+            format!("the restart's attempt is {attempt:?}")
+        })
+    })();
+    let stopped = c.crictl_ok(&["stopp", &pod]);
+    let removed = c.crictl_ok(&["rmp", &pod]);
+    result?;
+    stopped?;
+    removed.map(drop)
+}
+
+fn inspect(c: &Cri, id: &str, template: &str) -> String {
+    c.crictl_ok(&["inspect", "-o", "go-template", "--template", template, id])
+        .unwrap_or_else(|e| e)
+}
+
+fn write(path: &std::path::Path, value: serde_json::Value) -> Result<String, String> {
+    std::fs::write(path, value.to_string()).map_err(|e| e.to_string())?;
+    Ok(path.display().to_string())
+}
