@@ -452,3 +452,71 @@ write(
     + b"\x00"
     + b"web:extra",
 )
+
+# --- virtio-fs requests (fuzz_targets/virtiofs_requests.rs) ---
+# Each record: len:u16 (top bit: two readable descriptors) reply:u16, then the FUSE request. The
+# share holds a, d/, d/b, d/a-link, up -> ../outside/secret, abs -> /outside/secret, d/dotdot -> ..
+# The daemon numbers inodes from 2 in lookup order and file handles from 0; files stop at 64 MiB.
+
+(LOOKUP, GETATTR, SETATTR, READLINK, SYMLINK, MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, OPEN,
+ READ, WRITE, STATFS, RELEASE) = (1, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
+OPENDIR, READDIR, CREATE, FALLOCATE, READDIRPLUS, RENAME2, LSEEK, COPY_FILE_RANGE = (
+    27, 28, 35, 43, 44, 45, 46, 47)
+FUSE_SEQ = [0]
+
+
+def fuse(opcode, nodeid, body=b"", reply=4096, split=False, uid=0, gid=0):
+    FUSE_SEQ[0] += 1
+    msg = struct.pack("<IIQQIIIHH", 40 + len(body), opcode, FUSE_SEQ[0], nodeid, uid, gid, 1, 0, 0)
+    msg += body
+    return struct.pack("<HH", len(msg) | (0x8000 if split else 0), reply) + msg
+
+
+def cstr(*names):
+    return b"".join(n + b"\x00" for n in names)
+
+
+def read_in(fh, offset, size):
+    return struct.pack("<QQIIQII", fh, offset, size, 0, 0, 0, 0)
+
+
+def setattr_in(valid, mode=0, uid=0, gid=0, size=0):
+    return struct.pack("<IIQQQQQQIIIIIIII", valid, 0, 0, size, 0, 0, 0, 0, 0, 0, 0, mode, 0, uid, gid, 0)
+
+
+fs_sessions = {
+    # lookup a (2), open, read, and the directory listed with and without attributes
+    "read": [fuse(LOOKUP, 1, cstr(b"a")), fuse(OPEN, 2, struct.pack("<II", os.O_RDONLY, 0)),
+             fuse(READ, 2, read_in(0, 0, 4096)), fuse(OPENDIR, 1, struct.pack("<II", 0, 0)),
+             fuse(READDIR, 1, read_in(1, 0, 4096)), fuse(READDIRPLUS, 1, read_in(1, 0, 4096), split=True),
+             fuse(RELEASE, 2, struct.pack("<QIIQ", 0, 0, 0, 0)), fuse(STATFS, 1)],
+    # create, write far out (sparse), fallocate, lseek for data, setattr truncate and chmod setuid
+    "write": [fuse(CREATE, 1, struct.pack("<IIII", os.O_RDWR, 0o644, 0o022, 0) + cstr(b"new")),
+              fuse(WRITE, 2, struct.pack("<QQIIQII", 0, 1 << 40, 5, 0, 0, 0, 0) + b"data\n"),
+              fuse(WRITE, 2, struct.pack("<QQIIQII", 0, 1 << 24, 5, 0, 0, 0, 0) + b"data\n", split=True),
+              fuse(FALLOCATE, 2, struct.pack("<QQQII", 0, 0, 1 << 20, 0, 0)),
+              fuse(LSEEK, 2, struct.pack("<QQII", 0, 0, 3, 0)),
+              fuse(SETATTR, 2, setattr_in(1 << 3, size=8192)),
+              fuse(SETATTR, 2, setattr_in(1, mode=0o4755)),
+              fuse(GETATTR, 2, struct.pack("<IIQ", 0, 0, 0))],
+    # the ways out a guest tries: .. of the root, the planted links, a link and a rename upwards
+    "escape": [fuse(LOOKUP, 1, cstr(b"..")), fuse(MKDIR, 2, struct.pack("<II", 0o755, 0) + cstr(b"escaped")),
+               fuse(LOOKUP, 1, cstr(b"up")), fuse(READLINK, 3),
+               fuse(OPEN, 3, struct.pack("<II", os.O_RDWR, 0)),
+               fuse(LOOKUP, 1, cstr(b"d")), fuse(LOOKUP, 4, cstr(b"dotdot")),
+               fuse(LOOKUP, 4, cstr(b"..")), fuse(LOOKUP, 1, cstr(b"outside/secret")),
+               fuse(LOOKUP, 1, cstr(b"../outside/secret")),
+               fuse(SYMLINK, 1, cstr(b"s", b"/outside")), fuse(LINK, 1, struct.pack("<Q", 3) + cstr(b"l")),
+               fuse(RENAME, 4, struct.pack("<Q", 2) + cstr(b"b", b"../moved")),
+               fuse(MKNOD, 1, struct.pack("<IIII", 0o20644, 0x0801, 0, 0) + cstr(b"sda")),
+               fuse(UNLINK, 1, cstr(b"up"))],
+    # a directory tree made and taken apart, renames across directories, copy_file_range
+    "tree": [fuse(MKDIR, 1, struct.pack("<II", 0o700, 0) + cstr(b"x")), fuse(LOOKUP, 1, cstr(b"a")),
+             fuse(LOOKUP, 1, cstr(b"d")), fuse(RENAME2, 1, struct.pack("<QII", 2, 0, 0) + cstr(b"a", b"a2")),
+             fuse(RENAME, 2, struct.pack("<Q", 4) + cstr(b"a2", b"a3")),
+             fuse(OPEN, 3, struct.pack("<II", os.O_RDWR, 0)), fuse(OPEN, 3, struct.pack("<II", os.O_RDWR, 0)),
+             fuse(COPY_FILE_RANGE, 3, struct.pack("<QQQQQQQ", 0, 0, 3, 1, 6, 8, 0)),
+             fuse(RMDIR, 1, cstr(b"x")), fuse(UNLINK, 4, cstr(b"b"))],
+}
+for name, records in fs_sessions.items():
+    write("virtiofs_requests", name, b"".join(records))

@@ -210,6 +210,11 @@ fn run_target(
         .lines()
         .find_map(|l| l.split_once("Test unit written to "))
         .map(|(_, path)| path.trim().to_string());
+    // What a target survives but reports (a `finding: ` line each, e.g. a panic of virtiofsd's
+    // own code that kills only one guest's daemon): shown, not failed.
+    for finding in text.lines().filter(|l| l.starts_with("finding: ")) {
+        eprintln!("  {target}: {finding}");
+    }
     let crashed = !status.success() || artifact.is_some();
     if crashed {
         // The sanitizer's or the panic's report, for the log reader.

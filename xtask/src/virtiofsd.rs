@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 
 use crate::util::{cache_dir, ensure_debs, run};
 
-/// Keep equal to `sandbox::locate::VIRTIOFSD_VERSION`.
+/// Keep equal to `sandbox::locate::VIRTIOFSD_VERSION` and to the `virtiofsd` of `fuzz/Cargo.toml`.
 pub const VERSION: &str = "1.14.0";
 
 /// Debian packages virtiofsd links against (seccomp filter, capability dropping).

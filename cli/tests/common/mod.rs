@@ -142,6 +142,15 @@ impl Env {
     pub fn microvm(&self, args: &[&str], stdin: Option<&[u8]>) -> Out {
         run_cmd(self.cmd(args), stdin)
     }
+
+    /// Runs `microvm ARGS` (one shell line) under `script`, which gives it a terminal.
+    pub fn microvm_in_terminal(&self, args: &str) -> Out {
+        let line = format!("{} {args}", env!("CARGO_BIN_EXE_microvm"));
+        let mut c = Command::new("script");
+        c.args(["-qec", &line, "/dev/null"])
+            .env("MICROVM_HOME", &self.home);
+        run_cmd(c, None)
+    }
 }
 
 pub fn run_cmd(mut c: Command, stdin: Option<&[u8]>) -> Out {

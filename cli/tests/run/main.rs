@@ -9,7 +9,7 @@
 //! `microvm run` boots one VM; the scenarios are grouped to keep that number small.
 
 use std::io::Read;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 #[path = "../common/mod.rs"]
@@ -177,14 +177,7 @@ fn detached(env: &Env) {
     assert_eq!(o.code, 127, "{o:?}");
 
     // exec -t: a pty for the exec'd process (`script` gives microvm a terminal).
-    let line = format!(
-        "{} exec -t web sh -c 'tty; test -t 0 && echo STDIN-IS-A-TTY'",
-        env!("CARGO_BIN_EXE_microvm")
-    );
-    let mut c = Command::new("script");
-    c.args(["-qec", &line, "/dev/null"])
-        .env("MICROVM_HOME", &env.home);
-    let o = run_cmd(c, None);
+    let o = env.microvm_in_terminal("exec -t web sh -c 'tty; test -t 0 && echo STDIN-IS-A-TTY'");
     assert_eq!(o.code, 0, "{o:?}");
     assert!(
         o.stdout.contains("/dev/pts/") && o.stdout.contains("STDIN-IS-A-TTY"),

@@ -168,14 +168,9 @@ pub fn env_user_stdin_tty(env: &Env) {
     assert_eq!((o.code, o.stdout.as_str()), (0, "hi\n"), "{o:?}");
 
     // `script` gives microvm a terminal; the container's `tty` names its pty.
-    let line = format!(
-        "{} run -t {img} sh -c 'tty; test -t 1 && echo STDOUT-IS-A-TTY'",
-        env!("CARGO_BIN_EXE_microvm")
-    );
-    let mut c = Command::new("script");
-    c.args(["-qec", &line, "/dev/null"])
-        .env("MICROVM_HOME", &env.home);
-    let o = run_cmd(c, None);
+    let o = env.microvm_in_terminal(&format!(
+        "run -t {img} sh -c 'tty; test -t 1 && echo STDOUT-IS-A-TTY'"
+    ));
     assert_eq!(o.code, 0, "{o:?}");
     assert!(o.stdout.contains("/dev/pts/"), "{o:?}");
     assert!(o.stdout.contains("STDOUT-IS-A-TTY"), "{o:?}");

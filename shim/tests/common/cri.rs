@@ -246,6 +246,34 @@ impl Cri {
         }
     }
 
+    /// `crictl create` of the container config in the pod, then `crictl start`: the container's id.
+    pub fn create_and_start(
+        &self,
+        pod: &str,
+        ctr_config: &std::path::Path,
+        pod_config: &std::path::Path,
+    ) -> Result<String, String> {
+        let ctr = self.crictl_ok(&[
+            "create",
+            pod,
+            &ctr_config.display().to_string(),
+            &pod_config.display().to_string(),
+        ])?;
+        self.crictl_ok(&["start", &ctr])?;
+        Ok(ctr)
+    }
+
+    /// `crictl inspect` (`what`: "inspect" for a container, "inspectp" for a pod) through a
+    /// go template: one field of the object's status.
+    pub fn inspect_field(&self, what: &str, id: &str, template: &str) -> Result<String, String> {
+        self.crictl_ok(&[what, "-o", "go-template", "--template", template, id])
+    }
+
+    /// The pod's address on the CNI network.
+    pub fn pod_ip(&self, pod: &str) -> Result<String, String> {
+        self.inspect_field("inspectp", pod, "{{.status.network.ip}}")
+    }
+
     pub fn dump_logs(&self) {
         dump_logs(&self.dir, 300);
     }

@@ -108,26 +108,13 @@ fn start_pod(c: &Cri, i: usize, image: &str) -> Result<(String, String), String>
     });
     std::fs::write(&ctr_json, ctr_config.to_string()).map_err(|e| e.to_string())?;
     let pod = c.crictl_ok(&["runp", "--runtime", "microvm", pod_json.to_str().unwrap()])?;
-    let ctr = c.crictl_ok(&[
-        "create",
-        &pod,
-        ctr_json.to_str().unwrap(),
-        pod_json.to_str().unwrap(),
-    ])?;
-    c.crictl_ok(&["start", &ctr])?;
+    let ctr = c.create_and_start(&pod, &ctr_json, &pod_json)?;
     Ok((pod, ctr))
 }
 
 /// Pod `i` answers `pod-I` on its own address and its container sees only its own file.
 fn pod_checks(c: &Cri, i: usize, pod: &str, ctr: &str) -> Result<(), String> {
-    let ip = c.crictl_ok(&[
-        "inspectp",
-        "-o",
-        "go-template",
-        "--template",
-        "{{.status.network.ip}}",
-        pod,
-    ])?;
+    let ip = c.pod_ip(pod)?;
     let mut got = None;
     wait_until(&format!("pod {i} at {ip}:8080 to answer"), 120, || {
         got = answer(&ip);

@@ -71,11 +71,7 @@ fn two_containers_oom_and_restart(w: &World, c: &Cri, handler: &str) -> Result<(
     c.crictl_ok(&["pull", &image])?;
     let pod = c.crictl_ok(&["runp", "--runtime", handler, &pod_json])?;
     let result = (|| {
-        let start = |config: &str| -> Result<String, String> {
-            let id = c.crictl_ok(&["create", &pod, config, &pod_json])?;
-            c.crictl_ok(&["start", &id])?;
-            Ok(id)
-        };
+        let start = |config: &str| c.create_and_start(&pod, config.as_ref(), pod_json.as_ref());
         start(&server)?;
         let client_id = start(&client)?;
         let mut logs = String::new();
@@ -121,7 +117,7 @@ fn two_containers_oom_and_restart(w: &World, c: &Cri, handler: &str) -> Result<(
 }
 
 fn inspect(c: &Cri, id: &str, template: &str) -> String {
-    c.crictl_ok(&["inspect", "-o", "go-template", "--template", template, id])
+    c.inspect_field("inspect", id, template)
         .unwrap_or_else(|e| e)
 }
 

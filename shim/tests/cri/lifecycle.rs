@@ -103,26 +103,13 @@ fn pod_lifecycle(w: &World, c: &Cri, handler: &str) -> Result<(), String> {
     c.crictl_ok(&["pull", &image])?;
     let pod = c.crictl_ok(&["runp", "--runtime", handler, pod_json.to_str().unwrap()])?;
     let r = (|| {
-        let ctr = c.crictl_ok(&[
-            "create",
-            &pod,
-            ctr_json.to_str().unwrap(),
-            pod_json.to_str().unwrap(),
-        ])?;
-        c.crictl_ok(&["start", &ctr])?;
+        let ctr = c.create_and_start(&pod, &ctr_json, &pod_json)?;
         running_pod_checks(c, handler, &pod, &ctr, &logs)?;
         cri_mount_checks(c, handler, &name, &ctr, &volume)?;
         streaming::exec_checks(c, &ctr)?;
         streaming::port_forward_checks(c, &pod)?;
         c.crictl_ok(&["stop", "--timeout", "2", &ctr])?;
-        let state = c.crictl_ok(&[
-            "inspect",
-            "-o",
-            "go-template",
-            "--template",
-            "{{.status.state}}",
-            &ctr,
-        ])?;
+        let state = c.inspect_field("inspect", &ctr, "{{.status.state}}")?;
         check(state == "CONTAINER_EXITED", || {
             format!("after StopContainer the container is {state}")
         })
@@ -173,14 +160,7 @@ fn running_pod_checks(
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
     check(working_set > 0, || format!("ContainerStats: {stats}"))?;
-    let ip = c.crictl_ok(&[
-        "inspectp",
-        "-o",
-        "go-template",
-        "--template",
-        "{{.status.network.ip}}",
-        pod,
-    ])?;
+    let ip = c.pod_ip(pod)?;
     check(ip.starts_with(&c.flavor.pod_prefix()), || {
         format!(
             "the pod's address {ip:?} is not on the CNI network {}",

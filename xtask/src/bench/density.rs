@@ -208,12 +208,14 @@ fn microvm_row(microvm: &Path, layout: &Path, home: &Path, n: usize) -> Result<R
                 .context("a detached run without its monitor's pid")?
                 as u32;
             helper += pss_mib(monitor)?;
-            for child in children(monitor) {
-                let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+            // The jail's supervisor and, below it, the jailed VMM (PID 1 of its namespace):
+            // both are `microvm-vmm`, and the guest RAM is the jailed one's.
+            for vmm_pid in descendants(monitor) {
+                let cmdline = std::fs::read(format!("/proc/{vmm_pid}/cmdline")).unwrap_or_default();
                 let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
                 if argv0.ends_with(b"microvm-vmm") {
-                    let (_, guest_mib) = rss_split(child, GUEST_MIB << 20)?;
-                    vmm += pss_mib(child)? - guest_mib;
+                    let (_, guest_mib) = rss_split(vmm_pid, GUEST_MIB << 20)?;
+                    vmm += pss_mib(vmm_pid)? - guest_mib;
                     guest += guest_mib;
                 }
             }
@@ -388,6 +390,14 @@ fn kib_field(text: &str, key: &str) -> Option<f64> {
 }
 
 /// The children of `pid` (of all its threads).
+/// Every process below `pid`, depth first.
+fn descendants(pid: u32) -> Vec<u32> {
+    children(pid)
+        .into_iter()
+        .flat_map(|child| std::iter::once(child).chain(descendants(child)))
+        .collect()
+}
+
 fn children(pid: u32) -> Vec<u32> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
@@ -433,5 +443,33 @@ mod tests {
     #[test]
     fn this_process_has_a_pss() {
         assert!(pss_mib(std::process::id()).unwrap() > 0.0);
+    }
+
+    #[test]
+    fn descendants_reach_a_grandchild() {
+        // sh → sh → sleep: the jail's supervisor → the jailed VMM has the same shape.
+        let mut shell = Command::new("sh")
+            .args(["-c", "sh -c 'sleep 30 & wait' & wait"])
+            .spawn()
+            .unwrap();
+        let mut found = Vec::new();
+        for _ in 0..100 {
+            found = descendants(shell.id());
+            if found.len() >= 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let names: Vec<String> = found
+            .iter()
+            .map(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default())
+            .collect();
+        let _ = Command::new("pkill")
+            .args(["-P", &found[0].to_string()])
+            .status();
+        let _ = shell.kill();
+        let _ = shell.wait();
+        assert_eq!(found.len(), 2, "{names:?}");
+        assert_eq!(names[1].trim(), "sleep", "{names:?}");
     }
 }
