@@ -30,6 +30,7 @@ use fs_virtio_queue::desc::RawDescriptor;
 use fs_virtio_queue::mock::MockSplitQueue;
 use fs_vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use libfuzzer_sys::fuzz_target;
+use microvm_fuzz::Input;
 use virtiofsd::descriptor_utils::{Reader, Writer};
 use virtiofsd::passthrough::{self, PassthroughFs};
 use virtiofsd::server::Server;
@@ -139,16 +140,14 @@ fn serve_one(mem: &GuestMemoryMmap<BitmapMmapRegion>, proc_self_fd: &fs::File, i
     };
     let server = Server::new(PassthroughFs::new(config).expect("the passthrough fs"));
     request(&server, mem, &init_request(), false, 256);
-    let mut input = input;
+    let mut input = Input(input);
     for _ in 0..MAX_REQUESTS {
         if input.is_empty() {
             break;
         }
-        let len = u16_at(&mut input);
-        let reply = u16_at(&mut input);
-        let n = usize::from(len & 0x7fff).min(input.len());
-        let (message, rest) = input.split_at(n);
-        input = rest;
+        let len = input.u16();
+        let reply = input.u16();
+        let message = input.bytes(usize::from(len & 0x7fff));
         request(&server, mem, message, len & 0x8000 != 0, reply);
     }
 }
@@ -263,14 +262,6 @@ fn init_request() -> Vec<u8> {
     }
     m.extend_from_slice(&[0; 48]); // flags2 and unused
     m
-}
-
-fn u16_at(input: &mut &[u8]) -> u16 {
-    let mut b = [0u8; 2];
-    let n = input.len().min(2);
-    b[..n].copy_from_slice(&input[..n]);
-    *input = &input[n..];
-    u16::from_le_bytes(b)
 }
 
 /// The share's fixture, made again from nothing (whatever the last input left: modes, owners).
