@@ -1,10 +1,11 @@
-//! Two containers in one pod, as kubelet runs them: a server and a client that reaches it on
-//! the pod's `localhost` (they share the pod's network); a container that outgrows its memory
-//! limit is reported `OOMKilled` with 137, and is created again in the same sandbox (kubelet's
-//! restart, attempt 1), which then runs. Under runc (the control) and microvm.
+//! Containers of one pod, as kubelet runs them: a server and a client that reaches it on the
+//! pod's `localhost` (they share the pod's network); `crictl attach` to a third one's stdin; a
+//! container that outgrows its memory limit is reported `OOMKilled` with 137, and is created
+//! again in the same sandbox (kubelet's restart, attempt 1), which then runs. Under runc (the
+//! control) and microvm.
 
-use crate::common::check;
 use crate::common::cri::{Cri, BUSYBOX};
+use crate::common::{check, text};
 use crate::World;
 
 pub fn runc_control(w: &World, c: &Cri) -> Result<(), String> {
@@ -56,6 +57,20 @@ fn two_containers_oom_and_restart(w: &World, c: &Cri, handler: &str) -> Result<(
         "sleep 1; nc 127.0.0.1 8081 </dev/null; exec sleep 600",
         0,
     )?;
+    let reader = dir.join("reader.json");
+    write(
+        &reader,
+        serde_json::json!({
+            "metadata": {"name": "reader", "attempt": 0},
+            "image": {"image": image},
+            "command": ["sh", "-c", "while read l; do echo attached:$l; done"],
+            "log_path": "reader-0.log",
+            "stdin": true,
+            "stdin_once": true,
+            "linux": {},
+        }),
+    )?;
+    let reader = reader.display().to_string();
     // 100 MiB at once under a 64 MiB limit; `exec`, so the killed process is the container's
     // own (a shell that outlived its killed child would exit 0, still reported OOMKilled).
     let hog = "exec dd if=/dev/zero of=/dev/null bs=100M count=1";
@@ -80,6 +95,26 @@ fn two_containers_oom_and_restart(w: &World, c: &Cri, handler: &str) -> Result<(
             logs.contains("from-the-server")
         })
         .map_err(|e| format!("{e}: the client's log {logs:?}"))?;
+
+        // crictl attach: a line into a container's own stdin and its answer back. With
+        // `stdin_once`, containerd closes the container's stdin when the attach ends, so the
+        // container's loop ends and it exits 0.
+        let reader = start(&reader)?;
+        let mut attach = c.crictl_cmd(&["attach", "-i", &reader]);
+        let out = crate::streaming::run_with_stdin(&mut attach, Some(b"line-in\n"))?;
+        check(
+            String::from_utf8_lossy(&out.stdout).contains("attached:line-in"),
+            || format!("crictl attach -i: {:?} {}", out.status, text(&out)),
+        )?;
+        let mut state = String::new();
+        crate::common::wait_until("the attached container to end", 60, || {
+            state = inspect(c, &reader, "{{.status.state}} {{.status.exitCode}}");
+            state.starts_with("CONTAINER_EXITED")
+        })
+        .map_err(|e| format!("{e}: {state}"))?;
+        check(state == "CONTAINER_EXITED 0", || {
+            format!("after its stdin closed the attached container is {state:?}")
+        })?;
 
         let hog_id = start(&hog0)?;
         let mut status = String::new();

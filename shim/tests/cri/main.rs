@@ -116,12 +116,12 @@ fn main() -> ExitCode {
             critest::basics,
         ),
         (
-            "crictl_runc_two_containers_oom_restart_containerd_2",
+            "crictl_runc_containers_attach_oom_restart_containerd_2",
             Flavor::V2,
             containers::runc_control,
         ),
         (
-            "crictl_microvm_two_containers_oom_restart_containerd_2",
+            "crictl_microvm_containers_attach_oom_restart_containerd_2",
             Flavor::V2,
             containers::microvm_pod,
         ),

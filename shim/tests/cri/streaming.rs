@@ -46,7 +46,10 @@ pub fn exec_checks(c: &Cri, ctr: &str) -> Result<(), String> {
 
 /// Runs `cmd` with `input` on its stdin, then closed; with `None`, stdin is held open (and
 /// empty) until `cmd` ends. Killed after two minutes.
-fn run_with_stdin(cmd: &mut Command, input: Option<&[u8]>) -> Result<std::process::Output, String> {
+pub(crate) fn run_with_stdin(
+    cmd: &mut Command,
+    input: Option<&[u8]>,
+) -> Result<std::process::Output, String> {
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
