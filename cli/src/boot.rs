@@ -173,7 +173,7 @@ pub fn boot(args: BootArgs) -> Result<i32> {
             return Err(crate::ExitError::new(1, e.to_string()).into());
         }
     }
-    let jail = sandbox::jail::VmJail::prepare(&mut config)?;
+    let jail = sandbox::jail::VmJail::prepare(&mut config, None)?;
     let mut cmd = sandbox::vmm_command(&vmm, &config)?;
     // This process is one thread, so the signal fires exactly when it dies: killing `microvm
     // boot` still ends the VM, as it did when this process was the VMM (the jail's supervisor

@@ -178,7 +178,7 @@ fn is_empty(path: &Path) -> bool {
     no_procs && unpopulated
 }
 
-/// Checks the name of a group or leaf: one plain path component.
+/// Checks the name of a group (or one component of it) or leaf: one plain path component.
 fn check_name(part: &str) -> Result<()> {
     let plain = !part.is_empty()
         && part != "."
@@ -194,24 +194,32 @@ fn check_name(part: &str) -> Result<()> {
 }
 
 /// `<hierarchy>/<group>`, made when missing, with the memory and pids controllers enabled on
-/// the way down.
+/// the way down. `group` may be nested (`kubepods/burstable/pod<uid>`, a pod's cgroup parent):
+/// each `/`-separated component must be a plain name (no `..`, nothing absolute), so the group
+/// stays beneath `hierarchy` whatever a pod spec names.
 fn prepare_group(hierarchy: &Path, group: &str) -> Result<PathBuf> {
-    check_name(group)?;
+    let parts: Vec<&str> = group.split('/').collect();
+    for part in &parts {
+        check_name(part)?;
+    }
     if !is_cgroup2(hierarchy) {
         return Err(JailError::Invalid(format!(
             "{} is not a cgroup v2 mount",
             hierarchy.display()
         )));
     }
-    let parent = hierarchy.join(group);
-    match fs::create_dir(&parent) {
-        Err(e) if e.kind() != ErrorKind::AlreadyExists => {
-            return Err(JailError::io(format!("create {}", parent.display()))(e))
-        }
-        _ => {}
-    }
     enable_controllers(hierarchy)?;
-    enable_controllers(&parent)?;
+    let mut parent = hierarchy.to_path_buf();
+    for part in parts {
+        parent.push(part);
+        match fs::create_dir(&parent) {
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => {
+                return Err(JailError::io(format!("create {}", parent.display()))(e))
+            }
+            _ => {}
+        }
+        enable_controllers(&parent)?;
+    }
     Ok(parent)
 }
 

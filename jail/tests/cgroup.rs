@@ -42,6 +42,10 @@ fn main() -> ExitCode {
                 Ok::<(), Failed>(())
             },
         ),
+        Trial::test("a_nested_group_stays_beneath_the_hierarchy", || {
+            a_nested_group_stays_beneath_the_hierarchy();
+            Ok::<(), Failed>(())
+        }),
         Trial::test("a_jailed_vmm_and_its_supervisor_are_in_the_leaf", || {
             a_jailed_vmm_and_its_supervisor_are_in_the_leaf();
             Ok::<(), Failed>(())
@@ -96,6 +100,53 @@ fn a_leaf_has_the_limits_and_goes_with_its_processes() {
     drop(again);
     assert!(!path.exists(), "the leaf is removed on drop");
     drop(leaf);
+}
+
+/// A pod's cgroup parent as the group (`<top>/burstable/pod-x`): every level is made with the
+/// memory and pids controllers delegated, the leaf lands at the bottom; a group that would
+/// leave the hierarchy (`..`, absolute, empty components) is refused and nothing is made.
+fn a_nested_group_stays_beneath_the_hierarchy() {
+    let top = TestGroup::new("nested");
+    let group = format!("{}/burstable/pod-x", top.0);
+    let leaf = VmCgroup::create(
+        Path::new(HIERARCHY),
+        &group,
+        "vm3",
+        CgroupLimits::for_vm(64, 1),
+    )
+    .unwrap();
+    let bottom = Path::new(HIERARCHY).join(&group);
+    assert_eq!(leaf.path(), bottom.join("vm3"));
+    for level in [&top.0, &format!("{}/burstable", top.0), &group] {
+        let control = fs::read_to_string(
+            Path::new(HIERARCHY)
+                .join(level)
+                .join("cgroup.subtree_control"),
+        )
+        .unwrap();
+        for controller in ["memory", "pids"] {
+            assert!(control.contains(controller), "{level}: {control}");
+        }
+    }
+    drop(leaf);
+    assert!(!bottom.join("vm3").exists());
+    for bad in [
+        format!("{}/../escaped", top.0),
+        format!("/{}", top.0),
+        format!("{}//x", top.0),
+        format!("{}/./x", top.0),
+    ] {
+        let made = VmCgroup::create(
+            Path::new(HIERARCHY),
+            &bad,
+            "vm4",
+            CgroupLimits::for_vm(64, 1),
+        );
+        assert!(made.is_err(), "{bad} was accepted");
+    }
+    assert!(!Path::new(HIERARCHY).join("escaped").exists());
+    let _ = fs::remove_dir(&bottom);
+    let _ = fs::remove_dir(Path::new(HIERARCHY).join(&top.0).join("burstable"));
 }
 
 fn a_jailed_vmm_and_its_supervisor_are_in_the_leaf() {

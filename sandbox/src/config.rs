@@ -108,6 +108,10 @@ pub struct SandboxConfig {
     /// Jail the VMM ([`crate::jail::VmJail`]: its own namespaces, an empty root, a per-VM
     /// unprivileged uid/gid, no capabilities, a cgroup leaf). Needs root; on by default.
     pub jail: bool,
+    /// The cgroup (below `/sys/fs/cgroup`, `/`-separated plain names) the jailed VM's leaf is
+    /// made in: a pod's cgroup parent, so the pod's cgroup counts the VM (containerd's
+    /// PodSandboxStats reads it). `None`: [`jail::cgroup::GROUP`].
+    pub cgroup_parent: Option<String>,
 }
 
 impl SandboxConfig {
@@ -136,6 +140,7 @@ impl SandboxConfig {
             nets: Vec::new(),
             netns: None,
             jail: true,
+            cgroup_parent: None,
         }
     }
 }

@@ -22,18 +22,19 @@ pub struct VmJail {
 }
 
 impl VmJail {
-    /// Allocates the VM's ids and cgroup leaf (`/sys/fs/cgroup/microvm/vm<uid>`, memory.max =
+    /// Allocates the VM's ids and cgroup leaf (`/sys/fs/cgroup/<group>/vm<uid>`, memory.max =
     /// guest memory + the VMM's overhead, pids.max = vCPUs + a few) and writes them into
-    /// `config.jail`, removing the stale leaves of gone VMs on the way. Without cgroup v2 at
-    /// `/sys/fs/cgroup` the VM runs without a leaf of its own, with one warning per process; a
-    /// cgroup v2 that refuses the leaf is an error.
-    pub fn prepare(config: &mut VmConfig) -> Result<VmJail> {
+    /// `config.jail`, removing the stale leaves of gone VMs on the way. `group`: a pod's cgroup
+    /// parent; `None`: [`cgroup::GROUP`]. Without cgroup v2 at `/sys/fs/cgroup` the VM
+    /// runs without a leaf of its own, with one warning per process; a cgroup v2 that refuses
+    /// the leaf (or a group that would leave the hierarchy) is an error.
+    pub fn prepare(config: &mut VmConfig, group: Option<&str>) -> Result<VmJail> {
         let ids = JailIds::allocate().map_err(|e| Error::Invalid(e.to_string()))?;
         let hierarchy = Path::new(cgroup::HIERARCHY);
         let cgroup = if cgroup::is_cgroup2(hierarchy) {
             let limits = CgroupLimits::for_vm(config.memory_mib, config.vcpus);
             Some(
-                VmCgroup::create_for(hierarchy, cgroup::GROUP, &ids, limits)
+                VmCgroup::create_for(hierarchy, group.unwrap_or(cgroup::GROUP), &ids, limits)
                     .map_err(|e| Error::Invalid(e.to_string()))?,
             )
         } else {
@@ -75,8 +76,8 @@ mod tests {
     fn each_vm_gets_its_own_ids_in_its_config() {
         let mut a = VmConfig::new("/k");
         let mut b = VmConfig::new("/k");
-        let ja = VmJail::prepare(&mut a).unwrap();
-        let jb = VmJail::prepare(&mut b).unwrap();
+        let ja = VmJail::prepare(&mut a, None).unwrap();
+        let jb = VmJail::prepare(&mut b, None).unwrap();
         assert_ne!(ja.uid(), jb.uid());
         let (ca, cb) = (a.jail.clone().unwrap(), b.jail.clone().unwrap());
         assert_eq!((ca.uid, ca.gid), (ja.uid(), ja.uid()));

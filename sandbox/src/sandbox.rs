@@ -117,7 +117,7 @@ impl Sandbox {
             }
         };
         let jail = match cfg.jail {
-            true => Some(VmJail::prepare(&mut vm)?),
+            true => Some(VmJail::prepare(&mut vm, cfg.cgroup_parent.as_deref())?),
             false => None,
         };
         let child = vmm::spawn(

@@ -31,6 +31,18 @@ pub fn grouping(spec: &serde_json::Value, container_id: &str) -> String {
         .to_string()
 }
 
+/// The pod's cgroup parent, from the sandbox container's `linux.cgroupsPath` as containerd's
+/// cgroupfs driver writes it (`/<cgroup parent>/<sandbox id>`), relative to the cgroup
+/// hierarchy: the jailed VM's leaf is made there, so the pod's cgroup counts the VM (what
+/// containerd's PodSandboxStats reads). The path is the pod spec's, so hostile: the jail takes
+/// only plain components (`..` is refused, and the VM does not start). systemd's
+/// `slice:prefix:name` form is not handled: `None`, the VM stays in the `microvm` group.
+pub fn cgroup_parent(spec: &serde_json::Value) -> Option<String> {
+    let path = spec.pointer("/linux/cgroupsPath")?.as_str()?;
+    let parent = path.strip_prefix('/')?.rsplit_once('/')?.0;
+    (!parent.is_empty()).then(|| parent.to_string())
+}
+
 /// Reads `<bundle>/config.json`.
 pub fn read_spec(bundle: &Path) -> std::io::Result<(Vec<u8>, serde_json::Value)> {
     let bytes = std::fs::read(bundle.join("config.json"))?;
@@ -160,6 +172,32 @@ pub fn vm_size(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_cgroup_parent_is_the_sandbox_cgroups_path_minus_its_id() {
+        let spec = |p: &str| json!({"linux": {"cgroupsPath": p}});
+        assert_eq!(
+            cgroup_parent(&spec("/kubepods/burstable/pod-1/abc")).as_deref(),
+            Some("kubepods/burstable/pod-1")
+        );
+        assert_eq!(
+            cgroup_parent(&spec("/k8s.io/abc")).as_deref(),
+            Some("k8s.io")
+        );
+        // systemd's form, a bare id, no parent, no linux section: the default group.
+        assert_eq!(
+            cgroup_parent(&spec("kubepods.slice:cri-containerd:abc")),
+            None
+        );
+        assert_eq!(cgroup_parent(&spec("/abc")), None);
+        assert_eq!(cgroup_parent(&spec("abc")), None);
+        assert_eq!(cgroup_parent(&json!({})), None);
+        // Passed on as written: the jail refuses `..` (jail/tests/cgroup.rs).
+        assert_eq!(
+            cgroup_parent(&spec("/../../etc/abc")).as_deref(),
+            Some("../../etc")
+        );
+    }
 
     #[test]
     fn containers_group_by_sandbox_id() {

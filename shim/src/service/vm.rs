@@ -136,6 +136,7 @@ impl Inner {
         }
         pod.console = Some(console);
         let mut sc = sandbox_config(cfg, dir, size)?;
+        sc.cgroup_parent = pod::cgroup_parent(spec);
         pod.share = pod_share(cfg, dir, &mut sc)?;
         if let Some(netns) = host_netns {
             self.plumb(pod, &mut sc, netns).await?;

@@ -5,6 +5,8 @@
 //! control) and microvm.
 
 use crate::common::cri::{Cri, BUSYBOX};
+use std::path::Path;
+
 use crate::common::{check, text};
 use crate::World;
 
@@ -28,7 +30,8 @@ fn two_containers_oom_and_restart(w: &World, c: &Cri, handler: &str) -> Result<(
                          "attempt": 0},
             "hostname": name,
             "log_directory": dir.join("logs"),
-            "linux": {},
+            // As kubelet gives every pod (containerd's cgroupfs driver): PodSandboxStats reads it.
+            "linux": {"cgroup_parent": format!("/{CGROUP_TOP}/{name}")},
         }),
     )?;
     let ctr_json = |file: &str, ctr: &str, attempt: u32, command: &str, memory: u64| {
@@ -96,6 +99,8 @@ fn two_containers_oom_and_restart(w: &World, c: &Cri, handler: &str) -> Result<(
         })
         .map_err(|e| format!("{e}: the client's log {logs:?}"))?;
 
+        pod_stats_checks(c, handler, &pod)?;
+
         // crictl attach: a line into a container's own stdin and its answer back. With
         // `stdin_once`, containerd closes the container's stdin when the attach ends, so the
         // container's loop ends and it exits 0.
@@ -146,9 +151,54 @@ fn two_containers_oom_and_restart(w: &World, c: &Cri, handler: &str) -> Result<(
     })();
     let stopped = c.crictl_ok(&["stopp", &pod]);
     let removed = c.crictl_ok(&["rmp", &pod]);
+    let pod_cgroup = Path::new("/sys/fs/cgroup").join(CGROUP_TOP).join(&name);
+    let left: Vec<_> = std::fs::read_dir(&pod_cgroup)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name())
+                .collect()
+        })
+        .unwrap_or_default();
+    let _ = std::fs::remove_dir(&pod_cgroup);
     result?;
     stopped?;
-    removed.map(drop)
+    removed?;
+    check(left.is_empty(), || {
+        format!(
+            "cgroups left in {} after rmp: {left:?}",
+            pod_cgroup.display()
+        )
+    })
+}
+
+/// The cgroup the scenario's pods get their cgroup parents in (as kubelet's `kubepods`).
+const CGROUP_TOP: &str = "microvm-cri-test";
+
+/// PodSandboxStats (`crictl statsp`): containerd reads the pod's cgroup parent on the host, so
+/// it shows CPU time and memory only if the pod's processes are in it; a microvm pod's VM is
+/// (the jail's leaf is made there), so its working set holds the guest RAM the guest touched.
+fn pod_stats_checks(c: &Cri, handler: &str, pod: &str) -> Result<(), String> {
+    let json = c.crictl_ok(&["statsp", "-o", "json", "--id", pod])?;
+    let stats: serde_json::Value = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+    let figure = |pointer: &str| {
+        stats
+            .pointer(pointer)
+            .and_then(|v| v.as_str())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let memory = figure("/stats/0/linux/memory/workingSetBytes/value");
+    let cpu = figure("/stats/0/linux/cpu/usageCoreNanoSeconds/value");
+    eprintln!(
+        "{handler} PodSandboxStats: working set {:.1} MiB, cpu {} ms",
+        memory as f64 / f64::from(1 << 20),
+        cpu / 1_000_000
+    );
+    let least = if handler == "microvm" { 16 << 20 } else { 1 };
+    check(memory >= least && cpu > 0, || {
+        format!("PodSandboxStats: working set {memory} (want at least {least}), cpu {cpu}: {json}")
+    })
 }
 
 fn inspect(c: &Cri, id: &str, template: &str) -> String {
