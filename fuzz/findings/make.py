@@ -11,7 +11,7 @@ def fuse(opcode, nodeid, body, reply):
     return struct.pack("<HH", len(msg), reply) + msg
 
 
-LOOKUP, OPEN, READ, OPENDIR, READDIR = 1, 14, 15, 27, 28
+LOOKUP, OPEN, READ, OPENDIR, READDIR, READDIRPLUS = 1, 14, 15, 27, 28, 44
 lookup_a = fuse(LOOKUP, 1, b"a\x00", 256)  # inode 2
 open_a = fuse(OPEN, 2, struct.pack("<II", os.O_RDWR, 0), 256)  # handle 0
 
@@ -25,6 +25,8 @@ inputs = {
     "virtiofsd-1.14.0-read-short-reply": lookup_a + open_a + fuse(READ, 2, read_in(0, 4096), 8),
     "virtiofsd-1.14.0-readdir-short-reply": fuse(OPENDIR, 1, struct.pack("<II", 0, 0), 256)
     + fuse(READDIR, 1, read_in(0, 0), 8),
+    "virtiofsd-1.14.0-readdirplus-short-reply": fuse(OPENDIR, 1, struct.pack("<II", 0, 0), 256)
+    + fuse(READDIRPLUS, 1, read_in(0, 0), 8),
     # a READ at an offset past i64::MAX
     "virtiofsd-1.14.0-read-offset-overflow": lookup_a + open_a + fuse(READ, 2, read_in(1 << 63, 16), 256),
 }
