@@ -5,11 +5,12 @@
 #![no_main]
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use image::UnpackLimits;
 use libfuzzer_sys::fuzz_target;
+use microvm_fuzz::tree::tree_state;
 
 const SENTINEL: &[u8] = b"must stay as it is\n";
 
@@ -36,28 +37,9 @@ fn base() -> &'static Base {
     })
 }
 
-/// Every path under `dir` (symlinks not followed), with its length and permissions.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, u64, u32)> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let meta = fs::symlink_metadata(e.path()).unwrap();
-            if meta.is_dir() {
-                todo.push(e.path());
-            }
-            out.push((e.path(), meta.len(), meta.permissions().mode()));
-        }
-    }
-    out.sort();
-    out
-}
-
 fuzz_target!(|data: &[u8]| {
     let base = base();
-    let before = snapshot(base.dir.path());
+    let before = tree_state(base.dir.path(), None);
     let root = base.dir.path().join("root");
     fs::create_dir(&root).unwrap();
     let limits = UnpackLimits {
@@ -76,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
         "the layer changed a file outside its root"
     );
     assert_eq!(
-        snapshot(base.dir.path()),
+        tree_state(base.dir.path(), None),
         before,
         "the layer wrote outside its root"
     );

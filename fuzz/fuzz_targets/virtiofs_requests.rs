@@ -11,15 +11,16 @@
 //! `reply`-byte writable descriptor (none when 0).
 //!
 //! After every input, nothing beside the share has changed: the scratch directory holds only
-//! `share` and `outside`, and `outside` and its `secret` keep their content, mode, owner and
-//! times. The share is made again from its fixture (files, a directory, a hard link, symbolic
-//! links to `../outside/secret`, to `/outside/secret` and to `..`) before each input. Needs
+//! `share` and `outside`, and `outside` and its `secret` keep their content, inode, mode, owner
+//! and times. Before each input the share is as its fixture makes it (files, a directory, a
+//! hard link, symbolic links to `../outside/secret`, to `/outside/secret` and to `..`): made
+//! again after any input that changed it. Needs
 //! root (`chroot`), as `cargo xtask fuzz` has in CI.
 #![no_main]
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Mutex, OnceLock};
 
@@ -30,7 +31,9 @@ use fs_virtio_queue::desc::RawDescriptor;
 use fs_virtio_queue::mock::MockSplitQueue;
 use fs_vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use libfuzzer_sys::fuzz_target;
+use microvm_fuzz::tree::tree_state;
 use microvm_fuzz::Input;
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtiofsd::descriptor_utils::{Reader, Writer};
 use virtiofsd::passthrough::{self, PassthroughFs};
 use virtiofsd::server::Server;
@@ -44,7 +47,6 @@ const MAX_REQUESTS: usize = 32;
 const MEM_SIZE: usize = 0x10_0000;
 const REQUEST_AT: u64 = 0x1_0000;
 const REPLY_AT: u64 = 0x9_0000;
-const VRING_DESC_F_WRITE: u16 = 2;
 /// What the daemon may hold open for the guest (microvm bounds it with `RLIMIT_NOFILE`).
 const GUEST_FD_LIMIT: u64 = 4096;
 /// Files the daemon writes stay small (a guest's `fallocate` of a terabyte fails with EFBIG
@@ -228,7 +230,7 @@ fn request(
         descs.push(desc(REQUEST_AT, len, 0));
     }
     if reply > 0 {
-        descs.push(desc(REPLY_AT, u32::from(reply), VRING_DESC_F_WRITE));
+        descs.push(desc(REPLY_AT, u32::from(reply), VRING_DESC_F_WRITE as u16));
     }
     if descs.is_empty() {
         return;
@@ -299,38 +301,11 @@ fn share_stamp(share: &Path) -> Vec<(i64, i64, u64)> {
         .collect()
 }
 
-/// What must not change: the scratch directory's names, and `outside` and `secret` in full.
+/// What must not change: everything in the scratch directory but the share, and the secret's
+/// content.
 fn outside_state(base: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(base)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    let mut state = vec![names.join(",")];
-    let outside: PathBuf = base.join("outside");
-    let mut inner: Vec<String> = fs::read_dir(&outside)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    inner.sort();
-    state.push(inner.join(","));
-    for path in [outside.clone(), outside.join("secret")] {
-        let m = fs::symlink_metadata(&path).unwrap();
-        state.push(format!(
-            "{} ino {} mode {:o} owner {}:{} size {} mtime {}.{} ctime {}.{}",
-            path.display(),
-            m.ino(),
-            m.mode(),
-            m.uid(),
-            m.gid(),
-            m.size(),
-            m.mtime(),
-            m.mtime_nsec(),
-            m.ctime(),
-            m.ctime_nsec()
-        ));
-    }
-    state.push(fs::read_to_string(outside.join("secret")).unwrap_or_default());
+    let mut state = tree_state(base, Some(&base.join("share")));
+    state.push(fs::read_to_string(base.join("outside/secret")).unwrap_or_default());
     state
 }
 

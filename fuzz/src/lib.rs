@@ -4,6 +4,8 @@
 //! ([`VirtioDevice::activate`], [`VirtioEvents::queue_notified`],
 //! [`VirtioEvents::backend_ready`]), which all end in the shared `DeviceCore`.
 
+pub mod tree;
+
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 

@@ -246,6 +246,11 @@ impl Cri {
         }
     }
 
+    /// `crictl ARGS` (with `-o json` among them), parsed.
+    pub fn crictl_json(&self, args: &[&str]) -> Result<serde_json::Value, String> {
+        serde_json::from_str(&self.crictl_ok(args)?).map_err(|e| e.to_string())
+    }
+
     /// `crictl create` of the container config in the pod, then `crictl start`: the container's id.
     pub fn create_and_start(
         &self,
@@ -381,4 +386,13 @@ fn config_v3(dir: &Path, shim_toml: &Path, sandbox_image: &str) -> String {
         runtimes(&format!("{runtime}.containerd.runtimes"), shim_toml),
         d = dir.display()
     )
+}
+
+/// The number at `pointer` in crictl's JSON (protobuf's uint64 figures come as strings, under
+/// `value`); 0 when missing.
+pub fn figure(json: &serde_json::Value, pointer: &str) -> u64 {
+    json.pointer(pointer)
+        .and_then(|v| v.as_str())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }

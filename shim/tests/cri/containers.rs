@@ -4,21 +4,21 @@
 //! again in the same sandbox (kubelet's restart, attempt 1), which then runs. Under runc (the
 //! control) and microvm.
 
-use crate::common::cri::{Cri, BUSYBOX};
 use std::path::Path;
 
-use crate::common::{check, text};
+use crate::common::cri::{figure, Cri, BUSYBOX};
+use crate::common::{check, text, wait_until};
 use crate::World;
 
 pub fn runc_control(w: &World, c: &Cri) -> Result<(), String> {
-    two_containers_oom_and_restart(w, c, "runc")
+    pod_containers(w, c, "runc")
 }
 
 pub fn microvm_pod(w: &World, c: &Cri) -> Result<(), String> {
-    two_containers_oom_and_restart(w, c, "microvm")
+    pod_containers(w, c, "microvm")
 }
 
-fn two_containers_oom_and_restart(w: &World, c: &Cri, handler: &str) -> Result<(), String> {
+fn pod_containers(w: &World, c: &Cri, handler: &str) -> Result<(), String> {
     let name = format!("two-{handler}-{:?}", c.flavor).to_lowercase();
     let dir = c.dir.join(format!("pods/{name}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -93,7 +93,7 @@ fn two_containers_oom_and_restart(w: &World, c: &Cri, handler: &str) -> Result<(
         start(&server)?;
         let client_id = start(&client)?;
         let mut logs = String::new();
-        crate::common::wait_until("the client to print the server's line", 120, || {
+        wait_until("the client to print the server's line", 120, || {
             logs = c.crictl_ok(&["logs", &client_id]).unwrap_or_default();
             logs.contains("from-the-server")
         })
@@ -111,33 +111,21 @@ fn two_containers_oom_and_restart(w: &World, c: &Cri, handler: &str) -> Result<(
             String::from_utf8_lossy(&out.stdout).contains("attached:line-in"),
             || format!("crictl attach -i: {:?} {}", out.status, text(&out)),
         )?;
-        let mut state = String::new();
-        crate::common::wait_until("the attached container to end", 60, || {
-            state = inspect(c, &reader, "{{.status.state}} {{.status.exitCode}}");
-            state.starts_with("CONTAINER_EXITED")
-        })
-        .map_err(|e| format!("{e}: {state}"))?;
+        let state = exited(c, &reader, "{{.status.state}} {{.status.exitCode}}", 60)?;
         check(state == "CONTAINER_EXITED 0", || {
             format!("after its stdin closed the attached container is {state:?}")
         })?;
 
         let hog_id = start(&hog0)?;
-        let mut status = String::new();
-        crate::common::wait_until("the hog to be OOM-killed", 120, || {
-            status = inspect(
-                c,
-                &hog_id,
-                "{{.status.state}} {{.status.reason}} {{.status.exitCode}}",
-            );
-            status.starts_with("CONTAINER_EXITED")
-        })
-        .map_err(|e| format!("{e}: {status}"))?;
+        let template = "{{.status.state}} {{.status.reason}} {{.status.exitCode}}";
+        let status = exited(c, &hog_id, template, 120)?;
         check(status == "CONTAINER_EXITED OOMKilled 137", || {
             format!("the hog ended as {status:?}")
         })?;
         // kubelet's restart: the same container again, attempt 1, in the same sandbox.
         let again = start(&hog1)?;
-        crate::common::wait_until("the restarted container to run", 60, || {
+        let mut status = String::new();
+        wait_until("the restarted container to run", 60, || {
             status = inspect(c, &again, "{{.status.state}}");
             status == "CONTAINER_RUNNING"
                 && c.crictl_ok(&["logs", &again])
@@ -179,17 +167,9 @@ const CGROUP_TOP: &str = "microvm-cri-test";
 /// it shows CPU time and memory only if the pod's processes are in it; a microvm pod's VM is
 /// (the jail's leaf is made there), so its working set holds the guest RAM the guest touched.
 fn pod_stats_checks(c: &Cri, handler: &str, pod: &str) -> Result<(), String> {
-    let json = c.crictl_ok(&["statsp", "-o", "json", "--id", pod])?;
-    let stats: serde_json::Value = serde_json::from_str(&json).map_err(|e| e.to_string())?;
-    let figure = |pointer: &str| {
-        stats
-            .pointer(pointer)
-            .and_then(|v| v.as_str())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let memory = figure("/stats/0/linux/memory/workingSetBytes/value");
-    let cpu = figure("/stats/0/linux/cpu/usageCoreNanoSeconds/value");
+    let stats = c.crictl_json(&["statsp", "-o", "json", "--id", pod])?;
+    let memory = figure(&stats, "/stats/0/linux/memory/workingSetBytes/value");
+    let cpu = figure(&stats, "/stats/0/linux/cpu/usageCoreNanoSeconds/value");
     eprintln!(
         "{handler} PodSandboxStats: working set {:.1} MiB, cpu {} ms",
         memory as f64 / f64::from(1 << 20),
@@ -197,8 +177,20 @@ fn pod_stats_checks(c: &Cri, handler: &str, pod: &str) -> Result<(), String> {
     );
     let least = if handler == "microvm" { 16 << 20 } else { 1 };
     check(memory >= least && cpu > 0, || {
-        format!("PodSandboxStats: working set {memory} (want at least {least}), cpu {cpu}: {json}")
+        format!("PodSandboxStats: working set {memory} (want at least {least}), cpu {cpu}: {stats}")
     })
+}
+
+/// Waits (up to `seconds`) for container `id` to exit; its status through `template`, which
+/// starts with `{{.status.state}}`.
+fn exited(c: &Cri, id: &str, template: &str, seconds: u64) -> Result<String, String> {
+    let mut status = String::new();
+    wait_until(&format!("container {id} to exit"), seconds, || {
+        status = inspect(c, id, template);
+        status.starts_with("CONTAINER_EXITED")
+    })
+    .map_err(|e| format!("{e}: {status}"))?;
+    Ok(status)
 }
 
 fn inspect(c: &Cri, id: &str, template: &str) -> String {

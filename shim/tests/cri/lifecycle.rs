@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::common::cri::{Cri, BUSYBOX};
+use crate::common::cri::{figure, Cri, BUSYBOX};
 use crate::common::host::{shim_pids, vmm_pids};
 use crate::common::{check, text, wait_until};
 use crate::{streaming, World};
@@ -153,12 +153,8 @@ fn running_pod_checks(
     check(printed.contains("hello-from-cri"), || {
         format!("crictl logs printed {printed:?}")
     })?;
-    let stats = c.crictl_ok(&["stats", "-o", "json", "--id", ctr])?;
-    let stats: serde_json::Value = serde_json::from_str(&stats).map_err(|e| e.to_string())?;
-    let working_set = stats["stats"][0]["memory"]["workingSetBytes"]["value"]
-        .as_str()
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
+    let stats = c.crictl_json(&["stats", "-o", "json", "--id", ctr])?;
+    let working_set = figure(&stats, "/stats/0/memory/workingSetBytes/value");
     check(working_set > 0, || format!("ContainerStats: {stats}"))?;
     let ip = c.pod_ip(pod)?;
     check(ip.starts_with(&c.flavor.pod_prefix()), || {

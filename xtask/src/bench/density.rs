@@ -389,7 +389,6 @@ fn kib_field(text: &str, key: &str) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// The children of `pid` (of all its threads).
 /// Every process below `pid`, depth first.
 fn descendants(pid: u32) -> Vec<u32> {
     children(pid)
@@ -398,6 +397,7 @@ fn descendants(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The children of `pid` (of all its threads).
 fn children(pid: u32) -> Vec<u32> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
