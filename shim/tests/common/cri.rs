@@ -1,6 +1,6 @@
 //! containerd's CRI plugin, as kubelet uses it: a private containerd (Debian's 1.6.20, or the
 //! 2.x that `cargo xtask peers` builds) with runtime handlers `microvm` (this shim) and `runc`
-//! (the control), CNI's bridge, host-local and loopback plugins (Debian's
+//! (the control), CNI's bridge, ptp, macvlan, host-local and loopback plugins (Debian's
 //! `containernetworking-plugins`), and images pulled from Debian's `docker-registry` on
 //! loopback; driven with `crictl` and `critest` (cri-tools, also built by `cargo xtask peers`).
 
@@ -72,21 +72,47 @@ pub enum Flavor {
     V2 = 1,
 }
 
+/// The pod network's CNI plugin, each with host-local IPAM on a /24 of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Network {
+    /// `bridge`: a veth per pod into a host bridge that holds the gateway (`.1`).
+    Bridge = 0,
+    /// `ptp`: a veth per pod, routed by the host; the host's end holds the gateway (`.1`) and
+    /// the pod reaches even its own subnet through it.
+    Ptp = 1,
+    /// `macvlan` (bridge mode) of a dummy host link; the host reaches the pods through a
+    /// macvlan of its own on that link, which holds the gateway (`.254`).
+    Macvlan = 2,
+}
+
+/// The host links the macvlan network needs beside what its plugin makes.
+struct HostLinks {
+    /// The macvlan plugin's `master`.
+    master: String,
+    /// The host's own macvlan of `master`, holding the gateway address.
+    host: String,
+}
+
+impl HostLinks {
+    fn of(flavor: Flavor) -> HostLinks {
+        HostLinks {
+            master: format!("mvcrim{}", flavor as u8),
+            host: format!("mvcrih{}", flavor as u8),
+        }
+    }
+}
+
 impl Flavor {
-    /// The CNI network's subnet, `10.99.<flavor>.0/24` (each containerd its own, so both can
-    /// run at once); pods' addresses begin with [`Flavor::pod_prefix`].
-    pub fn subnet(self) -> String {
-        format!("10.99.{}.0/24", self as u8)
-    }
-
-    pub fn pod_prefix(self) -> String {
-        format!("10.99.{}.", self as u8)
-    }
-
     /// The CNI bridge on the host.
     pub fn bridge(self) -> String {
         format!("mvcri{}", self as u8)
     }
+}
+
+/// The network's first three octets, `10.<99 - network>.<flavor>` (each containerd and
+/// network its own, so all can run at once).
+fn net_prefix(flavor: Flavor, network: Network) -> String {
+    format!("10.{}.{}", 99 - network as u8, flavor as u8)
 }
 
 /// Debian's `docker-registry` on a loopback port, holding [`BUSYBOX`] and [`PAUSE`].
@@ -148,6 +174,7 @@ impl Registry {
 /// A private containerd with its CRI plugin enabled.
 pub struct Cri {
     pub flavor: Flavor,
+    pub network: Network,
     pub dir: PathBuf,
     pub sock: PathBuf,
     pub crictl: PathBuf,
@@ -155,15 +182,24 @@ pub struct Cri {
 }
 
 impl Cri {
-    pub fn start(flavor: Flavor, peers: &Peers, registry: &Registry) -> Result<Cri, String> {
+    pub fn start(
+        flavor: Flavor,
+        network: Network,
+        peers: &Peers,
+        registry: &Registry,
+    ) -> Result<Cri, String> {
         // The testbed's kernel has these as modules and does not always load them on demand.
         let _ = sh(
-            "for m in bridge veth tun br_netfilter sch_ingress cls_u32 act_mirred; \
+            "for m in bridge veth tun br_netfilter sch_ingress cls_u32 act_mirred dummy macvlan; \
                     do modprobe $m; done",
         );
         let dir = private_dir("cri")?;
         let shim_toml = write_shim_config(&dir)?;
-        write_cni_config(&dir, flavor)?;
+        if network == Network::Macvlan {
+            let address = format!("{}.254/24", net_prefix(flavor, network));
+            make_host_links(&HostLinks::of(flavor), &address)?;
+        }
+        write_cni_config(&dir, flavor, network)?;
         write_hosts_toml(&dir, registry)?;
         let sandbox_image = registry.image(PAUSE);
         let config = match flavor {
@@ -181,6 +217,7 @@ impl Cri {
         let child = spawn_containerd(&binary, &dir, path_first)?;
         let cri = Cri {
             flavor,
+            network,
             sock: dir.join("c.sock"),
             dir,
             crictl: peers.crictl.clone(),
@@ -274,6 +311,37 @@ impl Cri {
         self.crictl_ok(&[what, "-o", "go-template", "--template", template, id])
     }
 
+    /// The CNI network's subnet; pods' addresses begin with [`Cri::pod_prefix`].
+    pub fn subnet(&self) -> String {
+        format!("{}.0/24", net_prefix(self.flavor, self.network))
+    }
+
+    pub fn pod_prefix(&self) -> String {
+        format!("{}.", net_prefix(self.flavor, self.network))
+    }
+
+    /// The host's address on the CNI network, the pods' default gateway.
+    pub fn gateway(&self) -> String {
+        let last = if self.network == Network::Macvlan {
+            254
+        } else {
+            1
+        };
+        format!("{}.{last}", net_prefix(self.flavor, self.network))
+    }
+
+    /// host-local's leases: one file per address handed out, named by the address.
+    pub fn leases(&self) -> Vec<String> {
+        std::fs::read_dir(self.dir.join("ipam").join(CNI_NETWORK))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&self.pod_prefix()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The pod's address on the CNI network.
     pub fn pod_ip(&self, pod: &str) -> Result<String, String> {
         self.inspect_field("inspectp", pod, "{{.status.network.ip}}")
@@ -292,29 +360,74 @@ impl Cri {
             }
         }
         stop_containerd(&self.child, &self.dir);
-        let _ = sh(&format!("ip link del {} 2>/dev/null", self.flavor.bridge()));
+        // The host's macvlan goes with its master; ptp leaves no host link of its own.
+        let link = match self.network {
+            Network::Bridge => self.flavor.bridge(),
+            Network::Ptp => return,
+            Network::Macvlan => HostLinks::of(self.flavor).master,
+        };
+        let _ = sh(&format!("ip link del {link} 2>/dev/null"));
     }
 }
 
-/// A bridge + host-local conflist (CRI runs the loopback plugin itself).
-fn write_cni_config(dir: &Path, flavor: Flavor) -> Result<(), String> {
+/// The macvlan plugin's master (a dummy link: the pods' frames go nowhere else) and the host's
+/// own macvlan of it with the gateway address, so the host reaches the pods (a macvlan's master
+/// does not hear its macvlans).
+fn make_host_links(links: &HostLinks, address: &str) -> Result<(), String> {
+    let HostLinks { master, host } = links;
+    let _ = sh(&format!("ip link del {master} 2>/dev/null"));
+    let cmd = format!(
+        "ip link add {master} type dummy && ip link set {master} up && \
+         ip link add {host} link {master} type macvlan mode bridge && \
+         ip addr add {address} dev {host} && ip link set {host} up"
+    );
+    let out = sh(&cmd);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd}: {}", text(&out)))
+    }
+}
+
+/// The CNI network's name, and host-local's folder of leases under its `dataDir`.
+const CNI_NETWORK: &str = "microvm-cri-test";
+
+/// The network's conflist: its plugin with host-local IPAM and a default route through the
+/// host (CRI runs the loopback plugin itself).
+fn write_cni_config(dir: &Path, flavor: Flavor, network: Network) -> Result<(), String> {
     let conf = dir.join("cni");
     std::fs::create_dir_all(&conf).map_err(|e| e.to_string())?;
-    let list = serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "microvm-cri-test",
-        "plugins": [{
+    let prefix = net_prefix(flavor, network);
+    let mut range = serde_json::json!({"subnet": format!("{prefix}.0/24")});
+    if network == Network::Macvlan {
+        range["gateway"] = format!("{prefix}.254").into();
+    }
+    let ipam = serde_json::json!({
+        "type": "host-local",
+        "ranges": [[range]],
+        "routes": [{"dst": "0.0.0.0/0"}],
+        "dataDir": dir.join("ipam"),
+    });
+    let plugin = match network {
+        Network::Bridge => serde_json::json!({
             "type": "bridge",
             "bridge": flavor.bridge(),
             "isGateway": true,
             "ipMasq": false,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{"subnet": flavor.subnet()}]],
-                "routes": [{"dst": "0.0.0.0/0"}],
-                "dataDir": dir.join("ipam"),
-            },
-        }],
+            "ipam": ipam,
+        }),
+        Network::Ptp => serde_json::json!({"type": "ptp", "ipMasq": false, "ipam": ipam}),
+        Network::Macvlan => serde_json::json!({
+            "type": "macvlan",
+            "master": HostLinks::of(flavor).master,
+            "mode": "bridge",
+            "ipam": ipam,
+        }),
+    };
+    let list = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": CNI_NETWORK,
+        "plugins": [plugin],
     });
     std::fs::write(conf.join("10-microvm-test.conflist"), list.to_string())
         .map_err(|e| e.to_string())

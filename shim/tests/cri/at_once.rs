@@ -1,6 +1,7 @@
 //! Several pods at once through CRI, as a node starts them: each `crictl runp`, `create` and
 //! `start` in a thread of its own, all together. Each pod gets a VM of its own and answers on
-//! its own CNI address with its own name, sees only its own files, and once all are stopped and
+//! its own CNI address with its own name, reaches the next pod on its address (VM to VM over
+//! the CNI bridge), sees only its own files, and once all are stopped and
 //! removed (together again) nothing is left: no VMM, shim, network namespace, mount or shim
 //! state.
 
@@ -42,8 +43,29 @@ pub fn microvm_pods(w: &World, c: &Cri) -> Result<(), String> {
         check(vmm_pids().len() == vmms_before + PODS, || {
             format!("{PODS} pods run {} VMMs", vmm_pids().len() - vmms_before)
         })?;
+        let mut ips = Vec::new();
         for (i, (pod, ctr)) in ids.iter().enumerate() {
-            pod_checks(c, i, pod, ctr)?;
+            ips.push(pod_checks(c, i, pod, ctr)?);
+        }
+        for (i, (_, ctr)) in ids.iter().enumerate() {
+            let next = (i + 1) % PODS;
+            let script = format!("nc {} 8080 </dev/null", ips[next]);
+            let heard = c.crictl_ok(&[
+                "exec",
+                "--sync",
+                "--timeout",
+                "60",
+                ctr,
+                "/bin/sh",
+                "-c",
+                &script,
+            ])?;
+            check(heard == format!("pod-{next}"), || {
+                format!(
+                    "pod {i} reached pod {next} at {}:8080 and heard {heard:?}",
+                    ips[next]
+                )
+            })?;
         }
         Ok(())
     })();
@@ -112,8 +134,9 @@ fn start_pod(c: &Cri, i: usize, image: &str) -> Result<(String, String), String>
     Ok((pod, ctr))
 }
 
-/// Pod `i` answers `pod-I` on its own address and its container sees only its own file.
-fn pod_checks(c: &Cri, i: usize, pod: &str, ctr: &str) -> Result<(), String> {
+/// Pod `i` answers `pod-I` on its own address and its container sees only its own file; that
+/// address.
+fn pod_checks(c: &Cri, i: usize, pod: &str, ctr: &str) -> Result<String, String> {
     let ip = c.pod_ip(pod)?;
     let mut got = None;
     wait_until(&format!("pod {i} at {ip}:8080 to answer"), 120, || {
@@ -125,5 +148,6 @@ fn pod_checks(c: &Cri, i: usize, pod: &str, ctr: &str) -> Result<(), String> {
     let listing = c.crictl_ok(&["exec", "--sync", ctr, "/bin/sh", "-c", "ls /tmp"])?;
     check(listing.trim() == format!("mine-{i}"), || {
         format!("pod {i}'s /tmp holds {listing:?}")
-    })
+    })?;
+    Ok(ip)
 }

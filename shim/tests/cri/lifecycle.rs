@@ -157,10 +157,10 @@ fn running_pod_checks(
     let working_set = figure(&stats, "/stats/0/memory/workingSetBytes/value");
     check(working_set > 0, || format!("ContainerStats: {stats}"))?;
     let ip = c.pod_ip(pod)?;
-    check(ip.starts_with(&c.flavor.pod_prefix()), || {
+    check(ip.starts_with(&c.pod_prefix()), || {
         format!(
             "the pod's address {ip:?} is not on the CNI network {}",
-            c.flavor.subnet()
+            c.subnet()
         )
     })?;
     let mut got = None;

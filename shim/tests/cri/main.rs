@@ -1,7 +1,8 @@
 //! The shim through containerd's CRI plugin, as kubelet drives it: `crictl` (runp, create,
 //! start, exec, logs, stats, stop, rmp) against Debian's containerd 1.6.20 and containerd 2.x,
 //! each with the runtime handler `microvm` (this shim) and `runc` (the control), CNI's bridge
-//! plugin for the pod network and images pulled from a loopback registry; `critest`'s
+//! plugin for the pod network (ptp and macvlan in `cni_plugins`) and images pulled from a
+//! loopback registry; `critest`'s
 //! PodSandbox and Container basics with both handlers; and several microvm pods at once.
 //!
 //! Needs what `shim/tests/containerd.rs` needs, plus `crictl`, `critest` and containerd 2.x
@@ -10,6 +11,7 @@
 //! boot an unmodified guest the test binary re-runs itself inside the testbed.
 
 mod at_once;
+mod cni_plugins;
 #[path = "../common/mod.rs"]
 mod common;
 mod containers;
@@ -23,7 +25,7 @@ use std::time::Instant;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
-use common::cri::{peers, Cri, Flavor, Peers, Registry};
+use common::cri::{peers, Cri, Flavor, Network, Peers, Registry};
 
 const RELAY_ENV: &[&str] = &[
     "MICROVM_KERNEL",
@@ -36,12 +38,12 @@ const RELAY_ENV: &[&str] = &[
     "RUST_BACKTRACE",
 ];
 
-/// What every scenario shares: the peers, the registry, and one CRI containerd per flavor
-/// (started on first use, stopped at the end).
+/// What every scenario shares: the peers, the registry, and one CRI containerd per flavor and
+/// pod network (started on first use, stopped at the end).
 struct World {
     peers: Peers,
     registry: Registry,
-    cris: [OnceLock<Result<Cri, String>>; 2],
+    cris: [OnceLock<Result<Cri, String>>; 6],
 }
 
 static WORLD: OnceLock<Result<World, String>> = OnceLock::new();
@@ -52,18 +54,18 @@ fn world() -> Result<&'static World, String> {
             Ok(World {
                 peers: peers()?,
                 registry: Registry::start()?,
-                cris: [OnceLock::new(), OnceLock::new()],
+                cris: std::array::from_fn(|_| OnceLock::new()),
             })
         })
         .as_ref()
         .map_err(Clone::clone)
 }
 
-fn cri(flavor: Flavor) -> Result<(&'static World, &'static Cri), String> {
+fn cri(flavor: Flavor, network: Network) -> Result<(&'static World, &'static Cri), String> {
     let w = world()?;
-    let slot = &w.cris[flavor as usize];
+    let slot = &w.cris[flavor as usize * 3 + network as usize];
     let c = slot
-        .get_or_init(|| Cri::start(flavor, &w.peers, &w.registry))
+        .get_or_init(|| Cri::start(flavor, network, &w.peers, &w.registry))
         .as_ref()
         .map_err(Clone::clone)?;
     Ok((w, c))
@@ -83,57 +85,57 @@ fn main() -> ExitCode {
             return testbed::relay_current_exe("cri tests", &why.to_string(), RELAY_ENV);
         }
     }
-    // One containerd at a time: 1.6's scenarios, then 2.x's (each stopped after its last).
-    let scenarios: [(&'static str, Flavor, Scenario); 9] = [
+    // Every scenario under 1.6, then under 2.x; each containerd (one per flavor and pod
+    // network) is started for its first scenario.
+    let scenarios: [(&str, Network, Scenario); 8] = [
         (
-            "crictl_runc_pod_lifecycle_containerd_1_6",
-            Flavor::Debian16,
+            "crictl_runc_pod_lifecycle",
+            Network::Bridge,
             lifecycle::runc_control,
         ),
         (
-            "crictl_microvm_pod_lifecycle_containerd_1_6",
-            Flavor::Debian16,
+            "crictl_microvm_pod_lifecycle",
+            Network::Bridge,
             lifecycle::microvm_pod,
         ),
         (
-            "critest_basics_microvm_and_runc_containerd_1_6",
-            Flavor::Debian16,
+            "critest_basics_microvm_and_runc",
+            Network::Bridge,
             critest::basics,
         ),
         (
-            "crictl_runc_pod_lifecycle_containerd_2",
-            Flavor::V2,
-            lifecycle::runc_control,
-        ),
-        (
-            "crictl_microvm_pod_lifecycle_containerd_2",
-            Flavor::V2,
-            lifecycle::microvm_pod,
-        ),
-        (
-            "critest_basics_microvm_and_runc_containerd_2",
-            Flavor::V2,
-            critest::basics,
-        ),
-        (
-            "crictl_runc_containers_attach_oom_restart_containerd_2",
-            Flavor::V2,
+            "crictl_runc_containers_attach_oom_restart",
+            Network::Bridge,
             containers::runc_control,
         ),
         (
-            "crictl_microvm_containers_attach_oom_restart_containerd_2",
-            Flavor::V2,
+            "crictl_microvm_containers_attach_oom_restart",
+            Network::Bridge,
             containers::microvm_pod,
         ),
         (
-            "crictl_microvm_pods_at_once_containerd_2",
-            Flavor::V2,
+            "crictl_microvm_pods_at_once",
+            Network::Bridge,
             at_once::microvm_pods,
         ),
+        (
+            "crictl_microvm_and_runc_pods_on_ptp",
+            Network::Ptp,
+            cni_plugins::pods_talk,
+        ),
+        (
+            "crictl_microvm_and_runc_pods_on_macvlan",
+            Network::Macvlan,
+            cni_plugins::pods_talk,
+        ),
     ];
-    let trials = scenarios
+    let trials = [(Flavor::Debian16, "1_6"), (Flavor::V2, "2")]
         .into_iter()
-        .map(|(name, flavor, f)| trial(name, flavor, f))
+        .flat_map(|(flavor, version)| {
+            scenarios.iter().map(move |&(stem, network, f)| {
+                trial(format!("{stem}_containerd_{version}"), flavor, network, f)
+            })
+        })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
     if let Some(Ok(w)) = WORLD.get() {
@@ -157,10 +159,10 @@ fn find_artifacts() -> Result<(), String> {
     peers().map(drop)
 }
 
-fn trial(name: &'static str, flavor: Flavor, f: Scenario) -> Trial {
-    Trial::test(name, move || {
+fn trial(name: String, flavor: Flavor, network: Network, f: Scenario) -> Trial {
+    Trial::test(name.clone(), move || {
         let started = Instant::now();
-        let (w, c) = cri(flavor).map_err(Failed::from)?;
+        let (w, c) = cri(flavor, network).map_err(Failed::from)?;
         let r = f(w, c);
         eprintln!("{name}: {:.1} s", started.elapsed().as_secs_f64());
         if r.is_err() {
