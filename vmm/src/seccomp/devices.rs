@@ -116,10 +116,11 @@ fn vsock(role: ThreadRole) -> Result<SyscallList, BackendError> {
     })
 }
 
-/// Frames are one `read`/`write` each on the tap; its offloads follow the driver's features.
+/// Frames are one `read` (RX) or `writev` (TX) each on the tap; its offloads follow the
+/// driver's features.
 fn net() -> Result<SyscallList, BackendError> {
     Ok(SyscallList::new()
-        .allow(&[libc::SYS_read])
+        .allow(&[libc::SYS_read, libc::SYS_writev])
         .allow_when(libc::SYS_ioctl, ioctls(&[TUNSETOFFLOAD])?))
 }
 

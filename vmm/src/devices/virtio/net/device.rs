@@ -1,5 +1,5 @@
-//! State of the virtio-net device: the tap, the guest's MAC and MTU, one reusable frame buffer per
-//! direction, and the RX/TX processing the event handler calls.
+//! State of the virtio-net device: the tap, the guest's MAC and MTU, a reusable RX frame buffer,
+//! and the RX/TX processing the event handler calls.
 
 use std::io;
 use std::ops::ControlFlow;
@@ -11,7 +11,7 @@ use virtio_bindings::bindings::virtio_net::{
 };
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::{NetError, MAX_DESCRIPTORS, MAX_FRAME};
@@ -79,7 +79,6 @@ pub struct Net {
     /// A frame read from the tap that waits for an RX buffer.
     pub(super) rx: FrameBuf,
     /// Where a guest frame is gathered before it goes to the tap.
-    tx: Box<[u8]>,
     pub(super) stats: NetStats,
 }
 
@@ -124,7 +123,6 @@ impl Net {
             mac,
             mtu,
             rx: FrameBuf::new(),
-            tx: vec![0; MAX_FRAME].into_boxed_slice(),
             stats: NetStats::default(),
         })
     }
@@ -178,12 +176,18 @@ impl Net {
         });
     }
 
-    /// Sends the guest's frames to the tap.
+    /// Sends the guest's frames to the tap, each straight from guest memory with one `writev`
+    /// (no copy in the VMM: the tap's kernel side reads the guest's buffers once).
     pub(super) fn process_tx(&mut self) {
-        let (tx, tap, stats) = (&mut self.tx, &self.tap, &mut self.stats);
+        let (tap, stats) = (&self.tap, &mut self.stats);
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let mut iovs = [empty; MAX_SEGMENTS];
         self.core.serve_queue(TXQ, |mem, chain| {
-            let sent = read_frame(mem, chain, tx)
-                .and_then(|len| tap.write_frame(&tx[..len]).map_err(FrameError::Tap));
+            let sent = gather_frame(mem, chain, &mut iovs)
+                .and_then(|n| tap.write_gathered(&iovs[..n]).map_err(FrameError::Tap));
             match sent {
                 Ok(_) => stats.tx_frames += 1,
                 Err(why) => {
@@ -265,13 +269,19 @@ fn write_frame(
     Ok(done as u32)
 }
 
-/// Gathers a TX chain (virtio header and frame) into `buf`; returns its length.
-fn read_frame(
+/// The most `writev` entries one TX frame takes: each descriptor's buffer, and one more for each
+/// guest memory region boundary a buffer spans.
+const MAX_SEGMENTS: usize = 2 * MAX_DESCRIPTORS;
+
+/// Points `iovs` at a TX chain's buffers (virtio header and frame) in guest memory after checking
+/// the chain; returns how many entries it used. The pointers are plain pointers into the guest
+/// memory mapping (vm-memory's `xen` feature is off), valid while `mem` is borrowed.
+fn gather_frame(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
-    buf: &mut [u8],
+    iovs: &mut [libc::iovec; MAX_SEGMENTS],
 ) -> Result<usize, FrameError> {
-    let mut len = 0;
+    let (mut count, mut len) = (0, 0usize);
     for (i, desc) in chain.enumerate() {
         if i >= MAX_DESCRIPTORS {
             return Err(FrameError::TooManyDescriptors);
@@ -280,15 +290,22 @@ fn read_frame(
             return Err(FrameError::WrongDirection);
         }
         let n = desc.len() as usize;
-        let dst = buf.get_mut(len..len + n).ok_or(FrameError::TooLarge)?;
-        mem.read_slice(dst, desc.addr())
-            .map_err(|_| FrameError::BadBuffer(desc.addr().0, n))?;
         len += n;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge);
+        }
+        for slice in mem.get_slices(desc.addr(), n) {
+            let slice = slice.map_err(|_| FrameError::BadBuffer(desc.addr().0, n))?;
+            let iov = iovs.get_mut(count).ok_or(FrameError::TooManyDescriptors)?;
+            iov.iov_base = slice.ptr_guard().as_ptr().cast_mut().cast();
+            iov.iov_len = slice.len();
+            count += 1;
+        }
     }
     if len <= VNET_HDR_LEN {
         return Err(FrameError::TooShort(len));
     }
-    Ok(len)
+    Ok(count)
 }
 
 impl VirtioDevice for Net {

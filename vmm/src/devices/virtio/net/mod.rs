@@ -4,12 +4,12 @@
 //!
 //! Frames cross between guest buffers and the tap with the 12-byte `virtio_net_hdr_v1` in front,
 //! which both sides speak (`IFF_VNET_HDR`, `TUNSETVNETHDRSZ`), so the device copies and never
-//! parses or rewrites a frame (except `num_buffers`, always 1: no mergeable RX buffers). Each
-//! direction has one frame buffer of [`MAX_FRAME`] bytes, allocated with the device: no
+//! parses or rewrites a frame (except `num_buffers`, always 1: no mergeable RX buffers). RX has
+//! one frame buffer of [`MAX_FRAME`] bytes, allocated with the device; TX needs none: no
 //! allocation per packet.
 //!
-//! * TX: a notification of the TX queue gathers each chain into the TX buffer and writes it to
-//!   the tap with one `write(2)`.
+//! * TX: a notification of the TX queue checks each chain and writes it to the tap with one
+//!   `writev(2)` straight from the guest's buffers, as QEMU does (no copy in the VMM).
 //! * RX: the tap is watched edge-triggered. When it is readable, or when the guest adds RX
 //!   buffers, frames are read until the tap is empty; a frame that finds no RX buffer waits in
 //!   the RX buffer (one frame) until the guest adds buffers, and the tap is not read meanwhile,

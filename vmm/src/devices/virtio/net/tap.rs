@@ -184,10 +184,13 @@ impl Tap {
         Ok(n as usize)
     }
 
-    /// Writes one frame (header included).
-    pub fn write_frame(&self, frame: &[u8]) -> io::Result<usize> {
-        // SAFETY: writes `frame.len()` bytes from `frame`.
-        let n = unsafe { libc::write(self.fd(), frame.as_ptr().cast(), frame.len()) };
+    /// Writes one frame (header included) gathered from `iovs`, with one `writev`.
+    pub fn write_gathered(&self, iovs: &[libc::iovec]) -> io::Result<usize> {
+        let count = libc::c_int::try_from(iovs.len())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: writev only reads through the pointers, inside the kernel, which fails with
+        // EFAULT on an address that is not mapped readable; nothing of this process is written.
+        let n = unsafe { libc::writev(self.fd(), iovs.as_ptr(), count) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
