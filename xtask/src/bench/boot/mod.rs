@@ -3,9 +3,10 @@
 //!   (with `--force` where guests cannot boot: setup is the same, the guest is then killed), for
 //!   each `--setup-memory` size, alternating with the same build's `--no-jail` run (the jail's
 //!   cost) and the `--baseline` build when given.
-//! - Inside the testbed (or directly on a host with hardware KVM): `microvm boot`, QEMU
-//!   `-M microvm` and, when given, Firecracker (`--firecracker`) and another microvm build
-//!   (`--baseline`), alternately, on the same kernel and initramfs, 128 MiB, 1 vCPU: time from
+//! - Inside the testbed (or directly on a host with hardware KVM): `microvm boot`, the same with
+//!   a virtio-fs device (guest memory a shared memfd instead of anonymous memory, what every VM
+//!   with a volume gets), QEMU `-M microvm` and, when given, Firecracker (`--firecracker`) and
+//!   another microvm build (`--baseline`), alternately, on the same kernel and initramfs, 128 MiB, 1 vCPU: time from
 //!   spawn until the guest's `/init` prints its first line, whole-run wall time, each VMM's RSS
 //!   beyond the guest memory it touched, and with `--phases` the guest kernel's own timeline.
 
@@ -18,9 +19,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use initramfs::Initramfs;
 
+mod vmms;
+
 use super::{median, number_after, release_dir, rss_split, summary};
 use crate::kernel::{self, KernelArgs};
 use crate::util::{ensure_debs, run, workspace_root};
+use vmms::{cmdline, firecracker_vmm, microvm_fs_vmm, microvm_vmm, qemu_vmm, Mode};
 
 #[derive(clap::Args)]
 pub struct BootArgs {
@@ -42,6 +46,9 @@ pub struct BootArgs {
     /// Internal: the microvm binary the in-testbed part runs.
     #[arg(long, hide = true)]
     microvm: Option<PathBuf>,
+    /// Internal: the virtiofsd binary for the virtio-fs (memfd memory) boots.
+    #[arg(long, hide = true)]
+    virtiofsd: Option<PathBuf>,
 }
 
 /// Guest memory for the boot comparison.
@@ -75,6 +82,7 @@ pub(super) fn boot(runs: usize, args: &BootArgs) -> Result<()> {
     let microvm = release_dir().join("microvm");
     let baseline = args.baseline.as_deref().map(absolute).transpose()?;
     let firecracker = args.firecracker.as_deref().map(absolute).transpose()?;
+    let virtiofsd = crate::virtiofsd::build()?;
     let work = tempfile::tempdir()?;
     let initrd = bench_initramfs(work.path())?;
 
@@ -120,6 +128,8 @@ pub(super) fn boot(runs: usize, args: &BootArgs) -> Result<()> {
         runs.to_string().into(),
         "--microvm".into(),
         microvm.clone().into(),
+        "--virtiofsd".into(),
+        virtiofsd.into(),
     ];
     for (flag, path) in [("--baseline", &baseline), ("--firecracker", &firecracker)] {
         if let Some(path) = path {
@@ -273,92 +283,6 @@ fn measure(mut cmd: Command, sample_rss: bool) -> Result<Sample> {
     })
 }
 
-/// Builds a VMM's command for a given guest command line.
-type CommandFor = Box<dyn Fn(&str) -> Result<Command>>;
-
-/// How a VMM is started.
-struct Vmm {
-    name: &'static str,
-    command: CommandFor,
-}
-
-/// The command line for a measured boot (`quiet`), a boot that idles a second (`SLEEP=1`, for
-/// RSS) or a boot with the kernel's timeline on the console.
-#[derive(Clone, Copy, PartialEq)]
-enum Mode {
-    Quiet,
-    Idle,
-    Phases,
-}
-
-fn cmdline(mode: Mode, reboot: &str) -> String {
-    let base = CMDLINE.replace("reboot=k", reboot);
-    match mode {
-        Mode::Quiet => format!("{base} quiet"),
-        Mode::Idle => format!("{base} quiet SLEEP=1"),
-        Mode::Phases => format!("{base} {PHASES_CMDLINE}"),
-    }
-}
-
-fn microvm_vmm(name: &'static str, bin: PathBuf, vmlinux: PathBuf, initrd: PathBuf) -> Vmm {
-    Vmm {
-        name,
-        command: Box::new(move |cmdline| {
-            let mut c = Command::new(&bin);
-            c.args(["boot", "--memory", &GUEST_MIB.to_string(), "--kernel"])
-                .arg(&vmlinux)
-                .arg("--initrd")
-                .arg(&initrd)
-                .arg("--cmdline")
-                .arg(cmdline);
-            Ok(c)
-        }),
-    }
-}
-
-fn qemu_vmm(vmlinux: PathBuf, initrd: PathBuf) -> Vmm {
-    Vmm {
-        name: "qemu -M microvm",
-        command: Box::new(move |cmdline| {
-            let mut c = Command::new("qemu-system-x86_64");
-            c.args(["-M", "microvm", "-enable-kvm", "-cpu", "host", "-m"])
-                .arg(GUEST_MIB.to_string())
-                .args(["-smp", "1", "-nodefaults", "-no-user-config", "-nographic"])
-                .args(["-no-reboot", "-serial", "stdio", "-kernel"])
-                .arg(&vmlinux)
-                .arg("-initrd")
-                .arg(&initrd)
-                // No i8042 on QEMU's microvm: reset by triple fault, which -no-reboot ends.
-                .arg("-append")
-                .arg(cmdline.replace("reboot=k", "reboot=t"));
-            Ok(c)
-        }),
-    }
-}
-
-/// Firecracker without its API socket, from a JSON config written next to the initramfs.
-fn firecracker_vmm(bin: PathBuf, vmlinux: PathBuf, initrd: PathBuf, dir: PathBuf) -> Vmm {
-    Vmm {
-        name: "firecracker",
-        command: Box::new(move |cmdline| {
-            let config = serde_json::json!({
-                "boot-source": {
-                    "kernel_image_path": vmlinux,
-                    "initrd_path": initrd,
-                    "boot_args": cmdline,
-                },
-                "drives": [],
-                "machine-config": { "vcpu_count": 1, "mem_size_mib": GUEST_MIB },
-            });
-            let path = dir.join("firecracker.json");
-            std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
-            let mut c = Command::new(&bin);
-            c.arg("--no-api").arg("--config-file").arg(path);
-            Ok(c)
-        }),
-    }
-}
-
 pub(super) fn boot_inner(runs: usize, args: &BootArgs) -> Result<()> {
     let vmlinux = PathBuf::from(std::env::var_os("MICROVM_KERNEL").context("MICROVM_KERNEL")?);
     let microvm = args
@@ -369,10 +293,14 @@ pub(super) fn boot_inner(runs: usize, args: &BootArgs) -> Result<()> {
     let initrd = bench_initramfs(work.path())?;
     let mut vmms = vec![microvm_vmm(
         "microvm",
-        microvm,
+        microvm.clone(),
         vmlinux.clone(),
         initrd.clone(),
     )];
+    if let Some(virtiofsd) = &args.virtiofsd {
+        let (k, i, d) = (vmlinux.clone(), initrd.clone(), work.path().to_path_buf());
+        vmms.push(microvm_fs_vmm(microvm, k, i, virtiofsd.clone(), d));
+    }
     if let Some(bin) = &args.baseline {
         let (k, i) = (vmlinux.clone(), initrd.clone());
         vmms.push(microvm_vmm("microvm (baseline)", bin.clone(), k, i));
