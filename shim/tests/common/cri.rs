@@ -342,6 +342,27 @@ impl Cri {
             .unwrap_or_default()
     }
 
+    /// A pod's folder, `<dir>/pods/<name>`, and its sandbox config as kubelet sends it (name,
+    /// namespace, uid, hostname, the log directory `<folder>/logs`, `linux`) written to
+    /// `pod.json` there: (folder, config file).
+    pub fn pod_config(
+        &self,
+        name: &str,
+        linux: serde_json::Value,
+    ) -> Result<(PathBuf, PathBuf), String> {
+        let dir = self.dir.join("pods").join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let config = serde_json::json!({
+            "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"),
+                         "attempt": 0},
+            "hostname": name,
+            "log_directory": dir.join("logs"),
+            "linux": linux,
+        });
+        let file = write_json(&dir.join("pod.json"), &config)?;
+        Ok((dir, file))
+    }
+
     /// The pod's address on the CNI network.
     pub fn pod_ip(&self, pod: &str) -> Result<String, String> {
         self.inspect_field("inspectp", pod, "{{.status.network.ip}}")
@@ -508,4 +529,10 @@ pub fn figure(json: &serde_json::Value, pointer: &str) -> u64 {
         .and_then(|v| v.as_str())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// `value` as JSON in `path`; the path.
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<PathBuf, String> {
+    std::fs::write(path, value.to_string()).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path.to_path_buf())
 }

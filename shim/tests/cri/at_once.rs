@@ -108,17 +108,7 @@ pub fn microvm_pods(w: &World, c: &Cri) -> Result<(), String> {
 /// its own into `/tmp`, then serves `pod-I` on port 8080.
 fn start_pod(c: &Cri, i: usize, image: &str) -> Result<(String, String), String> {
     let name = format!("at-once-{i}-{:?}", c.flavor).to_lowercase();
-    let dir = c.dir.join(format!("pods/{name}"));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let pod_json = dir.join("pod.json");
-    let pod_config = serde_json::json!({
-        "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"),
-                     "attempt": 0},
-        "hostname": name,
-        "log_directory": dir.join("logs"),
-        "linux": {},
-    });
-    std::fs::write(&pod_json, pod_config.to_string()).map_err(|e| e.to_string())?;
+    let (dir, pod_json) = c.pod_config(&name, serde_json::json!({}))?;
     let ctr_json = dir.join("ctr.json");
     let app = format!("echo {i} >/tmp/mine-{i}; exec nc -ll -p 8080 -e echo pod-{i}");
     let ctr_config = serde_json::json!({

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crate::common::cri::{Cri, BUSYBOX};
+use crate::common::cri::{write_json, Cri, BUSYBOX};
 use crate::common::host::vmm_pids;
 use crate::common::{check, text, wait_until};
 use crate::lifecycle::{answer, entries, netns_files};
@@ -104,21 +104,10 @@ pub fn pods_talk(w: &World, c: &Cri) -> Result<(), String> {
 /// RunPodSandbox and the app container under `handler`; the pod's address is on the network.
 fn run_pod(w: &World, c: &Cri, handler: &'static str) -> Result<Pod, String> {
     let name = format!("{handler}-{:?}-{:?}", c.network, c.flavor).to_lowercase();
-    let dir = c.dir.join(format!("pods/{name}"));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let pod_json = write(
-        &dir.join("pod.json"),
-        serde_json::json!({
-            "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"),
-                         "attempt": 0},
-            "hostname": name,
-            "log_directory": dir.join("logs"),
-            "linux": {},
-        }),
-    )?;
-    let app_json = write(
+    let (dir, pod_json) = c.pod_config(&name, serde_json::json!({}))?;
+    let app_json = write_json(
         &dir.join("app.json"),
-        serde_json::json!({
+        &serde_json::json!({
             "metadata": {"name": "app"},
             "image": {"image": w.registry.image(BUSYBOX)},
             "command": ["sh", "-c", APP],
@@ -188,11 +177,6 @@ fn nc_from(c: &Cri, pod: &Pod, ip: &str, port: u16) -> Result<String, String> {
 /// The links of the host's (the test's) network namespace, by name.
 fn host_links() -> BTreeSet<PathBuf> {
     entries(Path::new("/sys/class/net")).into_iter().collect()
-}
-
-fn write(path: &Path, value: serde_json::Value) -> Result<PathBuf, String> {
-    std::fs::write(path, value.to_string()).map_err(|e| e.to_string())?;
-    Ok(path.to_path_buf())
 }
 
 /// A TCP server on all the host's addresses that sends `host-ok` to whoever connects.

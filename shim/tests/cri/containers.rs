@@ -20,20 +20,11 @@ pub fn microvm_pod(w: &World, c: &Cri) -> Result<(), String> {
 
 fn pod_containers(w: &World, c: &Cri, handler: &str) -> Result<(), String> {
     let name = format!("two-{handler}-{:?}", c.flavor).to_lowercase();
-    let dir = c.dir.join(format!("pods/{name}"));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let image = w.registry.image(BUSYBOX);
-    let pod_json = write(
-        &dir.join("pod.json"),
-        serde_json::json!({
-            "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"),
-                         "attempt": 0},
-            "hostname": name,
-            "log_directory": dir.join("logs"),
-            // As kubelet gives every pod (containerd's cgroupfs driver): PodSandboxStats reads it.
-            "linux": {"cgroup_parent": format!("/{CGROUP_TOP}/{name}")},
-        }),
-    )?;
+    // As kubelet gives every pod (containerd's cgroupfs driver): PodSandboxStats reads it.
+    let linux = serde_json::json!({"cgroup_parent": format!("/{CGROUP_TOP}/{name}")});
+    let (dir, pod_json) = c.pod_config(&name, linux)?;
+    let pod_json = pod_json.display().to_string();
     let ctr_json = |file: &str, ctr: &str, attempt: u32, command: &str, memory: u64| {
         write(
             &dir.join(file),

@@ -59,22 +59,8 @@ pub(crate) fn mounts_of(id: &str) -> Vec<String> {
 
 fn pod_lifecycle(w: &World, c: &Cri, handler: &str) -> Result<(), String> {
     let name = format!("{handler}-{:?}", c.flavor).to_lowercase();
-    let dir = c.dir.join(format!("pods/{name}"));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let (dir, pod_json) = c.pod_config(&name, serde_json::json!({}))?;
     let logs = dir.join("logs");
-    let pod_json = dir.join("pod.json");
-    std::fs::write(
-        &pod_json,
-        serde_json::json!({
-            "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"),
-                         "attempt": 0},
-            "hostname": name,
-            "log_directory": logs,
-            "linux": {},
-        })
-        .to_string(),
-    )
-    .map_err(|e| e.to_string())?;
     let ctr_json = dir.join("ctr.json");
     let image = w.registry.image(BUSYBOX);
     // A hostPath volume as kubelet passes it: a CRI mount (containerd makes it a bind mount).
