@@ -31,16 +31,36 @@ pub fn grouping(spec: &serde_json::Value, container_id: &str) -> String {
         .to_string()
 }
 
-/// The pod's cgroup parent, from the sandbox container's `linux.cgroupsPath` as containerd's
-/// cgroupfs driver writes it (`/<cgroup parent>/<sandbox id>`), relative to the cgroup
-/// hierarchy: the jailed VM's leaf is made there, so the pod's cgroup counts the VM (what
-/// containerd's PodSandboxStats reads). The path is the pod spec's, so hostile: the jail takes
-/// only plain components (`..` is refused, and the VM does not start). systemd's
-/// `slice:prefix:name` form is not handled: `None`, the VM stays in the `microvm` group.
+/// The pod's cgroup parent, relative to the cgroup hierarchy, from the sandbox container's
+/// `linux.cgroupsPath` as containerd's CRI plugin writes it: `/<cgroup parent>/<sandbox id>`
+/// (cgroupfs driver), or `<slice>:cri-containerd:<sandbox id>` when kubelet's cgroup parent is
+/// a systemd slice (systemd driver), whose folder is the slice's path ([`slice_path`]). The
+/// jailed VM's leaf is made there, so the pod's cgroup counts the VM: what containerd's
+/// PodSandboxStats reads (cgroupfs driver) and what kubelet's cAdvisor reads (either). The path
+/// is the pod spec's, so hostile: the jail takes only plain components (`..` is refused, and the
+/// VM does not start). Anything else: `None`, the VM stays in the `microvm` group.
 pub fn cgroup_parent(spec: &serde_json::Value) -> Option<String> {
     let path = spec.pointer("/linux/cgroupsPath")?.as_str()?;
-    let parent = path.strip_prefix('/')?.rsplit_once('/')?.0;
-    (!parent.is_empty()).then(|| parent.to_string())
+    let parent = match path.strip_prefix('/') {
+        Some(cgroupfs) => cgroupfs.rsplit_once('/')?.0.to_string(),
+        None => slice_path(path.split_once(':')?.0)?,
+    };
+    (!parent.is_empty()).then_some(parent)
+}
+
+/// Where systemd keeps a slice: each `-` in its name is a level down, so `a-b-c.slice` is
+/// `a.slice/a-b.slice/a-b-c.slice`. `None` for the root slice (`-.slice`) and for a name systemd
+/// refuses (no `.slice` suffix, an empty level, a `/`).
+pub fn slice_path(slice: &str) -> Option<String> {
+    let name = slice.strip_suffix(".slice")?;
+    if name.is_empty() || name.contains('/') || name.split('-').any(str::is_empty) {
+        return None;
+    }
+    let mut levels: Vec<String> = Vec::new();
+    for (end, _) in name.match_indices('-').chain([(name.len(), "")]) {
+        levels.push(format!("{}.slice", &name[..end]));
+    }
+    Some(levels.join("/"))
 }
 
 /// Reads `<bundle>/config.json`.
@@ -174,6 +194,28 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn a_slice_is_a_folder_per_dash() {
+        assert_eq!(slice_path("a.slice").as_deref(), Some("a.slice"));
+        assert_eq!(
+            slice_path("a-b-c.slice").as_deref(),
+            Some("a.slice/a-b.slice/a-b-c.slice")
+        );
+        for refused in [
+            "-.slice",
+            "-a.slice",
+            "a-.slice",
+            "a--b.slice",
+            "a/b.slice",
+            "a",
+            "",
+        ] {
+            assert_eq!(slice_path(refused), None, "{refused:?}");
+        }
+        // `..` stays one plain name: no way up.
+        assert_eq!(slice_path("...slice").as_deref(), Some("...slice"));
+    }
+
+    #[test]
     fn the_cgroup_parent_is_the_sandbox_cgroups_path_minus_its_id() {
         let spec = |p: &str| json!({"linux": {"cgroupsPath": p}});
         assert_eq!(
@@ -184,11 +226,20 @@ mod tests {
             cgroup_parent(&spec("/k8s.io/abc")).as_deref(),
             Some("k8s.io")
         );
-        // systemd's form, a bare id, no parent, no linux section: the default group.
+        // systemd's form: the slice's folder.
         assert_eq!(
-            cgroup_parent(&spec("kubepods.slice:cri-containerd:abc")),
-            None
+            cgroup_parent(&spec("kubepods-besteffort-pod1.slice:cri-containerd:abc")).as_deref(),
+            Some("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice")
         );
+        assert_eq!(
+            cgroup_parent(&spec("kubepods.slice:cri-containerd:abc")).as_deref(),
+            Some("kubepods.slice")
+        );
+        // The root slice, a slice systemd refuses, a bare id, no parent, no linux section: the
+        // default group.
+        assert_eq!(cgroup_parent(&spec("-.slice:cri-containerd:abc")), None);
+        assert_eq!(cgroup_parent(&spec("a--b.slice:cri-containerd:abc")), None);
+        assert_eq!(cgroup_parent(&spec("kubepods:cri-containerd:abc")), None);
         assert_eq!(cgroup_parent(&spec("/abc")), None);
         assert_eq!(cgroup_parent(&spec("abc")), None);
         assert_eq!(cgroup_parent(&json!({})), None);

@@ -17,6 +17,7 @@ mod common;
 mod containers;
 mod critest;
 mod lifecycle;
+mod slices;
 mod streaming;
 
 use std::process::ExitCode;
@@ -87,7 +88,7 @@ fn main() -> ExitCode {
     }
     // Every scenario under 1.6, then under 2.x; each containerd (one per flavor and pod
     // network) is started for its first scenario.
-    let scenarios: [(&str, Network, Scenario); 8] = [
+    let scenarios: [(&str, Network, Scenario); 9] = [
         (
             "crictl_runc_pod_lifecycle",
             Network::Bridge,
@@ -117,6 +118,11 @@ fn main() -> ExitCode {
             "crictl_microvm_pods_at_once",
             Network::Bridge,
             at_once::microvm_pods,
+        ),
+        (
+            "crictl_microvm_pod_in_a_systemd_slice",
+            Network::Bridge,
+            slices::microvm_pod_in_a_slice,
         ),
         (
             "crictl_microvm_and_runc_pods_on_ptp",
