@@ -2,8 +2,10 @@
 //! handler, the test images from the loopback registry (`--test-images-file`). The goal the
 //! issue sets: every spec that passes under runc passes under microvm.
 //!
-//! Under the testbed's emulated CPU a full run takes hours, so the focus is the PodSandbox and
-//! Container basics (`CRITEST_FOCUS` replaces it, a ginkgo regular expression).
+//! Under the testbed's emulated CPU a full run takes hours, so two focused runs: the PodSandbox
+//! and Container basics (`CRITEST_FOCUS` replaces that focus, a ginkgo regular expression), and
+//! the Security Context specs, where the pods that ask for the host's network, IPC or PID
+//! namespace are refused by microvm by design and must fail with the shim's own refusal.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,6 +17,19 @@ use crate::World;
 
 /// The specs run by default: PodSandbox and Container "basic operations".
 pub const FOCUS: &str = r"(PodSandbox|Container) runtime should support basic operations";
+
+/// The Security Context specs (run as users and groups, read-only root, privileged,
+/// capabilities, masked paths, seccomp, no_new_privs, namespaces).
+pub const SECURITY_CONTEXT: &str = "Security Context";
+
+/// Specs microvm fails on purpose: a VM cannot share the host's namespaces, so the shim refuses
+/// such a pod with this message (`shim/src/guest_spec`).
+const BY_DESIGN: &[&str] = &[
+    "NamespaceOption runtime should support HostNetwork is true",
+    "NamespaceOption runtime should support HostIpc is true",
+    "NamespaceOption runtime should support HostPID",
+];
+const REFUSAL: &str = "pods cannot run in a microVM";
 
 /// What one critest run gave: spec name to its state (`passed`, `failed`, `skipped`, ...) and
 /// each failure's message.
@@ -40,7 +55,18 @@ impl Run {
 }
 
 pub fn basics(w: &World, c: &Cri) -> Result<(), String> {
-    let dir = c.dir.join("critest");
+    let focus = std::env::var("CRITEST_FOCUS").unwrap_or_else(|_| FOCUS.into());
+    compare(w, c, "basics", &focus, &[])
+}
+
+pub fn security_context(w: &World, c: &Cri) -> Result<(), String> {
+    compare(w, c, "security-context", SECURITY_CONTEXT, BY_DESIGN)
+}
+
+/// critest with `focus` under runc, then under microvm: every spec that passes under runc must
+/// pass under microvm, except those in `by_design`, which must fail with [`REFUSAL`].
+fn compare(w: &World, c: &Cri, name: &str, focus: &str, by_design: &[&str]) -> Result<(), String> {
+    let dir = c.dir.join("critest").join(name);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let images = dir.join("images.yaml");
     let image = w.registry.image(BUSYBOX);
@@ -49,9 +75,8 @@ pub fn basics(w: &World, c: &Cri) -> Result<(), String> {
         format!("defaultTestContainerImage: {image}\nwebServerTestImage: {image}\n"),
     )
     .map_err(|e| e.to_string())?;
-    let focus = std::env::var("CRITEST_FOCUS").unwrap_or_else(|_| FOCUS.into());
-    let runc = critest(w, c, &dir, &images, &focus, "runc")?;
-    let microvm = critest(w, c, &dir, &images, &focus, "microvm")?;
+    let runc = critest(w, c, &dir, &images, focus, "runc")?;
+    let microvm = critest(w, c, &dir, &images, focus, "microvm")?;
     eprintln!(
         "critest {:?} focus {focus:?}: runc {}; microvm {}",
         c.flavor,
@@ -71,11 +96,14 @@ pub fn basics(w: &World, c: &Cri) -> Result<(), String> {
     check(runc.count("passed") > 0, || {
         format!("no spec passed under runc: {}", runc.summary())
     })?;
+    let refused = |spec: &str| by_design.iter().any(|d| spec.ends_with(d));
     let gaps: Vec<String> = runc
         .states
         .iter()
         .filter(|(spec, state)| {
-            *state == "passed" && microvm.states.get(*spec).map(String::as_str) != Some("passed")
+            *state == "passed"
+                && !refused(spec)
+                && microvm.states.get(*spec).map(String::as_str) != Some("passed")
         })
         .map(|(spec, _)| {
             let why = microvm.failures.get(spec).map(String::as_str).unwrap_or("");
@@ -87,6 +115,26 @@ pub fn basics(w: &World, c: &Cri) -> Result<(), String> {
             "passed under runc, not under microvm ({}):\n{}",
             microvm.summary(),
             gaps.join("\n")
+        )
+    })?;
+    // A spec microvm refuses by design must have run, and failed with the shim's refusal (not
+    // passed, and not failed for some other reason).
+    let wrong: Vec<String> = microvm
+        .states
+        .iter()
+        .filter(|(spec, state)| refused(spec) && *state != "skipped")
+        .filter(|(spec, _)| {
+            !microvm
+                .failures
+                .get(*spec)
+                .is_some_and(|why| why.contains(REFUSAL))
+        })
+        .map(|(spec, state)| format!("{spec}: {state}"))
+        .collect();
+    check(wrong.is_empty(), || {
+        format!(
+            "refused by design, but not with {REFUSAL:?}:\n{}",
+            wrong.join("\n")
         )
     })
 }

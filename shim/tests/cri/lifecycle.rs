@@ -79,7 +79,8 @@ fn pod_lifecycle(w: &World, c: &Cri, handler: &str) -> Result<(), String> {
             "command": ["sh", "-c", APP],
             "log_path": "app.log",
             "mounts": [{"container_path": "/data", "host_path": volume}],
-            "linux": {},
+            // A capability beyond the default set, as a pod's securityContext adds it.
+            "linux": {"security_context": {"capabilities": {"add_capabilities": ["NET_ADMIN"]}}},
         })
         .to_string(),
     )
@@ -221,8 +222,8 @@ pub(crate) fn answer_at(addr: &str) -> Option<String> {
     Some(got)
 }
 
-/// ExecSync: output and a non-zero exit (both handlers), and for microvm the guest kernel's
-/// command line and the pod's VMM.
+/// ExecSync: output and a non-zero exit, an added capability at work (both handlers), and for
+/// microvm the guest kernel's command line and the pod's VMM.
 fn exec_checks(c: &Cri, handler: &str, ctr: &str) -> Result<(), String> {
     let sync_sh = |script: &str| {
         let args = [
@@ -247,6 +248,19 @@ fn exec_checks(c: &Cri, handler: &str, ctr: &str) -> Result<(), String> {
     check(
         !out.status.success() && text(&out).contains("exited with 3"),
         || format!("ExecSync of `exit 3`: {:?} {}", out.status, text(&out)),
+    )?;
+    // CAP_NET_ADMIN reaches the container, and the kernel it runs on has bridges (critest's
+    // capability and privileged specs do this).
+    let out = sync_sh("brctl addbr mvtest0 && brctl delbr mvtest0 && echo bridge-ok");
+    check(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "bridge-ok",
+        || {
+            format!(
+                "brctl addbr with CAP_NET_ADMIN: {:?} {}",
+                out.status,
+                text(&out)
+            )
+        },
     )?;
     if handler != "microvm" {
         return Ok(());

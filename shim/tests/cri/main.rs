@@ -88,7 +88,7 @@ fn main() -> ExitCode {
     }
     // Every scenario under 1.6, then under 2.x; each containerd (one per flavor and pod
     // network) is started for its first scenario.
-    let scenarios: [(&str, Network, Scenario); 9] = [
+    let scenarios: [(&str, Network, Scenario); 10] = [
         (
             "crictl_runc_pod_lifecycle",
             Network::Bridge,
@@ -103,6 +103,11 @@ fn main() -> ExitCode {
             "critest_basics_microvm_and_runc",
             Network::Bridge,
             critest::basics,
+        ),
+        (
+            "critest_security_context_microvm_and_runc",
+            Network::Bridge,
+            critest::security_context,
         ),
         (
             "crictl_runc_containers_attach_oom_restart",
