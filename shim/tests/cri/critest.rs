@@ -3,9 +3,10 @@
 //! issue sets: every spec that passes under runc passes under microvm.
 //!
 //! Under the testbed's emulated CPU a full run takes hours, so two focused runs: the PodSandbox
-//! and Container basics (`CRITEST_FOCUS` replaces that focus, a ginkgo regular expression), and
-//! the Security Context specs, where the pods that ask for the host's network, IPC or PID
-//! namespace are refused by microvm by design and must fail with the shim's own refusal.
+//! and Container basics (`CRITEST_FOCUS` replaces that focus, a ginkgo regular expression), and,
+//! with `CRITEST_SECURITY_CONTEXT` set, the Security Context specs, where the pods that ask for
+//! the host's network, IPC or PID namespace are refused by microvm by design and must fail with
+//! the shim's own refusal.
 
 use std::collections::BTreeMap;
 use std::path::Path;
